@@ -1,0 +1,72 @@
+"""Typed engine configuration, validated once at construction."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+from omnistream.errors import ConfigError
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    block_size: int = 16  # tokens per KV block
+    kv_cache_tokens: int | None = None  # KV pool size in tokens; None: derived from the memory budget
+    memory_budget_bytes: int | None = None  # everything the engine may use on the device; None: 90% of free
+
+    def __post_init__(self) -> None:
+        if self.block_size <= 0 or self.block_size & (self.block_size - 1):
+            raise ConfigError(f"block_size must be a power of two, got {self.block_size}")
+        if self.kv_cache_tokens is not None and self.kv_cache_tokens < self.block_size:
+            raise ConfigError(f"kv_cache_tokens must hold at least one block, got {self.kv_cache_tokens}")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_batched_tokens: int = 8192  # token budget of one forward (prefill chunks + decodes)
+    max_num_seqs: int = 64  # sequences running at once
+    enable_chunked_prefill: bool = True  # split long prompts across steps under the budget
+
+    def __post_init__(self) -> None:
+        if self.max_num_batched_tokens < 1 or self.max_num_seqs < 1:
+            raise ConfigError("max_num_batched_tokens and max_num_seqs must be positive")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str  # checkpoint directory, or "demo" for the built-in random-weight model
+    device: str = "cpu"  # "cpu" or "cuda[:i]"
+    dtype: str = "auto"  # float32 | bfloat16 | float16 | auto (bf16 on GPU, fp32 on CPU)
+    cache: CacheConfig = CacheConfig()
+    scheduler: SchedulerConfig = SchedulerConfig()
+    cuda_graphs: bool = True  # capture decode steps as CUDA graphs (GPU only)
+
+    def __post_init__(self) -> None:
+        if self.dtype != "auto" and self.dtype not in _DTYPES:
+            raise ConfigError(f"dtype must be one of {sorted(_DTYPES)} or auto, got {self.dtype!r}")
+        if not (self.device == "cpu" or self.device.startswith("cuda")):
+            raise ConfigError(f"device must be cpu or cuda[:i], got {self.device!r}")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        if self.dtype == "auto":
+            return torch.bfloat16 if self.device.startswith("cuda") else torch.float32
+        return _DTYPES[self.dtype]
+
+    @staticmethod
+    def from_kwargs(model: str, **kwargs) -> "EngineConfig":
+        """Accepts flat keyword arguments (block_size=..., max_num_seqs=...); unknown keys fail."""
+        sub = {"cache": CacheConfig, "scheduler": SchedulerConfig}
+        top, parts = {}, {k: {} for k in sub}
+        for key, value in kwargs.items():
+            owner = next((k for k, cls in sub.items() if key in {f.name for f in fields(cls)}), None)
+            if owner:
+                parts[owner][key] = value
+            elif key in {f.name for f in fields(EngineConfig)}:
+                top[key] = value
+            else:
+                raise ConfigError(f"unknown engine option {key!r}")
+        return EngineConfig(model=model, cache=CacheConfig(**parts["cache"]), scheduler=SchedulerConfig(**parts["scheduler"]), **top)

@@ -1,0 +1,166 @@
+"""Model runner: turns a SchedulerOutput into one forward pass and sampled tokens.
+
+Data flow of a step:
+  SchedulerOutput (chunks) -> encode media the chunks need (one vision forward)
+    -> ForwardBatch: flat token ids (N,), positions (3, N), media rows, cache slots, metadata
+    -> decoder forward over the paged KV cache -> logits of the rows that sample -> tokens
+
+Pure-decode steps on the GPU replay a CUDA graph captured per batch-size bucket.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from omnistream.engine.sampling import sample
+from omnistream.engine.scheduler import ScheduledChunk, SchedulerOutput
+from omnistream.layers.attention import AttentionMetadata
+from omnistream.models.qwen2_5_vl import Qwen2_5_VLModel
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ForwardBatch:
+    input_ids: torch.Tensor  # (N,) long
+    positions: torch.Tensor  # (3, N) long
+    mm_rows: torch.Tensor | None  # (M,) rows of the batch holding media embeddings
+    mm_embeds: torch.Tensor | None  # (M, hidden)
+    meta: AttentionMetadata
+    sample_rows: torch.Tensor  # (S,) rows whose logits are sampled
+    sample_chunks: list[ScheduledChunk]  # the chunk of each sampled row
+
+
+class ModelRunner:
+    def __init__(self, model: Qwen2_5_VLModel, num_blocks: int, block_size: int, device: torch.device, dtype: torch.dtype, max_vision_patches: int = 65536) -> None:
+        self.model = model
+        self.device, self.dtype = device, dtype
+        self.block_size = block_size
+        self.max_vision_patches = max_vision_patches
+        t = model.cfg.text
+        shape = (num_blocks, block_size, t.num_key_value_heads, t.head_dim)
+        # one preallocated pool: (layers, 2, blocks, block_size, kv_heads, head_dim)
+        self.kv_pool = torch.zeros((t.num_hidden_layers, 2) + shape, dtype=dtype, device=device)
+        self.kv_caches = [(self.kv_pool[i, 0], self.kv_pool[i, 1]) for i in range(t.num_hidden_layers)]
+        self.keep_logits = False
+        self.graphs = None  # DecodeGraphs, set by enable_cuda_graphs()
+
+    @staticmethod
+    def kv_bytes_per_token(model: Qwen2_5_VLModel, dtype: torch.dtype) -> int:
+        t = model.cfg.text
+        return 2 * t.num_hidden_layers * t.num_key_value_heads * t.head_dim * torch.finfo(dtype).bits // 8
+
+    # ---------------------------------------------------------------- media
+    def encode_media(self, chunks: list[ScheduledChunk]) -> None:
+        """Encode (in one vision forward, split at max_vision_patches) every media item that
+        this step's chunks overlap and that has no embeddings yet."""
+        todo = []
+        for c in chunks:
+            req = c.request
+            for j, (off, item) in enumerate(req.media):
+                if req.mm_embeds[j] is None and off < c.start + c.num_tokens and off + item.num_tokens > c.start:
+                    todo.append((req, j, item))
+        if not todo:
+            return
+        t0 = self._now()
+        embeds = self.run_vision([item for _, _, item in todo])
+        elapsed = self._now() - t0
+        total = sum(item.num_tokens for _, _, item in todo)
+        for (req, j, item), e in zip(todo, embeds):
+            req.mm_embeds[j] = e
+            req.metrics.vision_encode_s += elapsed * item.num_tokens / total
+
+    @torch.inference_mode()
+    def run_vision(self, items) -> list[torch.Tensor]:
+        """-> per item (num_tokens, hidden). Items are grouped up to max_vision_patches patches
+        per forward (lossless: attention never crosses items or temporal slices)."""
+        out, group, count = [], [], 0
+        for item in items:
+            n = item.pixel_values.shape[0]
+            if group and count + n > self.max_vision_patches:
+                out += self._vision_group(group)
+                group, count = [], 0
+            group.append(item)
+            count += n
+        if group:
+            out += self._vision_group(group)
+        return out
+
+    def _vision_group(self, items) -> list[torch.Tensor]:
+        pixels = torch.cat([it.pixel_values for it in items]).to(self.device, self.dtype, non_blocking=True)
+        emb = self.model.encode_vision(pixels, [it.grid_thw for it in items])
+        return list(emb.split([it.num_tokens for it in items]))
+
+    # ---------------------------------------------------------------- batch
+    def prepare(self, out: SchedulerOutput) -> ForwardBatch:
+        ids, pos, slots, mm_rows, mm_embeds, tables = [], [], [], [], [], []
+        qlens, ctxs, sample_rows, sample_chunks = [], [], [], []
+        row = 0
+        bs = self.block_size
+        for c in out.chunks:
+            req, s, n = c.request, c.start, c.num_tokens
+            ids.extend(req.token_ids[s : s + n])
+            pos.append(req.positions_for(s, s + n))
+            table = torch.tensor(req.block_table, dtype=torch.long)
+            idx = torch.arange(s, s + n)
+            slots.append(table[idx // bs] * bs + idx % bs)
+            for j, (off, item) in enumerate(req.media):
+                lo, hi = max(off, s), min(off + item.num_tokens, s + n)
+                if lo < hi:
+                    mm_rows.append(torch.arange(row + lo - s, row + hi - s))
+                    mm_embeds.append(req.mm_embeds[j][lo - off : hi - off])
+            tables.append(table)
+            qlens.append(n)
+            ctxs.append(s + n)
+            row += n
+            if c.samples:
+                sample_rows.append(row - 1)
+                sample_chunks.append(c)
+        dev = self.device
+        meta = AttentionMetadata(
+            slot_mapping=torch.cat(slots).to(dev),
+            query_lens=qlens,
+            context_lens=ctxs,
+            block_tables=[t.to(dev) for t in tables],
+        )
+        return ForwardBatch(
+            input_ids=torch.tensor(ids, dtype=torch.long, device=dev),
+            positions=torch.cat(pos, dim=1).to(dev),
+            mm_rows=torch.cat(mm_rows).to(dev) if mm_rows else None,
+            mm_embeds=torch.cat(mm_embeds) if mm_embeds else None,
+            meta=meta,
+            sample_rows=torch.tensor(sample_rows, dtype=torch.long, device=dev),
+            sample_chunks=sample_chunks,
+        )
+
+    # ---------------------------------------------------------------- step
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput) -> list[tuple[ScheduledChunk, int]]:
+        """Runs one step; returns (chunk, sampled token) for every chunk that samples."""
+        self.encode_media(out.chunks)
+        if self.graphs is not None and self.graphs.can_run(out):
+            logits, chunks = self.graphs.run(out), out.chunks
+        else:
+            batch = self.prepare(out)
+            embeds = self.model.embed(batch.input_ids, batch.mm_rows, batch.mm_embeds)
+            hidden = self.model(embeds, batch.positions, self.kv_caches, batch.meta)
+            logits = self.model.compute_logits(hidden[batch.sample_rows])
+            chunks = batch.sample_chunks
+        if not chunks:
+            return []
+        logits = logits.float()
+        reqs = [c.request for c in chunks]
+        if self.keep_logits:
+            for r, row in zip(reqs, logits):
+                r.logits = (r.logits or []) + [row.cpu()]
+        tokens = sample(logits, [r.sampling for r in reqs], [r.generator for r in reqs])
+        return list(zip(chunks, tokens))
+
+    def _now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()

@@ -1,0 +1,114 @@
+"""Qwen2.5-VL on our own runtime: LLM decoder over a paged KV cache + the vision tower.
+
+The decoder works on a flat batch of N tokens from many sequences (no padding): embeddings
+(N, hidden) -> layers -> final norm. Media placeholder rows of the embedding are replaced by
+vision-tower outputs before the first layer. Parameter names follow the hub checkpoints
+(`model.layers.*`, `visual.*`, `lm_head`), with q/k/v and gate/up packed (see
+`packed_modules_mapping`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from omnistream.layers.attention import AttentionMetadata, reference_attention, write_kv
+from omnistream.layers.linear import MergedLinear, SwiGLU
+from omnistream.layers.norm import RMSNorm
+from omnistream.layers.rotary import MRotaryEmbedding, apply_rotary
+from omnistream.models.hf_config import QwenVLConfig, TextConfig
+from omnistream.models.qwen2_5_vl_vision import VisionTransformer
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: TextConfig) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.qkv_proj = MergedLinear(cfg.hidden_size, [q_size, kv_size, kv_size], bias=True)
+        self.o_proj = nn.Linear(q_size, cfg.hidden_size, bias=False)
+        self.split = [q_size, kv_size, kv_size]
+        self.scale = self.head_dim**-0.5
+        self.decode_backend = None  # set by the model runner on GPU (paged decode kernel)
+
+    def forward(self, x, cos, sin, kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
+        n = x.shape[0]
+        q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
+        q = apply_rotary(q.view(n, self.num_heads, self.head_dim), cos, sin)
+        k = apply_rotary(k.view(n, self.num_kv_heads, self.head_dim), cos, sin)
+        v = v.view(n, self.num_kv_heads, self.head_dim)
+        k_cache, v_cache = kv_cache
+        write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+        if meta.is_decode and self.decode_backend is not None:
+            out = self.decode_backend(q, k_cache, v_cache, meta, self.scale)
+        else:
+            out = reference_attention(q, k, v, k_cache, v_cache, meta, self.scale)
+        return self.o_proj(out.reshape(n, -1))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: TextConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size, bias=False)
+
+    def forward(self, x, cos, sin, kv_cache, meta) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, meta)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class TextModel(nn.Module):
+    def __init__(self, cfg: TextConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList([DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.rotary = MRotaryEmbedding(cfg.head_dim, cfg.rope_theta, tuple(cfg.mrope_section))
+
+    def forward(self, embeds: torch.Tensor, positions: torch.Tensor, kv_caches: list, meta: AttentionMetadata) -> torch.Tensor:
+        """embeds: (N, hidden), positions: (3, N) -> hidden states (N, hidden)."""
+        cos, sin = self.rotary(positions, embeds.dtype)
+        x = embeds
+        for layer, kv in zip(self.layers, kv_caches):
+            x = layer(x, cos, sin, kv, meta)
+        return self.norm(x)
+
+
+class Qwen2_5_VLModel(nn.Module):
+    """Top level: `model` (decoder), `visual` (vision tower), `lm_head`."""
+
+    packed_modules_mapping = {
+        "q_proj": ("qkv_proj", 0),
+        "k_proj": ("qkv_proj", 1),
+        "v_proj": ("qkv_proj", 2),
+        "gate_proj": ("gate_up_proj", 0),
+        "up_proj": ("gate_up_proj", 1),
+    }
+
+    def __init__(self, cfg: QwenVLConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.model = TextModel(cfg.text)
+        self.visual = VisionTransformer(cfg.vision)
+        self.lm_head = nn.Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
+        if cfg.text.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def embed(self, input_ids: torch.Tensor, mm_rows: torch.Tensor | None, mm_embeds: torch.Tensor | None) -> torch.Tensor:
+        """input_ids: (N,); mm_rows: (M,) rows of the batch that are media placeholders, filled
+        with mm_embeds: (M, hidden) -> (N, hidden)."""
+        x = self.model.embed_tokens(input_ids)
+        if mm_rows is not None and mm_rows.numel():
+            x = x.index_copy(0, mm_rows, mm_embeds.to(x.dtype))
+        return x
+
+    def forward(self, embeds, positions, kv_caches, meta) -> torch.Tensor:
+        return self.model(embeds, positions, kv_caches, meta)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)
+
+    def encode_vision(self, pixel_values: torch.Tensor, grids: list[tuple[int, int, int]]) -> torch.Tensor:
+        return self.visual(pixel_values, grids)
