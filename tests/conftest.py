@@ -7,7 +7,8 @@ Available:
                              init_std=TEST_INIT_STD, tied embeddings, real Qwen tokenizer)
   tiny_tokenizer    session  omnistream.tokenizer.Tokenizer of tiny_model_dir
   hf_tiny_model     session  transformers Qwen2_5_VLForConditionalGeneration of tiny_model_dir
-                             (float32, eval); skips if transformers is missing. Do not mutate.
+                             (float32, eval); skips if transformers is missing. Do not mutate;
+                             pass explicit position_ids (model.model.rope_deltas is shared state)
   make_media_item   function factory: make_media_item(kind, grid_thw, seed=0, **fields)
                              -> MediaItem with random normalised pixel_values
 """
