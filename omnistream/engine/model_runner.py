@@ -42,12 +42,32 @@ class ModelRunner:
         self.block_size = block_size
         self.max_vision_patches = max_vision_patches
         t = model.cfg.text
-        shape = (num_blocks, block_size, t.num_key_value_heads, t.head_dim)
-        # one preallocated pool: (layers, 2, blocks, block_size, kv_heads, head_dim)
+        # one preallocated pool: (layers, 2, blocks + 1, block_size, kv_heads, head_dim); the
+        # extra block is scratch space for the padding rows of CUDA-graph batches
+        self.scratch_block = num_blocks
+        shape = (num_blocks + 1, block_size, t.num_key_value_heads, t.head_dim)
         self.kv_pool = torch.zeros((t.num_hidden_layers, 2) + shape, dtype=dtype, device=device)
         self.kv_caches = [(self.kv_pool[i, 0], self.kv_pool[i, 1]) for i in range(t.num_hidden_layers)]
         self.keep_logits = False
         self.graphs = None  # DecodeGraphs, set by enable_cuda_graphs()
+        self.decode_backend = None
+        if device.type == "cuda":
+            from omnistream.layers.triton_decode import triton_paged_decode
+
+            self.set_decode_backend(triton_paged_decode)
+
+    def set_decode_backend(self, fn) -> None:
+        """Kernel for steps where every sequence adds one token (None: the reference path)."""
+        self.decode_backend = fn
+        for layer in self.model.model.layers:
+            layer.self_attn.decode_backend = fn
+
+    def enable_cuda_graphs(self, max_batch: int, max_context: int) -> None:
+        from omnistream.engine.cuda_graphs import DecodeGraphs
+
+        max_blocks = min(self.scratch_block, (max_context + self.block_size - 1) // self.block_size)
+        self.graphs = DecodeGraphs(self, max_batch, max_blocks, self.scratch_block)
+        self.graphs.capture()
 
     @staticmethod
     def kv_bytes_per_token(model: Qwen2_5_VLModel, dtype: torch.dtype) -> int:
@@ -127,6 +147,13 @@ class ModelRunner:
             context_lens=ctxs,
             block_tables=[t.to(dev) for t in tables],
         )
+        if self.decode_backend is not None and all(n == 1 for n in qlens):
+            width = max(len(t) for t in tables)
+            padded = torch.full((len(tables), width), self.scratch_block, dtype=torch.int32)
+            for i, t in enumerate(tables):
+                padded[i, : len(t)] = t
+            meta.decode_block_tables = padded.to(dev)
+            meta.decode_context_lens = torch.tensor(ctxs, dtype=torch.int32, device=dev)
         return ForwardBatch(
             input_ids=torch.tensor(ids, dtype=torch.long, device=dev),
             positions=torch.cat(pos, dim=1).to(dev),

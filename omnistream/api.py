@@ -1,0 +1,163 @@
+"""Offline Python API.
+
+    engine = Engine.from_pretrained("demo")            # or a local checkpoint directory
+    [res] = engine.generate([[{"role": "user", "content": [
+        {"type": "video", "video": "clip.mp4", "fps": 2.0},
+        {"type": "text", "text": "What happens?"}]}]], SamplingParams(max_new_tokens=64))
+    res.text, res.token_ids, res.metrics
+
+A conversation is a list of chat messages; content parts may be text, image (path, PIL image,
+array) or video (path, or {"frames": [...], "timestamps": [...]}). Media is decoded and
+preprocessed here, before the request reaches the engine loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import resource
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from omnistream.cache.budget import kv_pool_tokens
+from omnistream.config import EngineConfig
+from omnistream.engine.llm_engine import LLMEngine
+from omnistream.engine.model_runner import ModelRunner
+from omnistream.engine.sampling import SamplingParams
+from omnistream.errors import ConfigError, UserInputError
+from omnistream.media.item import MediaItem
+from omnistream.media.processor import MediaProcessor
+from omnistream.models.demo import ensure_demo_model, is_random_weights
+from omnistream.models.hf_config import QwenVLConfig
+from omnistream.models.loader import load_weights
+from omnistream.models.qwen2_5_vl import Qwen2_5_VLModel
+from omnistream.prompt import build_prompt
+from omnistream.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+MAX_VISION_PATCHES = 16384  # per vision forward; longer videos are encoded in slices (lossless)
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    metrics: dict[str, Any]
+    logits: list[torch.Tensor] | None = None  # (vocab,) per generated token, when asked
+
+
+def build_model(mcfg: QwenVLConfig, device: torch.device, dtype: torch.dtype) -> Qwen2_5_VLModel:
+    """Allocates the model directly on `device` in `dtype` (weights uninitialised until loaded)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = Qwen2_5_VLModel(mcfg)
+    finally:
+        torch.set_default_dtype(previous)
+    return model.eval().requires_grad_(False)
+
+
+class Engine:
+    def __init__(self, cfg: EngineConfig, model_dir: Path, model: Qwen2_5_VLModel, tokenizer: Tokenizer) -> None:
+        self.cfg = cfg
+        self.model_dir = model_dir
+        self.model = model
+        self.tokenizer = tokenizer
+        self.processor = MediaProcessor()
+        self.device = torch.device(cfg.device)
+        self.random_weights = is_random_weights(model_dir)
+        per_token = ModelRunner.kv_bytes_per_token(model, cfg.torch_dtype)
+        tokens = kv_pool_tokens(model.cfg, cfg, self.device, per_token, MAX_VISION_PATCHES)
+        num_blocks = tokens // cfg.cache.block_size
+        stop = {model.cfg.eos_token_id, model.cfg.im_end_token_id}
+        self.llm = LLMEngine(model, cfg, num_blocks, stop)
+        self.llm.runner.max_vision_patches = MAX_VISION_PATCHES
+        if self.device.type == "cuda" and cfg.cuda_graphs:
+            self.llm.runner.enable_cuda_graphs(cfg.scheduler.max_num_seqs, max_context=32768)
+        log.info("KV pool: %d blocks of %d tokens (%.2f GiB)", num_blocks, cfg.cache.block_size, num_blocks * cfg.cache.block_size * per_token / 2**30)
+
+    @classmethod
+    def from_pretrained(cls, model: str | Path = "demo", *, device: str = "cpu", dtype: str = "auto", **options) -> "Engine":
+        model_dir = ensure_demo_model() if str(model) == "demo" else Path(model)
+        if not (model_dir / "config.json").is_file():
+            raise ConfigError(f"{model_dir}: not a checkpoint directory (no config.json)")
+        cfg = EngineConfig.from_kwargs(str(model_dir), device=device, dtype=dtype, **options)
+        mcfg = QwenVLConfig.from_dir(model_dir)
+        net = build_model(mcfg, torch.device(device), cfg.torch_dtype)
+        load_weights(net, model_dir)
+        engine = cls(cfg, model_dir, net, Tokenizer(model_dir))
+        if engine.random_weights:
+            log.warning("%s holds RANDOM weights: outputs are meaningless text", model_dir)
+        return engine
+
+    # ------------------------------------------------------------------ inputs
+    def load_media(self, messages: list[dict]) -> list[MediaItem]:
+        """Decodes and preprocesses every image/video part, in message order."""
+        items = []
+        for msg in messages:
+            content = msg.get("content")
+            if isinstance(content, str) or content is None:
+                continue
+            for part in content:
+                kind = part.get("type")
+                if kind == "image":
+                    items.append(self.processor.process_image(
+                        part.get("image", part.get("path")),
+                        min_pixels=part.get("min_pixels"), max_pixels=part.get("max_pixels")))
+                elif kind == "video":
+                    src = part.get("video", part.get("path"))
+                    if isinstance(src, dict):  # {"frames": [...], "timestamps": [...]}
+                        src, stamps = src["frames"], src.get("timestamps")
+                    else:
+                        stamps = part.get("timestamps")
+                    items.append(self.processor.process_video(
+                        src, fps=part.get("fps"), nframes=part.get("nframes"),
+                        min_pixels=part.get("min_pixels"), max_pixels=part.get("max_pixels"), timestamps=stamps))
+                elif kind not in ("text", None):
+                    raise UserInputError(f"unsupported content part type {kind!r}")
+        return items
+
+    # ------------------------------------------------------------------ generate
+    def generate(self, conversations, sampling: SamplingParams | None = None, *, return_logits: bool = False) -> list[GenerationResult]:
+        """Runs every conversation to completion, batched by the scheduler."""
+        if conversations and isinstance(conversations[0], dict):
+            conversations = [conversations]
+        sampling = sampling or SamplingParams()
+        runner = self.llm.runner
+        runner.keep_logits = return_logits
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        requests = []
+        for messages in conversations:
+            arrival = time.perf_counter()
+            items = self.load_media(messages)
+            prompt = build_prompt(self.tokenizer, messages, items)
+            req = self.llm.add_request(prompt.token_ids, [(r.offset, m) for r, m in zip(prompt.ranges, prompt.media)], sampling)
+            req.metrics.arrival = arrival
+            req.metrics.media_decode_s = sum(m.decode_s for m in items)
+            req.metrics.preprocess_s = sum(m.preprocess_s for m in items)
+            requests.append(req)
+        self.llm.run(requests)
+        peak = self._peak_memory()
+        results = []
+        for req in requests:
+            req.metrics.peak_memory_bytes = peak
+            results.append(GenerationResult(
+                text=self.tokenizer.decode(req.output_ids),
+                token_ids=req.output_ids,
+                finish_reason=req.finish_reason,
+                metrics=req.metrics.as_dict(),
+                logits=req.logits,
+            ))
+        return results
+
+    def _peak_memory(self) -> int:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device)
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -1,0 +1,128 @@
+"""Command line: omnistream ask | demo | profile | bench.
+
+User-input errors print one line (`error: ...`) and exit 2; nothing else prints a traceback
+unless --debug is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import tempfile
+from pathlib import Path
+
+from omnistream.errors import OmnistreamError
+
+VIDEO_SUFFIXES = {".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v", ".flv", ".ts", ".mpg", ".mpeg", ".ogv", ".3gp", ".gif"}
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="demo", help="checkpoint directory, or 'demo' (built-in random weights)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--dtype", default="auto", help="float32 | bfloat16 | float16 | auto")
+    p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+
+
+def _default_device(arg: str | None) -> str:
+    if arg:
+        return arg
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def media_part(path: str, fps: float | None, nframes: int | None, max_pixels: int | None) -> dict:
+    """Chooses image or video by extension (a still image answers through the image path)."""
+    suffix = Path(path).suffix.lower()
+    if suffix in VIDEO_SUFFIXES:
+        part = {"type": "video", "video": path, "fps": fps, "nframes": nframes}
+    elif suffix in {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}:
+        part = {"type": "image", "image": path}
+    else:  # unknown extension: let the video decoder decide and explain
+        part = {"type": "video", "video": path, "fps": fps, "nframes": nframes}
+    if max_pixels:
+        part["max_pixels"] = max_pixels
+    return part
+
+
+def print_metrics(metrics: dict, out=sys.stdout) -> None:
+    rows = [
+        ("media decode", metrics["media_decode_s"], "s"),
+        ("resize/patchify", metrics["preprocess_s"], "s"),
+        ("vision encode", metrics["vision_encode_s"], "s"),
+        ("prefill", metrics["prefill_s"], "s"),
+        ("time to first token", metrics["ttft_s"], "s"),
+        ("decode", metrics["decode_tokens_per_s"], "tok/s"),
+        ("prompt tokens", metrics["prompt_tokens"], ""),
+        ("  of which media", metrics["media_tokens"], ""),
+        ("output tokens", metrics["output_tokens"], ""),
+        ("peak memory", metrics["peak_memory_bytes"] / 2**20, "MiB"),
+    ]
+    print("stage                    value", file=out)
+    for name, value, unit in rows:
+        text = "-" if value is None else (f"{value:.4f}" if isinstance(value, float) else str(value))
+        print(f"{name:<22} {text:>9} {unit}", file=out)
+
+
+def cmd_ask(args) -> int:
+    from omnistream.api import Engine
+    from omnistream.engine.sampling import SamplingParams
+
+    engine = Engine.from_pretrained(args.model, device=_default_device(args.device), dtype=args.dtype)
+    if engine.random_weights:
+        print(f"note: {engine.model_dir} has random weights; the answer is meaningless text", file=sys.stderr)
+    messages = [{"role": "user", "content": [media_part(args.media, args.fps, args.nframes, args.max_pixels), {"type": "text", "text": args.question}]}]
+    [res] = engine.generate([messages], SamplingParams(max_new_tokens=args.max_new_tokens))
+    print(f"answer: {res.text}")
+    print_metrics(res.metrics)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from omnistream.media.samples import write_sample_video
+
+    work = Path(tempfile.mkdtemp(prefix="omnistream-demo-"))
+    video = work / "sample.mp4"
+    write_sample_video(video)
+    print(f"demo: generated sample video {video}")
+    args.media, args.question, args.fps, args.nframes, args.max_pixels = str(video), "What happens in this video?", 2.0, None, None
+    return cmd_ask(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="omnistream", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    ask = sub.add_parser("ask", help="answer one question about an image or video")
+    ask.add_argument("media")
+    ask.add_argument("question")
+    ask.add_argument("--fps", type=float, default=None)
+    ask.add_argument("--nframes", type=int, default=None)
+    ask.add_argument("--max-pixels", type=int, default=None)
+    ask.add_argument("--max-new-tokens", type=int, default=64)
+    _add_model_args(ask)
+    ask.set_defaults(func=cmd_ask)
+    demo = sub.add_parser("demo", help="end-to-end example on a generated sample video")
+    demo.add_argument("--max-new-tokens", type=int, default=32)
+    _add_model_args(demo)
+    demo.set_defaults(func=cmd_demo)
+    from omnistream.bench.cli import add_bench_commands
+
+    add_bench_commands(sub, _add_model_args)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except OmnistreamError as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,106 @@
+"""Split-K paged decode attention in Triton (GPU only; imported lazily).
+
+One program per (sequence, kv head, partition of PARTITION tokens). It loads the GROUP query
+heads that share the kv head (padded to 16 rows for tl.dot), walks its partition TILE tokens at
+a time, reading K/V rows straight from the blocks named by the block table, and keeps an
+online softmax. A second kernel merges the partitions with their log-sum-exp. Shapes are fixed
+by (batch, max_blocks), lengths are read from a device tensor: safe inside a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+PARTITION = 256  # tokens per program: ~2x the SM count of programs at 8k context, batch 1
+TILE = 64
+
+
+@triton.jit
+def _partial_kernel(
+    q_ptr, k_ptr, v_ptr, table_ptr, lens_ptr, out_ptr, lse_ptr,
+    scale, max_blocks, num_parts,
+    stride_qb, stride_qh,
+    stride_kblk, stride_kpos, stride_kh,
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr,
+    BLOCK: tl.constexpr, PART: tl.constexpr, TILE_N: tl.constexpr,
+):
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    part = tl.program_id(2)
+    ctx = tl.load(lens_ptr + b)
+    start = part * PART
+    g = tl.arange(0, GROUP_PAD)
+    d = tl.arange(0, D)
+    heads = kvh * GROUP + g
+    gmask = g < GROUP
+    out_off = ((b * num_parts + part) * (GROUP * tl.num_programs(1)) + heads)  # (B, P, H) flat
+    if start >= ctx:
+        tl.store(lse_ptr + out_off, float("-inf"), mask=gmask)
+        return
+    q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :], mask=gmask[:, None], other=0.0)
+    m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([GROUP_PAD], tl.float32)
+    acc = tl.zeros([GROUP_PAD, D], tl.float32)
+    end = tl.minimum(start + PART, ctx)
+    for t0 in range(start, end, TILE_N):
+        t = t0 + tl.arange(0, TILE_N)
+        tmask = t < end
+        blk = tl.load(table_ptr + b * max_blocks + t // BLOCK, mask=tmask, other=0)
+        row = blk.to(tl.int64) * stride_kblk + (t % BLOCK) * stride_kpos + kvh * stride_kh
+        k = tl.load(k_ptr + row[:, None] + d[None, :], mask=tmask[:, None], other=0.0)  # (TILE, D)
+        s = tl.dot(q, tl.trans(k)).to(tl.float32) * scale  # (GROUP_PAD, TILE)
+        s = tl.where(tmask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp(s - m_new[:, None])
+        alpha = tl.exp(m_i - m_new)
+        v = tl.load(v_ptr + row[:, None] + d[None, :], mask=tmask[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        m_i = m_new
+    out = acc / l_i[:, None]
+    tl.store(out_ptr + out_off[:, None] * D + d[None, :], out, mask=gmask[:, None])
+    tl.store(lse_ptr + out_off, m_i + tl.log(l_i), mask=gmask)
+
+
+@triton.jit
+def _merge_kernel(part_ptr, lse_ptr, o_ptr, num_parts, H, D: tl.constexpr, P_PAD: tl.constexpr):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    p = tl.arange(0, P_PAD)
+    d = tl.arange(0, D)
+    pmask = p < num_parts
+    off = (b * num_parts + p) * H + h  # (P,)
+    lse = tl.load(lse_ptr + off, mask=pmask, other=float("-inf"))
+    m = tl.max(lse, 0)
+    w = tl.exp(lse - m)
+    w = tl.where(pmask, w, 0.0)
+    parts = tl.load(part_ptr + off[:, None] * D + d[None, :], mask=pmask[:, None], other=0.0)
+    out = tl.sum(parts * w[:, None], 0) / tl.sum(w, 0)
+    tl.store(o_ptr + (b * H + h) * D + d, out.to(o_ptr.dtype.element_ty))
+
+
+def triton_paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta, scale: float) -> torch.Tensor:
+    """q: (B, H, D) -> (B, H, D); k/v_cache: (num_blocks, block_size, KVH, D)."""
+    tables, lens = meta.decode_block_tables, meta.decode_context_lens
+    B, H, D = q.shape
+    kvh = k_cache.shape[2]
+    group = H // kvh
+    max_blocks = tables.shape[1]
+    num_parts = triton.cdiv(max_blocks * k_cache.shape[1], PARTITION)
+    partial = torch.empty((B, num_parts, H, D), device=q.device, dtype=torch.float32)
+    lse = torch.empty((B, num_parts, H), device=q.device, dtype=torch.float32)
+    q = q.contiguous()
+    _partial_kernel[(B, kvh, num_parts)](
+        q, k_cache, v_cache, tables, lens, partial, lse,
+        scale, max_blocks, num_parts,
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), D=D,
+        BLOCK=k_cache.shape[1], PART=PARTITION, TILE_N=TILE,
+        num_warps=4,
+    )
+    out = torch.empty_like(q)
+    _merge_kernel[(B, H)](partial, lse, out, num_parts, H, D=D, P_PAD=triton.next_power_of_2(num_parts))
+    return out
