@@ -52,8 +52,8 @@ class LLMEngine:
         now = self.runner._now()
         for c in out.chunks:
             req = c.request
-            if c.start < req.prompt_len:
-                req.metrics.prefill_s += now - t0
+            if c.start < req.prompt_len:  # vision encoding is reported on its own
+                req.metrics.prefill_s += now - t0 - self.runner.last_vision_s
             req.num_computed_tokens += c.num_tokens
         finished = []
         for c, token in results:

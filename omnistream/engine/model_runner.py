@@ -49,6 +49,7 @@ class ModelRunner:
         self.kv_pool = torch.zeros((t.num_hidden_layers, 2) + shape, dtype=dtype, device=device)
         self.kv_caches = [(self.kv_pool[i, 0], self.kv_pool[i, 1]) for i in range(t.num_hidden_layers)]
         self.keep_logits = False
+        self.last_vision_s = 0.0  # vision time of the last step (kept out of prefill time)
         self.graphs = None  # DecodeGraphs, set by enable_cuda_graphs()
         self.decode_backend = None
         if device.type == "cuda":
@@ -78,6 +79,7 @@ class ModelRunner:
     def encode_media(self, chunks: list[ScheduledChunk]) -> None:
         """Encode (in one vision forward, split at max_vision_patches) every media item that
         this step's chunks overlap and that has no embeddings yet."""
+        self.last_vision_s = 0.0
         todo = []
         for c in chunks:
             req = c.request
@@ -89,6 +91,7 @@ class ModelRunner:
         t0 = self._now()
         embeds = self.run_vision([item for _, _, item in todo])
         elapsed = self._now() - t0
+        self.last_vision_s = elapsed
         total = sum(item.num_tokens for _, _, item in todo)
         for (req, j, item), e in zip(todo, embeds):
             req.mm_embeds[j] = e
