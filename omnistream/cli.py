@@ -46,7 +46,8 @@ def media_part(path: str, fps: float | None, nframes: int | None, max_pixels: in
     return part
 
 
-def print_metrics(metrics: dict, out=sys.stdout) -> None:
+def print_metrics(metrics: dict, out=None) -> None:
+    out = out or sys.stdout
     rows = [
         ("media decode", metrics["media_decode_s"], "s"),
         ("resize/patchify", metrics["preprocess_s"], "s"),
