@@ -79,11 +79,13 @@ def _causal_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
     if k.shape[0] != q.shape[0]:  # GQA: repeat kv heads (enable_gqa is not on every backend)
         rep = q.shape[0] // k.shape[0]
         k, v = k.repeat_interleave(rep, 0), v.repeat_interleave(rep, 0)
+    # a batch dim of 1: the fused (flash / memory-efficient) kernels need 4-D inputs
+    q, k, v = q[None], k[None], v[None]
     if qlen == 1:
-        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)[0]
     if qlen == ctx:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)[0]
     # query i sits at absolute position ctx - qlen + i and sees keys 0..that position
     qpos = torch.arange(ctx - qlen, ctx, device=q.device)
     mask = torch.arange(ctx, device=q.device)[None, :] <= qpos[:, None]  # (q, ctx)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)[0]

@@ -7,16 +7,6 @@ import torch
 from torch import nn
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (N, H, D); cos/sin: (N, D), broadcast over heads."""
-    return x * cos[:, None, :] + rotate_half(x) * sin[:, None, :]
-
-
 class MRotaryEmbedding(nn.Module):
     """M-RoPE: head_dim/2 frequencies split into sections [t, h, w] (e.g. 16/24/24), each
     section rotated by the position row of its axis."""

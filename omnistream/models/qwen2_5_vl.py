@@ -15,7 +15,8 @@ from torch import nn
 from omnistream.layers.attention import AttentionMetadata, reference_attention, write_kv
 from omnistream.layers.linear import MergedLinear, SwiGLU
 from omnistream.layers.norm import RMSNorm
-from omnistream.layers.rotary import MRotaryEmbedding, apply_rotary
+from omnistream.layers.fused import rope_qk
+from omnistream.layers.rotary import MRotaryEmbedding
 from omnistream.models.hf_config import QwenVLConfig, TextConfig
 from omnistream.models.qwen2_5_vl_vision import VisionTransformer
 
@@ -34,8 +35,7 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
         n = x.shape[0]
         q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
-        q = apply_rotary(q.view(n, self.num_heads, self.head_dim), cos, sin)
-        k = apply_rotary(k.view(n, self.num_kv_heads, self.head_dim), cos, sin)
+        q, k = rope_qk(q.view(n, self.num_heads, self.head_dim), k.view(n, self.num_kv_heads, self.head_dim), cos, sin)
         v = v.view(n, self.num_kv_heads, self.head_dim)
         k_cache, v_cache = kv_cache
         write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
@@ -54,9 +54,16 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size, bias=False)
 
-    def forward(self, x, cos, sin, kv_cache, meta) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, residual, cos, sin, kv_cache, meta) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: this layer's input before its norm, residual: the pending residual (None at
+        layer 0). Returns (mlp output, residual), leaving the last add to the next norm."""
+        if residual is None:
+            residual, h = x, self.input_layernorm(x)
+        else:
+            residual, h = self.input_layernorm.add_forward(x, residual)
+        h = self.self_attn(h, cos, sin, kv_cache, meta)
+        residual, h = self.post_attention_layernorm.add_forward(h, residual)
+        return self.mlp(h), residual
 
 
 class TextModel(nn.Module):
@@ -70,10 +77,10 @@ class TextModel(nn.Module):
     def forward(self, embeds: torch.Tensor, positions: torch.Tensor, kv_caches: list, meta: AttentionMetadata) -> torch.Tensor:
         """embeds: (N, hidden), positions: (3, N) -> hidden states (N, hidden)."""
         cos, sin = self.rotary(positions, embeds.dtype)
-        x = embeds
+        x, residual = embeds, None
         for layer, kv in zip(self.layers, kv_caches):
-            x = layer(x, cos, sin, kv, meta)
-        return self.norm(x)
+            x, residual = layer(x, residual, cos, sin, kv, meta)
+        return self.norm.add_forward(x, residual)[1]
 
 
 class Qwen2_5_VLModel(nn.Module):

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from omnistream.layers.fused import rope_qk
 from omnistream.layers.norm import RMSNorm
 from omnistream.layers.rotary import VisionRotaryEmbedding
 from omnistream.layers.segment_attention import SegmentLayout, segment_attention
@@ -96,17 +97,9 @@ class VisionAttention(nn.Module):
         n = x.shape[0]
         q, k, v = self.qkv(x).view(n, 3, self.num_heads, self.head_dim).unbind(1)  # (N, H, D) each
         # rotary in float32, as the reference does, then back to the compute dtype
-        q = _rope_f32(q, cos, sin)
-        k = _rope_f32(k, cos, sin)
+        q, k = rope_qk(q, k, cos, sin, upcast=True)
         out = segment_attention(q, k, v, layout, scale=self.head_dim**-0.5)
         return self.proj(out.reshape(n, -1))
-
-
-def _rope_f32(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    xf = x.float()
-    x1, x2 = xf.chunk(2, dim=-1)
-    rotated = torch.cat((-x2, x1), dim=-1)
-    return (xf * cos[:, None] + rotated * sin[:, None]).to(x.dtype)
 
 
 class VisionBlock(nn.Module):
@@ -118,8 +111,9 @@ class VisionBlock(nn.Module):
         self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size, bias=True)
 
     def forward(self, x, cos, sin, layout: SegmentLayout) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), cos, sin, layout)
-        return x + self.mlp(self.norm2(x))
+        h = self.attn(self.norm1(x), cos, sin, layout)
+        x, h = self.norm2.add_forward(h, x)
+        return x + self.mlp(h)
 
 
 class PatchMerger(nn.Module):
