@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from omnistream.cache.budget import kv_pool_tokens
+from omnistream.cache.encoder_cache import EncoderCache
 from omnistream.config import EngineConfig
 from omnistream.engine.llm_engine import LLMEngine
 from omnistream.engine.model_runner import ModelRunner
@@ -69,7 +70,7 @@ class Engine:
         self.model_dir = model_dir
         self.model = model
         self.tokenizer = tokenizer
-        self.processor = MediaProcessor()
+        self.processor = MediaProcessor(model_key=f"{Path(model_dir).resolve()}|{cfg.torch_dtype}")  # items hashed once, here
         self.device = torch.device(cfg.device)
         self.random_weights = is_random_weights(model_dir)
         per_token = ModelRunner.kv_bytes_per_token(model, cfg.torch_dtype)
@@ -78,6 +79,8 @@ class Engine:
         stop = {model.cfg.eos_token_id, model.cfg.im_end_token_id}
         self.llm = LLMEngine(model, cfg, num_blocks, stop)
         self.llm.runner.max_vision_patches = MAX_VISION_PATCHES
+        if cfg.cache.encoder_cache_bytes > 0:
+            self.llm.runner.encoder_cache = EncoderCache(cfg.cache.encoder_cache_bytes, cfg.cache.encoder_cache_cpu_bytes)
         if self.device.type == "cuda" and cfg.cuda_graphs:
             self.llm.runner.enable_cuda_graphs(cfg.scheduler.max_num_seqs, max_context=32768)
         log.info("KV pool: %d blocks of %d tokens (%.2f GiB)", num_blocks, cfg.cache.block_size, num_blocks * cfg.cache.block_size * per_token / 2**30)

@@ -16,10 +16,14 @@ class CacheConfig:
     block_size: int = 16  # tokens per KV block
     kv_cache_tokens: int | None = None  # KV pool size in tokens; None: derived from the memory budget
     memory_budget_bytes: int | None = None  # everything the engine may use on the device; None: 90% of free
+    encoder_cache_bytes: int = 0  # device bytes for cached vision embeddings per temporal patch; 0: off
+    encoder_cache_cpu_bytes: int = 0  # host bytes of the encoder cache's CPU tier (GPU evictions go there); 0: none
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
             raise ConfigError(f"block_size must be a power of two, got {self.block_size}")
+        if self.encoder_cache_bytes < 0 or self.encoder_cache_cpu_bytes < 0:
+            raise ConfigError("encoder_cache_bytes and encoder_cache_cpu_bytes must be >= 0")
         if self.kv_cache_tokens is not None and self.kv_cache_tokens < self.block_size:
             raise ConfigError(f"kv_cache_tokens must hold at least one block, got {self.kv_cache_tokens}")
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from omnistream.cache.encoder_cache import VisionPlan
 from omnistream.engine.sampling import sample
 from omnistream.engine.scheduler import ScheduledChunk, SchedulerOutput
 from omnistream.layers.attention import AttentionMetadata
@@ -50,6 +51,10 @@ class ModelRunner:
         self.kv_caches = [(self.kv_pool[i, 0], self.kv_pool[i, 1]) for i in range(t.num_hidden_layers)]
         self.keep_logits = False
         self.last_vision_s = 0.0  # vision time of the last step (kept out of prefill time)
+        self.encoder_cache = None  # EncoderCache of vision embeddings per temporal patch; None: off
+        self.last_encoded_tokens: list[int] = []  # per item of the last run_vision: tokens encoded
+        self.vision_tokens_encoded = 0  # cumulative tokens the vision tower produced
+        self._cache_holds: dict[int, tuple] = {}  # id(request) -> (request, encoder cache keys held)
         self.graphs = None  # DecodeGraphs, set by enable_cuda_graphs()
         self.decode_backend = None
         if device.type == "cuda":
@@ -80,6 +85,12 @@ class ModelRunner:
         """Encode (in one vision forward, split at max_vision_patches) every media item that
         this step's chunks overlap and that has no embeddings yet."""
         self.last_vision_s = 0.0
+        cache = self.encoder_cache
+        if cache is not None:  # a request references its cache entries until its prompt is computed
+            for key, (req, keys) in list(self._cache_holds.items()):
+                if req.finished or req.num_computed_tokens >= req.prompt_len:
+                    cache.release(keys)
+                    del self._cache_holds[key]
         todo = []
         for c in chunks:
             req = c.request
@@ -88,21 +99,31 @@ class ModelRunner:
                     todo.append((req, j, item))
         if not todo:
             return
+        if cache is not None:
+            for req, _, item in todo:
+                if item.patch_hashes:
+                    cache.acquire(item.patch_hashes)
+                    self._cache_holds.setdefault(id(req), (req, []))[1].extend(item.patch_hashes)
         t0 = self._now()
         embeds = self.run_vision([item for _, _, item in todo])
-        elapsed = self._now() - t0
+        encoded = self.last_encoded_tokens
+        total = sum(encoded)
+        elapsed = self._now() - t0 if total else 0.0  # only real encoding counts as vision time
         self.last_vision_s = elapsed
-        total = sum(item.num_tokens for _, _, item in todo)
-        for (req, j, item), e in zip(todo, embeds):
+        for (req, j, item), e, n in zip(todo, embeds, encoded):
             req.mm_embeds[j] = e
-            req.metrics.vision_encode_s += elapsed * item.num_tokens / total
+            if total:
+                req.metrics.vision_encode_s += elapsed * n / total
 
     @torch.inference_mode()
     def run_vision(self, items) -> list[torch.Tensor]:
         """-> per item (num_tokens, hidden). Items are grouped up to max_vision_patches patches
-        per forward (lossless: attention never crosses items or temporal slices)."""
+        per forward (lossless: attention never crosses items or temporal slices). With an
+        encoder cache, only the temporal patches it misses are encoded (runs of consecutive
+        missing patches become sub-items) and the new ones are inserted."""
+        plan = VisionPlan(self.encoder_cache, items) if self.encoder_cache is not None else None
         out, group, count = [], [], 0
-        for item in items:
+        for item in plan.to_encode if plan is not None else items:
             n = item.pixel_values.shape[0]
             if group and count + n > self.max_vision_patches:
                 out += self._vision_group(group)
@@ -111,7 +132,9 @@ class ModelRunner:
             count += n
         if group:
             out += self._vision_group(group)
-        return out
+        self.last_encoded_tokens = plan.encoded_tokens if plan is not None else [it.num_tokens for it in items]
+        self.vision_tokens_encoded += sum(self.last_encoded_tokens)
+        return plan.finish(out) if plan is not None else out
 
     def _vision_group(self, items) -> list[torch.Tensor]:
         pixels = torch.cat([it.pixel_values for it in items]).to(self.device, self.dtype, non_blocking=True)

@@ -25,6 +25,8 @@ class MediaItem:
     decode_s: float = 0.0  # time spent decoding the source (PyAV / PIL)
     preprocess_s: float = 0.0  # resize + normalise + patchify
     content_hash: str | None = None  # identity of the pixels + preprocessing (set at ingestion)
+    patch_hashes: list[str] | None = None  # one per temporal patch (images: one); see media/hashing.py
+    hash_s: float = 0.0  # time spent hashing (once, at ingestion)
 
     @property
     def num_tokens(self) -> int:

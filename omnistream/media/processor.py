@@ -3,7 +3,8 @@ normalise, patchify), with the pixel and frame rules of Qwen2.5-VL.
 
 Flow: load_image / decode_video / frames_from_list (decode_s) -> smart_resize on the first
 frame's size -> PIL bicubic resize of every frame -> CLIP normalisation -> patchify
-(preprocess_s). Hashing is done by the caller at ingestion (content_hash is left None here).
+(preprocess_s) -> content hashes (hash_s; media/hashing.py), once per item, when the processor
+has a `model_key` (the engine always passes one; a bare MediaProcessor() does not hash).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import numpy as np
 import torch
 
 from omnistream.errors import ConfigError, MediaError
+from omnistream.media.hashing import hash_item
 from omnistream.media.image import ImageSource, load_image
 from omnistream.media.item import MediaItem
 from omnistream.media.patchify import normalize, patchify
@@ -84,8 +86,9 @@ class MediaConfig:
 class MediaProcessor:
     """Turns images and videos into `MediaItem`s. Stateless apart from its config: thread-safe."""
 
-    def __init__(self, config: MediaConfig | None = None) -> None:
+    def __init__(self, config: MediaConfig | None = None, *, model_key: str | None = None) -> None:
         self.config = config or MediaConfig()
+        self.model_key = model_key  # model identity hashed into every item; None: items are not hashed
 
     def process_image(
         self, src: ImageSource, *, min_pixels: int | None = None, max_pixels: int | None = None
@@ -98,14 +101,14 @@ class MediaProcessor:
         t1 = time.perf_counter()
         h, w = smart_resize(rgb.shape[0], rgb.shape[1], cfg.factor, lo, hi)
         pixel_values, grid = self._encode(rgb[None], h, w)
-        return MediaItem(
+        return self._hash(MediaItem(
             kind="image",
             pixel_values=pixel_values,
             grid_thw=grid,
             merge_size=cfg.merge_size,
             decode_s=t1 - t0,
             preprocess_s=time.perf_counter() - t1,
-        )
+        ))
 
     def process_video(
         self,
@@ -130,7 +133,7 @@ class MediaProcessor:
         )
         h, w = smart_resize(clip.frames.shape[1], clip.frames.shape[2], cfg.factor, lo, frame_max)
         pixel_values, grid = self._encode(clip.frames, h, w)
-        return MediaItem(
+        return self._hash(MediaItem(
             kind="video",
             pixel_values=pixel_values,
             grid_thw=grid,
@@ -139,7 +142,14 @@ class MediaProcessor:
             merge_size=cfg.merge_size,
             decode_s=t1 - t0,
             preprocess_s=time.perf_counter() - t1,
-        )
+        ))
+
+    def _hash(self, item: MediaItem) -> MediaItem:
+        """Content hashes, computed here once per item (never again downstream)."""
+        if self.model_key is None:
+            return item
+        cfg = self.config
+        return hash_item(item, patch_size=cfg.patch_size, temporal_patch_size=cfg.temporal_patch_size, model_key=self.model_key)
 
     def _load_clip(
         self, src: VideoSource, *, fps: float | None, nframes: int | None, timestamps: Sequence[float] | None
