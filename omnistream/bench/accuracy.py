@@ -67,13 +67,22 @@ def compare(ref: torch.Tensor, other: torch.Tensor) -> dict:
 
 
 def run_accuracy(args) -> dict:
-    from omnistream.bench.models import make_pair
-    from omnistream.bench.workload import video_conversation
+    from omnistream.api import build_model
+    from omnistream.bench.models import _engine_for_preset, _random_hf_model, resolve_dtype
+    from omnistream.bench.workload import video_question
+    from omnistream.models.hf_config import preset_config
+    from omnistream.models.loader import load_state
     from omnistream.prompt import build_prompt
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    hf, engine = make_pair(args.model or args.model_config, device, torch.float32, seed=0, engine_dtype=args.dtype)
-    conv = video_conversation(args.frames, args.size, "Describe the video in detail.")
+    dev_name = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(dev_name)
+    dtype = resolve_dtype(args.dtype, dev_name)
+    cfg = preset_config(args.model_config or "tiny")
+    hf = _random_hf_model(cfg, dev_name, torch.float32, args.seed)  # the float32 reference
+    ours = build_model(cfg, device, dtype)
+    load_state(ours, hf.state_dict().items())  # the same weights, rounded to the engine's dtype
+    engine = _engine_for_preset(ours, dev_name, dtype, {"kv_cache_tokens": 65536})
+    conv = video_question(args.frames, args.size, args.seed, "Describe the video in detail.")
     items = engine.load_media(conv)
     prompt = build_prompt(engine.tokenizer, conv, items)
     media = [(r.offset, m) for r, m in zip(prompt.ranges, prompt.media)]

@@ -31,6 +31,11 @@ def _run(name: str):
     def run(args) -> int:
         if args.new_tokens < 2:
             raise SystemExit("error: --new-tokens must be >= 2 (decode time needs two tokens)")
+        if name == "accuracy":
+            from omnistream.bench.accuracy import run_accuracy
+
+            run_accuracy(args)
+            return 0
         if name == "latency":
             from omnistream.bench.latency import cmd_latency
 
@@ -56,3 +61,6 @@ def add_bench_commands(sub, add_model_args) -> None:
     lat.add_argument("--tuned", choices=("auto", "on", "off"), default="auto",
                      help="transformers with static cache + torch.compile (auto: on CUDA only)")
     lat.set_defaults(func=_run("latency"))
+    acc = bsub.add_parser("accuracy", help="engine (bf16) vs transformers float32, against transformers' own bf16 error")
+    _add_workload_args(acc, add_model_args, frames=16, size=448, new_tokens=64)
+    acc.set_defaults(func=_run("accuracy"))
