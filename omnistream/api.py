@@ -144,7 +144,7 @@ class Engine:
             req = self.llm.add_request(prompt.token_ids, [(r.offset, m) for r, m in zip(prompt.ranges, prompt.media)], sampling)
             req.metrics.arrival = arrival
             req.metrics.media_decode_s = sum(m.decode_s for m in items)
-            req.metrics.preprocess_s = sum(m.preprocess_s for m in items)
+            req.metrics.preprocess_s = sum(m.preprocess_s + m.hash_s for m in items)
             requests.append(req)
         self.llm.run(requests)
         peak = self._peak_memory()

@@ -73,10 +73,11 @@ def _merge_kernel(part_ptr, lse_ptr, o_ptr, num_parts, H, D: tl.constexpr, P_PAD
     pmask = p < num_parts
     off = (b * num_parts + p) * H + h  # (P,)
     lse = tl.load(lse_ptr + off, mask=pmask, other=float("-inf"))
+    # partitions past the context wrote lse = -inf and no output: never read their (garbage) rows
+    live = pmask & (lse > float("-inf"))
     m = tl.max(lse, 0)
-    w = tl.exp(lse - m)
-    w = tl.where(pmask, w, 0.0)
-    parts = tl.load(part_ptr + off[:, None] * D + d[None, :], mask=pmask[:, None], other=0.0)
+    w = tl.where(live, tl.exp(lse - m), 0.0)
+    parts = tl.load(part_ptr + off[:, None] * D + d[None, :], mask=live[:, None], other=0.0)
     out = tl.sum(parts * w[:, None], 0) / tl.sum(w, 0)
     tl.store(o_ptr + (b * H + h) * D + d, out.to(o_ptr.dtype.element_ty))
 

@@ -12,7 +12,7 @@ import logging
 from fractions import Fraction
 from pathlib import Path
 
-import av
+from omnistream.media.pyav import av
 import numpy as np
 from PIL import Image
 

@@ -15,7 +15,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import av
+from omnistream.media.pyav import av
 import numpy as np
 
 from omnistream.errors import ConfigError, MediaError
