@@ -36,3 +36,24 @@ def test_missing_shard_is_a_clear_error(tmp_path, tiny_config):
     next(d.glob("model-00001-*.safetensors")).unlink()
     with pytest.raises(ConfigError, match="missing"):
         Engine.from_pretrained(d, device="cpu", kv_cache_tokens=1024)
+
+
+def test_padded_vision_intermediate_is_exact(tiny_config):
+    """An intermediate size that is not a multiple of 64 (the real 3420) is zero-padded inside
+    our MLP for tensor-core shapes; the vision output must not change."""
+    import torch
+
+    from omnistream.models.loader import load_state
+    from omnistream.models.qwen2_5_vl import Qwen2_5_VLModel
+
+    cfg = tiny_config.replace(vision=dataclasses.replace(tiny_config.vision, intermediate_size=100))
+    hf = transformers.Qwen2_5_VLForConditionalGeneration(transformers.Qwen2_5_VLConfig(**cfg.to_hf_dict())).float().eval()
+    ours = Qwen2_5_VLModel(cfg).eval()
+    load_state(ours, hf.state_dict().items())
+    assert ours.visual.blocks[0].mlp.down_proj.weight.shape[1] == 128
+    grids = [(2, 8, 12)]
+    pixels = torch.randn(2 * 8 * 12, 1176)
+    with torch.no_grad():
+        ref = hf.model.visual(pixels, grid_thw=torch.tensor(grids)).pooler_output
+        out = ours.encode_vision(pixels, grids)
+    assert ((ref - out).norm() / ref.norm()).item() < 1e-5
