@@ -13,7 +13,9 @@ preprocessed here, before the request reaches the engine loop.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import uuid
 import resource
 import time
 from dataclasses import dataclass
@@ -28,7 +30,7 @@ from omnistream.config import EngineConfig
 from omnistream.engine.llm_engine import LLMEngine
 from omnistream.engine.model_runner import ModelRunner
 from omnistream.engine.sampling import SamplingParams
-from omnistream.errors import ConfigError, UserInputError
+from omnistream.errors import ConfigError, UnknownSessionError, UserInputError
 from omnistream.media.item import MediaItem
 from omnistream.media.processor import MediaProcessor
 from omnistream.models.demo import ensure_demo_model, is_random_weights
@@ -36,6 +38,7 @@ from omnistream.models.hf_config import QwenVLConfig
 from omnistream.models.loader import load_weights
 from omnistream.models.qwen2_5_vl import Qwen2_5_VLModel
 from omnistream.prompt import build_prompt
+from omnistream.session import Session
 from omnistream.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -73,6 +76,7 @@ class Engine:
         self.processor = MediaProcessor(model_key=f"{Path(model_dir).resolve()}|{cfg.torch_dtype}")  # items hashed once, here
         self.device = torch.device(cfg.device)
         self.random_weights = is_random_weights(model_dir)
+        self._sessions: dict[str, Session] = {}
         per_token = ModelRunner.kv_bytes_per_token(model, cfg.torch_dtype)
         tokens = kv_pool_tokens(model.cfg, cfg, self.device, per_token, MAX_VISION_PATCHES)
         num_blocks = tokens // cfg.cache.block_size
@@ -127,24 +131,33 @@ class Engine:
         return items
 
     # ------------------------------------------------------------------ generate
-    def generate(self, conversations, sampling: SamplingParams | None = None, *, return_logits: bool = False) -> list[GenerationResult]:
+    def generate(self, conversations, sampling: SamplingParams | None = None, *, return_logits: bool = False, tenant: str | None = None) -> list[GenerationResult]:
         """Runs every conversation to completion, batched by the scheduler."""
         if conversations and isinstance(conversations[0], dict):
             conversations = [conversations]
-        sampling = sampling or SamplingParams()
-        runner = self.llm.runner
-        runner.keep_logits = return_logits
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-        requests = []
+        prompts = []
         for messages in conversations:
             arrival = time.perf_counter()
             items = self.load_media(messages)
             prompt = build_prompt(self.tokenizer, messages, items)
-            req = self.llm.add_request(prompt.token_ids, [(r.offset, m) for r, m in zip(prompt.ranges, prompt.media)], sampling)
+            media = [(r.offset, m) for r, m in zip(prompt.ranges, prompt.media)]
+            costs = (sum(m.decode_s for m in items), sum(m.preprocess_s + m.hash_s for m in items))
+            prompts.append((prompt.token_ids, media, costs, arrival))
+        return self.run_prompts(prompts, sampling, return_logits=return_logits, cache_salt=tenant)
+
+    def run_prompts(self, prompts, sampling: SamplingParams | None = None, *, return_logits: bool = False, cache_salt: str | None = None) -> list[GenerationResult]:
+        """prompts: (token_ids, [(offset, MediaItem)], (decode_s, preprocess_s)[, arrival])."""
+        sampling = sampling or SamplingParams()
+        self.llm.runner.keep_logits = return_logits
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        requests = []
+        for p in prompts:
+            ids, media, (decode_s, preprocess_s) = p[0], p[1], p[2]
+            arrival = p[3] if len(p) > 3 else time.perf_counter() - decode_s - preprocess_s
+            req = self.llm.add_request(ids, media, sampling, cache_salt=cache_salt)
             req.metrics.arrival = arrival
-            req.metrics.media_decode_s = sum(m.decode_s for m in items)
-            req.metrics.preprocess_s = sum(m.preprocess_s + m.hash_s for m in items)
+            req.metrics.media_decode_s, req.metrics.preprocess_s = decode_s, preprocess_s
             requests.append(req)
         self.llm.run(requests)
         peak = self._peak_memory()
@@ -159,6 +172,33 @@ class Engine:
                 logits=req.logits,
             ))
         return results
+
+    # ------------------------------------------------------------------ sessions
+    def session(self, system: str | None = None, tenant: str | None = None, kv_budget_tokens: int | None = None) -> Session:
+        """A new multi-turn session (see session.py); `tenant` keeps its cache apart."""
+        sid = f"s-{uuid.uuid4().hex[:12]}"
+        budget = kv_budget_tokens if kv_budget_tokens is not None else self.cfg.cache.session_kv_budget_tokens
+        s = Session(self, sid, system, tenant, budget)
+        self._sessions[sid] = s
+        return s
+
+    def get_session(self, session_id: str) -> Session:
+        try:
+            return self._sessions[session_id]
+        except KeyError:
+            raise UnknownSessionError(f"unknown session {session_id!r}") from None
+
+    def stats(self) -> dict[str, Any]:
+        runner = self.llm.runner
+        enc = runner.encoder_cache
+        return {
+            "prefix_cache": self.llm.blocks.stats.as_dict(),
+            "encoder_cache": dataclasses.asdict(enc.stats) if enc is not None else None,
+            "vision_tokens_encoded": runner.vision_tokens_encoded,
+            "kv_blocks_free": self.llm.blocks.num_free,
+            "kv_blocks_total": self.llm.blocks.num_blocks,
+            "sessions": len(self._sessions),
+        }
 
     def _peak_memory(self) -> int:
         if self.device.type == "cuda":

@@ -14,6 +14,8 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 @dataclass(frozen=True)
 class CacheConfig:
     block_size: int = 16  # tokens per KV block
+    enable_prefix_caching: bool = True  # share full KV blocks across requests by content name
+    session_kv_budget_tokens: int | None = None  # KV a session keeps pinned between turns; None: all
     kv_cache_tokens: int | None = None  # KV pool size in tokens; None: derived from the memory budget
     memory_budget_bytes: int | None = None  # everything the engine may use on the device; None: 90% of free
     encoder_cache_bytes: int = 0  # device bytes for cached vision embeddings per temporal patch; 0: off

@@ -165,6 +165,8 @@ def _image(seed: int) -> dict:
 
 
 def _make(tiny_model_dir, **options) -> Engine:
+    # the prefix cache is off so that repeated prompts really reach the encoder cache
+    options.setdefault("enable_prefix_caching", False)
     return Engine.from_pretrained(tiny_model_dir, device="cpu", kv_cache_tokens=8192, block_size=16, **options)
 
 
@@ -308,7 +310,7 @@ def test_cpu_tier_serves_evicted_entries(tiny_model_dir, plain, hf_tiny_model):
 
 def test_preemption_with_cache_is_exact(tiny_model_dir, plain, hf_tiny_model):
     eng = Engine.from_pretrained(tiny_model_dir, device="cpu", kv_cache_tokens=160, block_size=16,
-                                 max_num_batched_tokens=32, encoder_cache_bytes=2 * ENTRY)
+                                 max_num_batched_tokens=32, encoder_cache_bytes=2 * ENTRY, enable_prefix_caching=False)
     convs = [[_user(_video(_frames(8, seed=30)), "What happens?")], [_user(_image(31), "What is it?")],
              [_user("Just text.")]]
     sampling = SamplingParams(max_new_tokens=10, ignore_eos=True)

@@ -1,30 +1,51 @@
-"""Paged KV block allocation: a fixed pool of blocks, a free list, block tables per request.
+"""Paged KV block allocation with a multimodal-aware prefix cache.
 
-The pool is preallocated once (see engine/model_runner.py); this class only hands out block
-ids. A request's block table grows as its computed tokens grow; blocks return to the pool when
-the request finishes or is preempted.
+The pool is preallocated once (engine/model_runner.py); this class hands out block ids. Each
+block has a reference count (requests using it + sessions pinning it). Blocks with no
+reference sit in `free`, least recently used first; a free block that is full and named (see
+cache/prefix_hash.py) stays findable by its name until it is reused for something else
+(eviction). A new request first takes the longest run of named blocks matching its prefix.
 """
 
 from __future__ import annotations
 
-from collections import deque
+from collections import OrderedDict
+from dataclasses import dataclass
 
+from omnistream.cache.prefix_hash import extend_hashes
 from omnistream.engine.request import Request
 
 
+@dataclass
+class PrefixCacheStats:
+    queries: int = 0  # prompt tokens looked up
+    hit_tokens: int = 0  # of which found in the cache
+    evictions: int = 0  # named blocks reused for other data
+
+    def as_dict(self) -> dict:
+        return {"queries": self.queries, "hit_tokens": self.hit_tokens, "evictions": self.evictions,
+                "hit_rate": self.hit_tokens / self.queries if self.queries else 0.0}
+
+
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int) -> None:
+    def __init__(self, num_blocks: int, block_size: int, enable_caching: bool = True) -> None:
         self.num_blocks = num_blocks
         self.block_size = block_size
-        self.free_blocks: deque[int] = deque(range(num_blocks))
+        self.enable_caching = enable_caching
+        self.ref = [0] * num_blocks
+        self.name: list[bytes | None] = [None] * num_blocks
+        self.cached: dict[bytes, int] = {}  # name -> block
+        self.free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))
+        self.stats = PrefixCacheStats()
 
     @property
     def num_free(self) -> int:
-        return len(self.free_blocks)
+        return len(self.free)
 
     def blocks_for(self, num_tokens: int) -> int:
         return (num_tokens + self.block_size - 1) // self.block_size
 
+    # ------------------------------------------------------------------ allocation
     def blocks_needed(self, req: Request, num_tokens: int) -> int:
         """Extra blocks `req` needs so that its table covers `num_tokens` tokens."""
         return max(0, self.blocks_for(num_tokens) - len(req.block_table))
@@ -35,8 +56,83 @@ class BlockManager:
     def grow(self, req: Request, num_tokens: int) -> None:
         n = self.blocks_needed(req, num_tokens)
         assert n <= self.num_free, "grow() without can_grow()"
-        req.block_table.extend(self.free_blocks.popleft() for _ in range(n))
+        req.block_table.extend(self._take_free() for _ in range(n))
 
-    def free(self, req: Request) -> None:
-        self.free_blocks.extend(req.block_table)
+    def _take_free(self) -> int:
+        block, _ = self.free.popitem(last=False)
+        if self.name[block] is not None:  # evict: the named data is overwritten from now on
+            del self.cached[self.name[block]]
+            self.name[block] = None
+            self.stats.evictions += 1
+        self.ref[block] = 1
+        return block
+
+    def _acquire(self, block: int) -> None:
+        if self.ref[block] == 0:
+            del self.free[block]
+        self.ref[block] += 1
+
+    def _release(self, block: int) -> None:
+        self.ref[block] -= 1
+        assert self.ref[block] >= 0, "block released twice"
+        if self.ref[block] == 0:
+            self.free[block] = None  # most recently used end
+
+    def free_request(self, req: Request) -> None:
+        # release the tail first so a sequence's last blocks are evicted before its first ones
+        for block in reversed(req.block_table):
+            self._release(block)
         req.block_table = []
+
+    # kept for callers that speak of "free"
+    free_blocks = property(lambda self: list(self.free))
+
+    def pin(self, blocks: list[int]) -> None:
+        """A session keeps these blocks alive (never evicted) until unpin()."""
+        for b in blocks:
+            self._acquire(b)
+
+    def unpin(self, blocks: list[int]) -> None:
+        for b in reversed(blocks):
+            self._release(b)
+
+    # ------------------------------------------------------------------ prefix cache
+    def match_prefix(self, req: Request) -> list[int]:
+        """Cached blocks holding the longest prefix of `req` (at least one token is left to
+        compute, so the request still produces logits)."""
+        if not self.enable_caching:
+            return []
+        usable = (req.num_tokens - 1) // self.block_size
+        extend_hashes(req.block_hashes, req.token_ids, req.media, self.block_size, usable, req.cache_salt)
+        hits = []
+        for h in req.block_hashes[:usable]:
+            block = self.cached.get(h)
+            if block is None:
+                break
+            hits.append(block)
+        self.stats.queries += req.num_tokens
+        self.stats.hit_tokens += len(hits) * self.block_size
+        return hits
+
+    def free_after_acquiring(self, blocks: list[int]) -> int:
+        return self.num_free - sum(1 for b in blocks if self.ref[b] == 0)
+
+    def take_prefix(self, req: Request, blocks: list[int]) -> None:
+        for b in blocks:
+            self._acquire(b)
+        req.block_table = list(blocks)
+        req.num_computed_tokens = len(blocks) * self.block_size
+        req.metrics.cached_tokens = req.num_computed_tokens
+
+    def register_computed(self, req: Request) -> None:
+        """Names every block of `req` that is full and computed, making it shareable."""
+        if not self.enable_caching:
+            return
+        full = req.num_computed_tokens // self.block_size
+        extend_hashes(req.block_hashes, req.token_ids, req.media, self.block_size, full, req.cache_salt)
+        for i in range(req.num_named_blocks, min(full, len(req.block_hashes))):
+            h, block = req.block_hashes[i], req.block_table[i]
+            if h not in self.cached and self.name[block] is None:
+                self.cached[h] = block
+                self.name[block] = h
+        req.num_named_blocks = min(full, len(req.block_hashes))

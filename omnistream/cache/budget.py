@@ -39,11 +39,13 @@ def kv_pool_tokens(mcfg: QwenVLConfig, cfg: EngineConfig, device: torch.device, 
     budget = cfg.cache.memory_budget_bytes or int(0.9 * total)
     itemsize = torch.finfo(cfg.torch_dtype).bits // 8
     reserve = activation_reserve_bytes(mcfg, cfg, max_vision_patches, itemsize)
-    available = min(budget - weights - reserve, free - reserve)
+    encoder = cfg.cache.encoder_cache_bytes  # the encoder cache's GPU tier is part of the budget
+    available = min(budget - weights - reserve - encoder, free - reserve - encoder)
     tokens = available // kv_bytes_per_token
     if tokens < cfg.cache.block_size * 16:
         raise BudgetError(
             f"memory budget {budget / 2**30:.2f} GiB leaves no room for the KV cache "
-            f"(weights {weights / 2**30:.2f} GiB, activation reserve {reserve / 2**30:.2f} GiB)"
+            f"(weights {weights / 2**30:.2f} GiB, activation reserve {reserve / 2**30:.2f} GiB, "
+            f"encoder cache {encoder / 2**30:.2f} GiB)"
         )
     return int(tokens)

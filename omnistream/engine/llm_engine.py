@@ -13,6 +13,7 @@ import time
 import torch
 
 from omnistream.cache.block_manager import BlockManager
+from omnistream.cache.prefix_hash import extend_hashes
 from omnistream.config import EngineConfig
 from omnistream.engine.model_runner import ModelRunner
 from omnistream.engine.request import Request
@@ -30,13 +31,15 @@ class LLMEngine:
         self.device = torch.device(cfg.device)
         self.stop_ids = stop_ids
         self.tokens_per_second = model.cfg.vision.tokens_per_second
-        self.blocks = BlockManager(num_blocks, cfg.cache.block_size)
+        self.blocks = BlockManager(num_blocks, cfg.cache.block_size, cfg.cache.enable_prefix_caching)
         self.scheduler = Scheduler(cfg.scheduler, self.blocks)
         self.runner = ModelRunner(model, num_blocks, cfg.cache.block_size, self.device, cfg.torch_dtype)
         self._ids = itertools.count()
 
-    def add_request(self, prompt_ids: list[int], media: list[tuple[int, MediaItem]], sampling: SamplingParams, request_id: str | None = None) -> Request:
-        req = Request(request_id or f"req-{next(self._ids)}", prompt_ids, media, sampling, self.tokens_per_second, self.stop_ids)
+    def add_request(self, prompt_ids: list[int], media: list[tuple[int, MediaItem]], sampling: SamplingParams, request_id: str | None = None, cache_salt: str | None = None) -> Request:
+        req = Request(request_id or f"req-{next(self._ids)}", prompt_ids, media, sampling, self.tokens_per_second, self.stop_ids, cache_salt)
+        # name the prompt's full blocks now, off the scheduling loop
+        extend_hashes(req.block_hashes, req.token_ids, media, self.blocks.block_size, req.prompt_len // self.blocks.block_size, cache_salt)
         self.scheduler.add(req)
         return req
 
@@ -55,6 +58,7 @@ class LLMEngine:
             if c.start < req.prompt_len:  # vision encoding is reported on its own
                 req.metrics.prefill_s += now - t0 - self.runner.last_vision_s
             req.num_computed_tokens += c.num_tokens
+            self.blocks.register_computed(req)
         finished = []
         for c, token in results:
             req = c.request

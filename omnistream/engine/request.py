@@ -35,6 +35,7 @@ class RequestMetrics:
     first_token_at: float | None = None
     finished_at: float | None = None
     prompt_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens served by the prefix cache (KV not recomputed)
     media_tokens: int = 0
     output_tokens: int = 0
     peak_memory_bytes: int = 0
@@ -58,6 +59,7 @@ class RequestMetrics:
             "ttft_s": self.ttft_s,
             "decode_tokens_per_s": self.decode_tokens_per_s,
             "prompt_tokens": self.prompt_tokens,
+            "cached_tokens": self.cached_tokens,
             "media_tokens": self.media_tokens,
             "output_tokens": self.output_tokens,
             "peak_memory_bytes": self.peak_memory_bytes,
@@ -73,6 +75,7 @@ class Request:
         sampling: SamplingParams,
         tokens_per_second: float,
         stop_ids: set[int],
+        cache_salt: str | None = None,
     ) -> None:
         self.request_id = request_id
         self.prompt_len = len(prompt_ids)
@@ -84,6 +87,9 @@ class Request:
         self.positions, self.next_pos = mrope_positions(self.prompt_len, media, tokens_per_second)
         self.num_computed_tokens = 0
         self.block_table: list[int] = []
+        self.cache_salt = cache_salt  # tenant: roots the prefix-cache names of its blocks
+        self.block_hashes: list[bytes] = []  # prefix-cache names of its full blocks, in order
+        self.num_named_blocks = 0  # blocks already offered to the prefix cache
         self.status = RequestStatus.WAITING
         self.finish_reason: str | None = None
         self.generator = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None

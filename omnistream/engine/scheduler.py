@@ -93,9 +93,16 @@ class Scheduler:
             req = self.waiting[0]
             if req in preempted:
                 break  # do not re-admit in the step that preempted it
-            n = self._chunk_size(req, budget)
+            hits = self.blocks.match_prefix(req)
             # admit only when the whole prompt fits the free blocks, so admitted work can finish
-            if n == 0 or not self.blocks.can_grow(req, req.num_tokens):
+            need = self.blocks.blocks_for(req.num_tokens) - len(hits)
+            if need > self.blocks.free_after_acquiring(hits):
+                break
+            self.blocks.take_prefix(req, hits)
+            n = self._chunk_size(req, budget)
+            if n == 0:
+                self.blocks.free_request(req)
+                req.num_computed_tokens = 0
                 break
             self.waiting.popleft()
             self.blocks.grow(req, req.num_computed_tokens + n)
@@ -112,12 +119,12 @@ class Scheduler:
 
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)
-        self.blocks.free(req)
+        self.blocks.free_request(req)
         req.num_computed_tokens = 0
         req.status = RequestStatus.WAITING
         self.waiting.appendleft(req)
 
     def finish(self, req: Request) -> None:
         self.running.remove(req)
-        self.blocks.free(req)
+        self.blocks.free_request(req)
         req.status = RequestStatus.FINISHED
