@@ -77,12 +77,18 @@ class Engine:
         self.device = torch.device(cfg.device)
         self.random_weights = is_random_weights(model_dir)
         self._sessions: dict[str, Session] = {}
+        offload = None
+        if cfg.offload_vision and self.device.type == "cuda":  # before sizing the KV pool
+            from omnistream.engine.vision_offload import VisionOffloader
+
+            offload = VisionOffloader(model.visual, self.device)
         per_token = ModelRunner.kv_bytes_per_token(model, cfg.torch_dtype)
         tokens = kv_pool_tokens(model.cfg, cfg, self.device, per_token, MAX_VISION_PATCHES)
         num_blocks = tokens // cfg.cache.block_size
         stop = {model.cfg.eos_token_id, model.cfg.im_end_token_id}
         self.llm = LLMEngine(model, cfg, num_blocks, stop)
         self.llm.runner.max_vision_patches = MAX_VISION_PATCHES
+        self.llm.runner.vision_offload = offload
         if cfg.cache.encoder_cache_bytes > 0:
             self.llm.runner.encoder_cache = EncoderCache(cfg.cache.encoder_cache_bytes, cfg.cache.encoder_cache_cpu_bytes)
         if self.device.type == "cuda" and cfg.cuda_graphs:
@@ -198,6 +204,9 @@ class Engine:
             "kv_blocks_free": self.llm.blocks.num_free,
             "kv_blocks_total": self.llm.blocks.num_blocks,
             "sessions": len(self._sessions),
+            "vision_offload": None if runner.vision_offload is None else {
+                "loads": runner.vision_offload.loads, "load_s": runner.vision_offload.load_s,
+                "bytes": runner.vision_offload.bytes},
         }
 
     def _peak_memory(self) -> int:

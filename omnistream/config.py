@@ -49,6 +49,7 @@ class EngineConfig:
     cache: CacheConfig = CacheConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
     cuda_graphs: bool = True  # capture decode steps as CUDA graphs (GPU only)
+    offload_vision: bool = False  # keep the vision tower in host memory between encodes (GPU only)
 
     def __post_init__(self) -> None:
         if self.dtype != "auto" and self.dtype not in _DTYPES:

@@ -50,6 +50,7 @@ class ModelRunner:
         self.kv_pool = torch.zeros((t.num_hidden_layers, 2) + shape, dtype=dtype, device=device)
         self.kv_caches = [(self.kv_pool[i, 0], self.kv_pool[i, 1]) for i in range(t.num_hidden_layers)]
         self.keep_logits = False
+        self.vision_offload = None  # VisionOffloader when the tower lives on the host while idle
         self.last_vision_s = 0.0  # vision time of the last step (kept out of prefill time)
         self.encoder_cache = None  # EncoderCache of vision embeddings per temporal patch; None: off
         self.last_encoded_tokens: list[int] = []  # per item of the last run_vision: tokens encoded
@@ -117,6 +118,12 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run_vision(self, items) -> list[torch.Tensor]:
+        if self.vision_offload is None:
+            return self._run_vision(items)
+        with self.vision_offload.on_device():
+            return self._run_vision(items)
+
+    def _run_vision(self, items) -> list[torch.Tensor]:
         """-> per item (num_tokens, hidden). Items are grouped up to max_vision_patches patches
         per forward (lossless: attention never crosses items or temporal slices). With an
         encoder cache, only the temporal patches it misses are encoded (runs of consecutive
