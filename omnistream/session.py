@@ -15,7 +15,7 @@ beyond the budget may be evicted and are recomputed on demand: answers stay exac
 
 from __future__ import annotations
 
-import itertools
+import time
 from typing import TYPE_CHECKING, Any
 
 from omnistream.cache.prefix_hash import extend_hashes
@@ -27,7 +27,6 @@ from omnistream.prompt import expand_placeholders
 if TYPE_CHECKING:
     from omnistream.api import Engine, GenerationResult
 
-_ids = itertools.count()
 
 
 class Session:
@@ -67,12 +66,13 @@ class Session:
     # ------------------------------------------------------------------ asking
     def ask(self, question: str, sampling: SamplingParams | None = None, *, return_logits: bool = False) -> "GenerationResult":
         self._check_open()
+        asked = time.perf_counter()  # TTFT counts from the question; media was ingested at add_*()
         sampling = sampling or SamplingParams()
         user = {"role": "user", "content": self._pending_parts + [{"type": "text", "text": question}]}
         new_ids, new_media = self._render_turn(user)
         prompt = self.token_ids + new_ids
         media = self.media + new_media
-        [result] = self.engine.run_prompts([(prompt, media, self._pending_items_decode_s())], sampling, return_logits=return_logits, cache_salt=self.tenant)
+        [result] = self.engine.run_prompts([(prompt, media, self._pending_costs(), asked)], sampling, return_logits=return_logits, cache_salt=self.tenant)
         # commit the turn: the answer's ids, then the template's end of turn
         self.token_ids = prompt + result.token_ids + self._end_of_turn(result.token_ids)
         self.media = media
@@ -107,7 +107,8 @@ class Session:
         newline = self.engine.tokenizer.encode("\n")
         return newline if answer and answer[-1] == im_end else [im_end] + newline
 
-    def _pending_items_decode_s(self) -> tuple[float, float]:
+    def _pending_costs(self) -> tuple[float, float]:
+        """(decode, preprocess + hash) seconds of the media added since the last question."""
         return (sum(m.decode_s for m in self._pending_items), sum(m.preprocess_s + m.hash_s for m in self._pending_items))
 
     # ------------------------------------------------------------------ KV pinning
