@@ -49,3 +49,15 @@ def test_start_offset_and_two_blocks(make_media_item):
     assert pos[2].tolist() == [10, 11, 12, 13, 12, 13]
     assert nxt == 14
     assert pos.dtype == torch.long
+
+
+def test_live_patch_times_follow_real_timestamps(make_media_item):
+    # patches at 0 s, 0.8 s, 5 s (a gap: frames were dropped) -> t = 0, floor(1.6) = 1, 10
+    vid = make_media_item("video", (3, 2, 2), patch_times=[100.0, 100.8, 105.0])
+    pos, nxt = mrope_positions(3, [(0, vid)], tokens_per_second=2)
+    assert pos[0].tolist() == [0, 1, 10]
+    assert nxt == 11
+    # evenly spaced times give exactly the second_per_grid_t rule
+    even = make_media_item("video", (3, 2, 2), patch_times=[4.0, 5.0, 6.0])
+    ref = make_media_item("video", (3, 2, 2), second_per_grid_t=1.0)
+    assert torch.equal(mrope_positions(3, [(0, even)], 2)[0], mrope_positions(3, [(0, ref)], 2)[0])

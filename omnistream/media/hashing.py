@@ -88,10 +88,14 @@ def _digest(header: bytes, data: np.ndarray) -> str:
     return h.hexdigest()
 
 
-def item_hash(kind: str, patch_hashes: list[str], second_per_grid_t: float = 1.0) -> str:
-    """Identity of a whole item from its ordered patch hashes (cheap: 32 bytes per patch)."""
+def item_hash(kind: str, patch_hashes: list[str], second_per_grid_t: float = 1.0, patch_times: list[float] | None = None) -> str:
+    """Identity of a whole item from its ordered patch hashes (cheap: 32 bytes per patch).
+    Timing enters too (it sets the temporal positions, hence the KV): second_per_grid_t, or the
+    patches' times relative to the first for live streams."""
     h = hashlib.blake2b(f"omnistream-item-v{HASH_VERSION}|{kind}|".encode(), digest_size=DIGEST_SIZE)
-    if kind == "video":
+    if kind == "video" and patch_times is not None:
+        h.update(("times=" + ",".join(f"{t - patch_times[0]:.6f}" for t in patch_times) + "|").encode())
+    elif kind == "video":
         h.update(f"spgt={float(second_per_grid_t)!r}|".encode())
     for p in patch_hashes:
         h.update(bytes.fromhex(p))

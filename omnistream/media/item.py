@@ -25,6 +25,9 @@ class MediaItem:
     decode_s: float = 0.0  # time spent decoding the source (PyAV / PIL)
     preprocess_s: float = 0.0  # resize + normalise + patchify
     content_hash: str | None = None  # identity of the pixels + preprocessing (set at ingestion)
+    # start time (s) of each temporal patch when a live stream's patches are not evenly spaced;
+    # M-RoPE then places patch k at floor((patch_times[k] - patch_times[0]) * tokens_per_second)
+    patch_times: list[float] | None = None
     patch_hashes: list[str] | None = None  # one per temporal patch (images: one); see media/hashing.py
     hash_s: float = 0.0  # time spent hashing (once, at ingestion)
 

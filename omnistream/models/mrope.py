@@ -25,7 +25,10 @@ def media_positions(item: MediaItem, start: int, tokens_per_second: float) -> to
     t, h, w = item.grid_thw
     m = item.merge_size
     lh, lw = h // m, w // m
-    if item.kind == "video":
+    if item.kind == "video" and item.patch_times is not None:  # live streams: real timestamps
+        t0 = item.patch_times[0]
+        t_idx = torch.tensor([math.floor((ts - t0) * tokens_per_second) for ts in item.patch_times], dtype=torch.long)
+    elif item.kind == "video":
         step = tokens_per_second * item.second_per_grid_t
         # floor of the product, computed in float64 as the reference's tensor math does
         t_idx = torch.tensor([math.floor(k * step) for k in range(t)], dtype=torch.long)
