@@ -5,8 +5,11 @@ Bench modules are imported only when their command runs (they pull in transforme
 from __future__ import annotations
 
 import argparse
+import importlib
 
 from omnistream.models.hf_config import PRESETS
+
+SESSION_BENCHES = ("multiturn", "repeat", "shared")
 
 
 def _positive(text: str) -> int:
@@ -40,6 +43,9 @@ def _run(name: str):
             from omnistream.bench.latency import cmd_latency
 
             return cmd_latency(args)
+        if name in SESSION_BENCHES:  # multiturn.py, repeat.py, shared.py: cmd_<name>(args)
+            module = importlib.import_module(f"omnistream.bench.{name}")
+            return getattr(module, f"cmd_{name}")(args)
         from omnistream.bench.profile import cmd_profile
 
         return cmd_profile(args)
@@ -64,3 +70,21 @@ def add_bench_commands(sub, add_model_args) -> None:
     acc = bsub.add_parser("accuracy", help="engine (bf16) vs transformers float32, against transformers' own bf16 error")
     _add_workload_args(acc, add_model_args, frames=16, size=448, new_tokens=64)
     acc.set_defaults(func=_run("accuracy"))
+    _add_session_benches(bsub, add_model_args)
+
+
+def _add_session_benches(bsub, add_model_args) -> None:
+    """W1 (multiturn), E4 (repeat), W2 (shared): sessions and caches vs transformers recomputing."""
+    mt = bsub.add_parser("multiturn", help="W1: one clip, N questions in one session; per-turn TTFT and vision work vs transformers")
+    _add_workload_args(mt, add_model_args, frames=64, size=448, new_tokens=16)
+    mt.add_argument("--turns", type=_positive, default=10, help="questions in the conversation")
+    mt.add_argument("--memory-budget-gib", type=float, default=None,
+                    help="run the engine alone under this GPU memory budget (transformers not run)")
+    mt.set_defaults(func=_run("multiturn"))
+    rep = bsub.add_parser("repeat", help="E4: the same video question twice (generate and fresh sessions) vs transformers")
+    _add_workload_args(rep, add_model_args, frames=64, size=448, new_tokens=16)
+    rep.set_defaults(func=_run("repeat"))
+    sh = bsub.add_parser("shared", help="W2: N sessions on one clip, each with its own question, vs transformers")
+    _add_workload_args(sh, add_model_args, frames=64, size=448, new_tokens=16)
+    sh.add_argument("--sessions", type=_positive, default=8, help="sessions, one after another")
+    sh.set_defaults(func=_run("shared"))
