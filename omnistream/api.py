@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 import uuid
 import resource
 import time
@@ -43,7 +44,8 @@ from omnistream.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
-MAX_VISION_PATCHES = 16384  # per vision forward; longer videos are encoded in slices (lossless)
+MAX_VISION_PATCHES = 16384
+LIVE_ENCODER_CACHE_BYTES = 256 << 20  # per vision forward; longer videos are encoded in slices (lossless)
 
 
 @dataclass
@@ -77,6 +79,7 @@ class Engine:
         self.device = torch.device(cfg.device)
         self.random_weights = is_random_weights(model_dir)
         self._sessions: dict[str, Session] = {}
+        self._lock = threading.RLock()  # one engine loop at a time (live ingestion runs in threads)
         offload = None
         if cfg.offload_vision and self.device.type == "cuda":  # before sizing the KV pool
             from omnistream.engine.vision_offload import VisionOffloader
@@ -153,7 +156,10 @@ class Engine:
 
     def run_prompts(self, prompts, sampling: SamplingParams | None = None, *, return_logits: bool = False, cache_salt: str | None = None) -> list[GenerationResult]:
         """prompts: (token_ids, [(offset, MediaItem)], (decode_s, preprocess_s)[, arrival])."""
-        sampling = sampling or SamplingParams()
+        with self._lock:
+            return self._run_prompts(prompts, sampling or SamplingParams(), return_logits, cache_salt)
+
+    def _run_prompts(self, prompts, sampling: SamplingParams, return_logits: bool, cache_salt: str | None) -> list[GenerationResult]:
         self.llm.runner.keep_logits = return_logits
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -185,6 +191,24 @@ class Engine:
         sid = f"s-{uuid.uuid4().hex[:12]}"
         budget = kv_budget_tokens if kv_budget_tokens is not None else self.cfg.cache.session_kv_budget_tokens
         s = Session(self, sid, system, tenant, budget)
+        self._sessions[sid] = s
+        return s
+
+    def live_session(self, system: str | None = None, tenant: str | None = None, *, memory=None,
+                     min_pixels: int | None = None, max_pixels: int | None = None,
+                     prefill_on_arrival: bool = True, kv_budget_tokens: int | None = None):
+        """A session fed frame by frame (see live.py). Needs the encoder cache: one of
+        LIVE_ENCODER_CACHE_BYTES is created if the engine has none."""
+        from omnistream.live import LiveSession
+        from omnistream.media.frame_memory import FrameMemoryConfig
+
+        runner = self.llm.runner
+        if runner.encoder_cache is None:
+            log.warning("live session: no encoder cache configured, creating %d MiB", LIVE_ENCODER_CACHE_BYTES >> 20)
+            runner.encoder_cache = EncoderCache(LIVE_ENCODER_CACHE_BYTES)
+        sid = f"live-{uuid.uuid4().hex[:12]}"
+        s = LiveSession(self, sid, system, tenant, kv_budget_tokens, memory or FrameMemoryConfig(),
+                        min_pixels, max_pixels, prefill_on_arrival)
         self._sessions[sid] = s
         return s
 

@@ -114,6 +114,10 @@ class Session:
     # ------------------------------------------------------------------ KV pinning
     def _repin(self) -> None:
         """Pin the cached blocks of this conversation's prefix, up to the session budget."""
+        with self.engine._lock:  # block refcounts are shared with other threads' sessions
+            self._repin_locked()
+
+    def _repin_locked(self) -> None:
         blocks = self.engine.llm.blocks
         budget = self.kv_budget_tokens
         full = len(self.token_ids) // blocks.block_size
@@ -143,14 +147,16 @@ class Session:
         other.messages = list(self.messages)  # messages are never mutated, only appended
         other.token_ids, other.media = list(self.token_ids), list(self.media)
         other._pending_parts, other._pending_items = list(self._pending_parts), list(self._pending_items)
-        self.engine.llm.blocks.pin(self._pinned)
+        with self.engine._lock:
+            self.engine.llm.blocks.pin(self._pinned)
         other._pinned = list(self._pinned)
         return other
 
     def close(self) -> None:
         if self.closed:
             return
-        self.engine.llm.blocks.unpin(self._pinned)
+        with self.engine._lock:
+            self.engine.llm.blocks.unpin(self._pinned)
         self._pinned = []
         self.closed = True
         self.engine._sessions.pop(self.id, None)
