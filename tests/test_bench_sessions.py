@@ -41,6 +41,7 @@ def test_multiturn(tmp_path, capsys):
     ours, base = r["omnistream"]["turns"], r["transformers"]["turns"]
     assert len(ours) == len(base) == 3
     assert ours[0]["vision_tokens_encoded"] == VIDEO_TOKENS and ours[0]["vision_calls"] == 1
+    assert ours[0]["ttft_s"] > ours[0]["vision_encode_s"] > 0 and ours[0]["preprocess_s"] > 0
     for turn in ours[1:]:  # follow-ups: no vision work, the history's KV is reused
         assert turn["vision_tokens_encoded"] == 0 and turn["vision_calls"] == 0
         assert turn["cached_tokens"] > 0 and turn["ttft_s"] > 0

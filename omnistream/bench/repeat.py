@@ -29,7 +29,7 @@ def engine_generate(engine, messages: list[dict], sampling: SamplingParams, prob
     probe.take()
     before = engine.stats()["vision_tokens_encoded"]
     [res] = engine.generate([messages], sampling)
-    return engine_row(engine, res, before, probe)
+    return engine_row(engine, res, before, probe, ttft_has_media=True)
 
 
 def engine_fresh_session(engine, frames: int, size: int, seed: int, sampling: SamplingParams, probe: VisionProbe) -> dict:
