@@ -80,6 +80,7 @@ def _add_session_benches(bsub, add_model_args) -> None:
     mt.add_argument("--turns", type=_positive, default=10, help="questions in the conversation")
     mt.add_argument("--memory-budget-gib", type=float, default=None,
                     help="run the engine alone under this GPU memory budget (transformers not run)")
+    mt.add_argument("--offload-vision", action="store_true", help="keep the vision tower in host memory between encodes")
     mt.set_defaults(func=_run("multiturn"))
     rep = bsub.add_parser("repeat", help="E4: the same video question twice (generate and fresh sessions) vs transformers")
     _add_workload_args(rep, add_model_args, frames=64, size=448, new_tokens=16)

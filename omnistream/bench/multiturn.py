@@ -239,11 +239,13 @@ def build_systems(model, dev: torch.device, dtype: torch.dtype, seed: int, optio
     return hf, engine, resident
 
 
-def run_multiturn(model, device: str, dtype: str, frames: int, size: int, turns: int, new_tokens: int, seed: int = 0, budget_gib: float | None = None) -> dict:
+def run_multiturn(model, device: str, dtype: str, frames: int, size: int, turns: int, new_tokens: int, seed: int = 0, budget_gib: float | None = None, offload_vision: bool = False) -> dict:
     dev = cuda_device(device)
     tdtype = resolve_dtype(dtype, str(dev))
     context = video_tokens(frames, size) + turns * (new_tokens + TURN_TEXT_TOKENS) + 1024
     options = session_engine_options(model, frames, size, tdtype, 2 * context, budget_gib)
+    if offload_vision:
+        options["offload_vision"] = True
     hf, engine, resident = build_systems(model, dev, tdtype, seed, options, with_hf=budget_gib is None)
     sampling = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
     meter = MemoryMeter(dev, resident)
@@ -375,7 +377,7 @@ def cmd_multiturn(args) -> int:
     from omnistream.cli import _default_device
 
     report = run_multiturn(model_arg(args), _default_device(args.device), args.dtype, args.frames, args.size, args.turns,
-                           args.new_tokens, args.seed, args.memory_budget_gib)
+                           args.new_tokens, args.seed, args.memory_budget_gib, args.offload_vision)
     print_multiturn(report)
     write_json(report, args.json)
     return 0
