@@ -86,7 +86,7 @@ class Engine:
 
             offload = VisionOffloader(model.visual, self.device)
         per_token = ModelRunner.kv_bytes_per_token(model, cfg.torch_dtype)
-        tokens = kv_pool_tokens(model.cfg, cfg, self.device, per_token, MAX_VISION_PATCHES)
+        tokens = kv_pool_tokens(model.cfg, cfg, self.device, per_token, MAX_VISION_PATCHES, offload.bytes if offload else 0)
         num_blocks = tokens // cfg.cache.block_size
         stop = {model.cfg.eos_token_id, model.cfg.im_end_token_id}
         self.llm = LLMEngine(model, cfg, num_blocks, stop)

@@ -13,6 +13,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import sdpa_kernel
+
+from omnistream.layers.attention import _BACKENDS
 
 
 @dataclass
@@ -51,9 +54,10 @@ def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout:
             x = x[layout.gather_index]
         return x.view(s, l, h, d).transpose(1, 2)  # (S, H, L, D)
 
-    out = F.scaled_dot_product_attention(
-        to_batch(q), to_batch(k), to_batch(v), attn_mask=layout.key_mask, scale=scale
-    )  # (S, H, L, D)
+    with sdpa_kernel(_BACKENDS):  # no cuDNN: a plan per new shape (see layers/attention.py)
+        out = F.scaled_dot_product_attention(
+            to_batch(q), to_batch(k), to_batch(v), attn_mask=layout.key_mask, scale=scale
+        )  # (S, H, L, D)
     out = out.transpose(1, 2).reshape(s * l, h, d)
     if not layout.uniform:
         out = out[layout.valid_flat]

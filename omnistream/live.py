@@ -1,0 +1,230 @@
+"""Live video sessions: frames arrive one by one while questions come at any moment.
+
+    live = engine.live_session(max_pixels=448 * 448)
+    live.add_frame(frame, timestamp)      # returns at once; a worker thread ingests
+    live.ask("What just happened?")       # answers over the frames ingested so far
+
+Data flow of a frame (worker thread): resize once to the session's size -> pair into a
+temporal patch (2 frames, the unit the vision tower encodes) -> frame memory decides (Star of
+important patches + Stream window of recent ones, near-duplicates dropped) -> a retained patch
+is patchified and hashed once -> the context prefix (system + video block) is prefilled under
+the engine lock, so a later question costs only its own tokens.
+
+Context = system, one user turn holding the retained patches as one video block in time order
+(temporal positions follow the patches' real timestamps), the conversation history (answer ids
++ end-of-turn tokens), the question. Policy `exact`: each ask is a fresh request over exactly
+that sequence; the prefix cache reuses the longest unchanged KV prefix and recomputes from the
+first changed patch, the encoder cache keeps every retained patch encoded once. The answer
+equals a fresh run over the same retained frames.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from omnistream.engine.sampling import SamplingParams
+from omnistream.errors import MediaError, UserInputError
+from omnistream.media.frame_memory import FrameMemory, FrameMemoryConfig, FramePairer, TemporalPatch
+from omnistream.media.hashing import compute_patch_hashes, item_hash
+from omnistream.media.image import load_image
+from omnistream.media.item import MediaItem
+from omnistream.media.patchify import normalize, patchify
+from omnistream.media.resize import VIDEO_MAX_PIXELS, VIDEO_MIN_PIXELS, resize_frames, smart_resize
+from omnistream.prompt import expand_placeholders
+from omnistream.session import Session
+
+if TYPE_CHECKING:
+    from omnistream.api import Engine, GenerationResult
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LivePatch:
+    """A retained temporal patch, ready for the model (computed once at ingestion)."""
+
+    patch: TemporalPatch
+    rows: torch.Tensor  # (gh * gw, 3 * 2 * 14 * 14) float32, the checkpoint's row layout
+    hash: str  # patch hash (encoder-cache key)
+
+
+class LiveSession(Session):
+    def __init__(self, engine: "Engine", session_id: str, system: str | None, tenant: str | None,
+                 kv_budget_tokens: int | None, memory: FrameMemoryConfig, min_pixels: int | None,
+                 max_pixels: int | None, prefill_on_arrival: bool = True) -> None:
+        super().__init__(engine, session_id, system, tenant, kv_budget_tokens)
+        self.memory = FrameMemory(memory)
+        self.pairer = FramePairer()
+        self.min_pixels, self.max_pixels = min_pixels or VIDEO_MIN_PIXELS, max_pixels or VIDEO_MAX_PIXELS
+        self.prefill_on_arrival = prefill_on_arrival
+        self.size: tuple[int, int] | None = None  # (h, w) every frame is resized to
+        self.patches: dict[int, LivePatch] = {}  # retained patches by id
+        self.history_ids: list[int] = []  # turns after the video turn, as token ids
+        self._state = threading.Lock()  # guards memory/patches between worker and ask
+        self._queue: queue.Queue = queue.Queue()
+        self._worker: threading.Thread | None = None
+        self._error: Exception | None = None
+        self.frames_received = 0
+        self.frames_encoded_total = 0
+
+    # ------------------------------------------------------------------ ingestion
+    def add_frame(self, frame, timestamp: float) -> None:
+        """Queues one frame (PIL, numpy HWC, tensor); never waits for a running answer."""
+        self._check_open()
+        if self._error is not None:
+            raise self._error
+        self.frames_received += 1
+        self._queue.put((frame, float(timestamp)))
+        if self._worker is None:
+            self._worker = threading.Thread(target=self._work, name=f"live-{self.id}", daemon=True)
+            self._worker.start()
+
+    def add_frames(self, frames, timestamps) -> None:
+        if len(frames) != len(timestamps):
+            raise UserInputError(f"{len(frames)} frames but {len(timestamps)} timestamps")
+        for f, t in zip(frames, timestamps):
+            self.add_frame(f, t)
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Waits until every queued frame is ingested (and prefilled when the policy says so)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self._queue.unfinished_tasks:
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError("live ingestion did not catch up in time")
+            time.sleep(0.002)
+        if self._error is not None:
+            raise self._error
+
+    def _work(self) -> None:
+        while True:
+            batch = [self._queue.get()]
+            while True:  # drain the backlog: one prefill for many frames
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            try:
+                changed = any([self._ingest(f, t) for f, t in batch])
+                if changed and self.prefill_on_arrival and not self.closed:
+                    self._prefill_prefix()
+            except Exception as e:  # surfaced to the caller at the next add_frame/flush/ask
+                log.exception("live ingestion failed")
+                self._error = e if isinstance(e, UserInputError) else MediaError(f"live ingestion failed: {e}")
+            finally:
+                for _ in batch:
+                    self._queue.task_done()
+
+    def _ingest(self, frame, timestamp: float) -> bool:
+        """One frame through resize -> pairing -> frame memory; True when retained patches changed."""
+        img = load_image(frame)  # (H, W, 3) uint8
+        if self.size is None:
+            self.size = smart_resize(img.shape[0], img.shape[1], min_pixels=self.min_pixels, max_pixels=self.max_pixels)
+        small = resize_frames(img[None], *self.size)[0]
+        patch = self.pairer.push(small, timestamp)
+        if patch is None:
+            return False
+        with self._state:
+            result = self.memory.add_patch(patch)
+            for pid in result.evicted:
+                self.patches.pop(pid, None)
+            kept = {p.patch_id for p in self.memory.retained()}
+        if patch.patch_id not in kept:
+            return bool(result.evicted)
+        rows, _ = patchify(normalize(np.stack(patch.frames)))
+        [h] = compute_patch_hashes(rows, (1, self.size[0] // 14, self.size[1] // 14), model_key=self.engine.processor.model_key)
+        with self._state:
+            if patch.patch_id in {p.patch_id for p in self.memory.retained()}:
+                self.patches[patch.patch_id] = LivePatch(patch, rows, h)
+        return True
+
+    # ------------------------------------------------------------------ context
+    def video_item(self) -> MediaItem | None:
+        """The retained patches as one video block (time order, real timestamps)."""
+        with self._state:
+            live = [self.patches[p.patch_id] for p in self.memory.retained() if p.patch_id in self.patches]
+        if not live:
+            return None
+        gh, gw = self.size[0] // 14, self.size[1] // 14
+        times = [lp.patch.timestamps[0] for lp in live]
+        hashes = [lp.hash for lp in live]
+        return MediaItem(
+            kind="video", pixel_values=torch.cat([lp.rows for lp in live]), grid_thw=(len(live), gh, gw),
+            timestamps=[t for lp in live for t in lp.patch.timestamps], patch_times=times,
+            patch_hashes=hashes, content_hash=item_hash("video", hashes, patch_times=times),
+        )
+
+    def _prefix(self, item: MediaItem) -> tuple[list[int], list[tuple[int, MediaItem]]]:
+        """Tokens of system + the video turn, and the video's placeholder offset."""
+        tok = self.engine.tokenizer
+        text = tok.apply_chat_template(self._base_messages(), add_generation_prompt=False)
+        ids, ranges = expand_placeholders(tok.encode(text), [item], image_token_id=tok.image_token_id, video_token_id=tok.video_token_id)
+        return ids, [(ranges[0].offset, item)]
+
+    def _base_messages(self) -> list[dict[str, Any]]:
+        system = [m for m in self.messages[:1] if m["role"] == "system"]
+        return system + [{"role": "user", "content": [{"type": "video", "video": "live"}]}]
+
+    def _prefill_prefix(self) -> None:
+        item = self.video_item()
+        if item is None:
+            return
+        ids, media = self._prefix(item)
+        self.engine.run_prompts([(ids, media, (0.0, 0.0))], SamplingParams(max_new_tokens=1, ignore_eos=True), cache_salt=self.tenant)
+        self.token_ids, self.media = ids, media
+        self._repin()
+
+    # ------------------------------------------------------------------ asking
+    def ask(self, question: str, sampling: SamplingParams | None = None, *, return_logits: bool = False) -> "GenerationResult":
+        self._check_open()
+        if self._error is not None:
+            raise self._error
+        asked = time.perf_counter()
+        item = self.video_item()  # snapshot: frames ingested later do not change this answer
+        if item is None:
+            raise UserInputError("no frames ingested yet: add frames (and flush) before asking")
+        prompt, media = self.prompt_for(question, item)
+        before = self.engine.stats()["vision_tokens_encoded"]
+        [res] = self.engine.run_prompts([(prompt, media, (0.0, 0.0), asked)], sampling or SamplingParams(), return_logits=return_logits, cache_salt=self.tenant)
+        self.history_ids = prompt[len(self._prefix(item)[0]):] + res.token_ids + self._end_of_turn(res.token_ids)
+        self.messages = self.messages + [{"role": "user", "content": question}, {"role": "assistant", "content": res.text}]
+        self.token_ids, self.media = prompt + res.token_ids, media
+        self._repin()
+        res.metrics.update(self._live_metrics(item, res, asked, self.engine.stats()["vision_tokens_encoded"] - before))
+        return res
+
+    def prompt_for(self, question: str, item: MediaItem | None = None):
+        item = item or self.video_item()
+        prefix, media = self._prefix(item)
+        tok = self.engine.tokenizer
+        history = self._base_messages() + self.messages[1 if self.messages and self.messages[0]["role"] == "system" else 0:]
+        before = tok.apply_chat_template(history, add_generation_prompt=False)
+        full = tok.apply_chat_template(history + [{"role": "user", "content": question}], add_generation_prompt=True)
+        return prefix + self.history_ids + tok.encode(full[len(before):]), media
+
+    def _live_metrics(self, item: MediaItem, res, asked: float, vision_tokens: int) -> dict:
+        m = res.metrics
+        stats = self.memory.stats()
+        per_patch = item.tokens_per_temporal_patch
+        return {
+            "total_latency": time.perf_counter() - asked,
+            "encoding_latency": m["vision_encode_s"],
+            "prefill_latency": m["prefill_s"],
+            "generation_latency": max(0.0, time.perf_counter() - asked - (m["ttft_s"] or 0.0)),
+            "frames_encoded": 2 * vision_tokens // per_patch,
+            "visual_tokens": item.num_tokens,
+            "kv_cache_length": m["prompt_tokens"] + m["output_tokens"],
+            "star_size": stats["star_size"],
+            "stream_size": stats["stream_size"],
+            "compression_ratio": stats["compression_ratio"],
+        }
+
+    def close(self) -> None:
+        super().close()
