@@ -154,12 +154,14 @@ class Engine:
             prompts.append((prompt.token_ids, media, costs, arrival))
         return self.run_prompts(prompts, sampling, return_logits=return_logits, cache_salt=tenant)
 
-    def run_prompts(self, prompts, sampling: SamplingParams | None = None, *, return_logits: bool = False, cache_salt: str | None = None) -> list[GenerationResult]:
-        """prompts: (token_ids, [(offset, MediaItem)], (decode_s, preprocess_s)[, arrival])."""
+    def run_prompts(self, prompts, sampling: SamplingParams | None = None, *, return_logits: bool = False,
+                    cache_salt: str | None = None, known_hashes: list[bytes] | None = None) -> list[GenerationResult]:
+        """prompts: (token_ids, [(offset, MediaItem)], (decode_s, preprocess_s)[, arrival]).
+        known_hashes: prefix-cache names already computed for a prefix of every prompt."""
         with self._lock:
-            return self._run_prompts(prompts, sampling or SamplingParams(), return_logits, cache_salt)
+            return self._run_prompts(prompts, sampling or SamplingParams(), return_logits, cache_salt, known_hashes)
 
-    def _run_prompts(self, prompts, sampling: SamplingParams, return_logits: bool, cache_salt: str | None) -> list[GenerationResult]:
+    def _run_prompts(self, prompts, sampling: SamplingParams, return_logits: bool, cache_salt: str | None, known_hashes) -> list[GenerationResult]:
         self.llm.runner.keep_logits = return_logits
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -167,7 +169,7 @@ class Engine:
         for p in prompts:
             ids, media, (decode_s, preprocess_s) = p[0], p[1], p[2]
             arrival = p[3] if len(p) > 3 else time.perf_counter() - decode_s - preprocess_s
-            req = self.llm.add_request(ids, media, sampling, cache_salt=cache_salt)
+            req = self.llm.add_request(ids, media, sampling, cache_salt=cache_salt, known_hashes=known_hashes)
             req.metrics.arrival = arrival
             req.metrics.media_decode_s, req.metrics.preprocess_s = decode_s, preprocess_s
             requests.append(req)

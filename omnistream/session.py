@@ -41,6 +41,7 @@ class Session:
         self._pending_parts: list[dict[str, Any]] = []  # user content not yet asked about
         self._pending_items: list[MediaItem] = []
         self._pinned: list[int] = []
+        self._names: list[bytes] = []  # prefix-cache names of token_ids' full blocks (grow with it)
         self.closed = False
 
     # ------------------------------------------------------------------ inputs
@@ -72,7 +73,8 @@ class Session:
         new_ids, new_media = self._render_turn(user)
         prompt = self.token_ids + new_ids
         media = self.media + new_media
-        [result] = self.engine.run_prompts([(prompt, media, self._pending_costs(), asked)], sampling, return_logits=return_logits, cache_salt=self.tenant)
+        [result] = self.engine.run_prompts([(prompt, media, self._pending_costs(), asked)], sampling, return_logits=return_logits,
+                                           cache_salt=self.tenant, known_hashes=self._names)
         # commit the turn: the answer's ids, then the template's end of turn
         self.token_ids = prompt + result.token_ids + self._end_of_turn(result.token_ids)
         self.media = media
@@ -123,10 +125,10 @@ class Session:
         full = len(self.token_ids) // blocks.block_size
         if budget is not None:
             full = min(full, budget // blocks.block_size)
-        names: list[bytes] = []
-        extend_hashes(names, self.token_ids, self.media, blocks.block_size, full, self.tenant)
+        # token_ids only grow between turns, so the names of earlier blocks stay valid
+        extend_hashes(self._names, self.token_ids, self.media, blocks.block_size, len(self.token_ids) // blocks.block_size, self.tenant)
         found = []
-        for h in names:
+        for h in self._names[:full]:
             b = blocks.cached.get(h)
             if b is None:
                 break

@@ -148,3 +148,18 @@ def test_fork_close_and_unknown_session(tiny_model_dir, hf_tiny_model):
         eng.get_session(s.id)
     with pytest.raises(UserInputError):
         s.ask("still there?")
+
+
+def test_row_batch_path_for_short_chunks(tiny_model_dir, hf_tiny_model):
+    """The CUDA-graph row path (decodes and short text chunks as independent rows over the
+    paged cache), run without capture on the CPU: follow-ups and batches stay exact."""
+    from omnistream.layers.paged_decode import torch_paged_decode
+
+    eng = _engine(tiny_model_dir, encoder_cache_bytes=1 << 22)
+    eng.llm.runner.set_decode_backend(torch_paged_decode)
+    eng.llm.runner.enable_cuda_graphs(max_batch=64, max_context=4096, use_graphs=False)
+    graphs, rows = eng.llm.runner.graphs, []
+    run = graphs.run
+    graphs.run = lambda out: (rows.append(out.num_tokens), run(out))[1]
+    _six_turns(eng, hf_tiny_model)
+    assert max(rows) > 1, "no multi-row (follow-up chunk) step went through the row path"

@@ -1,8 +1,12 @@
-"""CUDA graphs for pure-decode steps (the gpt-fast / nano-vllm recipe).
+"""CUDA graphs for steps of few text tokens (the gpt-fast / nano-vllm recipe, extended).
 
 A decode step at batch 1 launches hundreds of small kernels; replaying a captured graph removes
-the CPU launch cost. One graph per batch-size bucket, all sharing static input buffers. Rows
-beyond the real batch write their K/V into a scratch block that no sequence owns.
+the CPU launch cost. The graph computes R independent rows, each one token with its own
+position, cache slot, block table and context length. A decode is one row; a short text chunk
+(a follow-up question over a cached conversation) is several rows of one sequence, row i seeing
+the context up to itself: every row's K/V is written before attention reads, so causality holds.
+One graph per row-count bucket, all sharing static buffers; padding rows write into a scratch
+block that no sequence owns.
 """
 
 from __future__ import annotations
@@ -11,13 +15,15 @@ import torch
 
 from omnistream.engine.scheduler import SchedulerOutput
 from omnistream.layers.attention import AttentionMetadata
+from omnistream.layers.fused import compiled_kernels
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 
 
 class DecodeGraphs:
-    def __init__(self, runner, max_batch: int, max_blocks: int, scratch_block: int) -> None:
+    def __init__(self, runner, max_batch: int, max_blocks: int, scratch_block: int, use_graphs: bool = True) -> None:
         self.runner = runner
+        self.use_graphs = use_graphs  # False: run the same row batches eagerly (CPU tests)
         self.model = runner.model
         self.max_blocks = max_blocks
         self.scratch = scratch_block
@@ -43,6 +49,13 @@ class DecodeGraphs:
 
     @torch.inference_mode()
     def capture(self) -> None:
+        if not self.use_graphs:
+            self.graphs = {b: None for b in self.buckets}
+            return
+        with compiled_kernels():
+            self._capture()
+
+    def _capture(self) -> None:
         self.logits = torch.empty(self.buckets[-1], self.model.cfg.text.vocab_size, device=self.runner.device, dtype=self.runner.dtype)
         for b in reversed(self.buckets):  # largest first so smaller graphs reuse its pool
             for _ in range(2):  # warm up (Triton compile, cuBLAS handles) outside the graph
@@ -56,32 +69,44 @@ class DecodeGraphs:
         torch.cuda.synchronize()
 
     def can_run(self, out: SchedulerOutput) -> bool:
-        if not self.graphs or len(out.chunks) > self.buckets[-1]:
+        if not self.graphs or out.num_tokens > self.buckets[-1]:
             return False
         for c in out.chunks:
-            r = c.request
-            if c.num_tokens != 1 or not c.samples or c.start < r.prompt_len or len(r.block_table) > self.max_blocks:
+            r, lo, hi = c.request, c.start, c.start + c.num_tokens
+            if len(r.block_table) > self.max_blocks:
                 return False
+            if any(off < hi and off + item.num_tokens > lo for off, item in r.media):
+                return False  # media rows need their embeddings: the eager path
         return True
 
-    def run(self, out: SchedulerOutput) -> torch.Tensor:
-        b = len(out.chunks)
-        g = next(x for x in self.buckets if x >= b)
+    def run(self, out: SchedulerOutput):
+        """-> (logits of the rows that sample, their chunks)."""
+        rows = out.num_tokens
+        g = next(x for x in self.buckets if x >= rows)
         bs = self.runner.block_size
-        ids, pos, slots, lens = [], [], [], []
+        ids, pos, slots, lens, last_rows, sampling = [], [], [], [], [], []
         tables = torch.full((g, self.max_blocks), self.scratch, dtype=torch.int32)
-        for i, c in enumerate(out.chunks):
-            r, t = c.request, c.start
-            ids.append(r.token_ids[t])
-            pos.append(r.next_pos + t - r.prompt_len)
-            slots.append(r.block_table[t // bs] * bs + t % bs)
-            lens.append(t + 1)
-            tables[i, : len(r.block_table)] = torch.tensor(r.block_table, dtype=torch.int32)
-        pad = g - b
+        for c in out.chunks:
+            r, s, n = c.request, c.start, c.num_tokens
+            table = torch.tensor(r.block_table, dtype=torch.int32)
+            tables[len(ids) : len(ids) + n, : len(table)] = table
+            idx = torch.arange(s, s + n)
+            ids.extend(r.token_ids[s : s + n])
+            pos.append(r.positions_for(s, s + n))
+            slots.append(table[idx // bs].long() * bs + idx % bs)
+            lens.append(idx + 1)
+            if c.samples:
+                last_rows.append(len(ids) - 1)
+                sampling.append(c)
+        pad = g - rows
         self.input_ids[:g].copy_(torch.tensor(ids + [0] * pad), non_blocking=True)
-        self.positions[:, :g].copy_(torch.tensor(pos + [0] * pad).expand(3, -1), non_blocking=True)
-        self.slots[:g].copy_(torch.tensor(slots + [self.scratch * bs] * pad), non_blocking=True)
-        self.lens[:g].copy_(torch.tensor(lens + [1] * pad, dtype=torch.int32), non_blocking=True)
+        self.positions[:, :g].copy_(torch.cat(pos + [torch.zeros(3, pad, dtype=torch.long)], dim=1), non_blocking=True)
+        self.slots[:g].copy_(torch.cat(slots + [torch.full((pad,), self.scratch * bs)]), non_blocking=True)
+        self.lens[:g].copy_(torch.cat(lens + [torch.ones(pad, dtype=torch.long)]).int(), non_blocking=True)
         self.tables[:g].copy_(tables, non_blocking=True)
-        self.graphs[g].replay()
-        return self.logits[:b]
+        if self.use_graphs:
+            self.graphs[g].replay()
+            logits = self.logits
+        else:
+            logits = self._forward(g)
+        return logits[torch.tensor(last_rows, device=logits.device)], sampling

@@ -36,8 +36,10 @@ class LLMEngine:
         self.runner = ModelRunner(model, num_blocks, cfg.cache.block_size, self.device, cfg.torch_dtype)
         self._ids = itertools.count()
 
-    def add_request(self, prompt_ids: list[int], media: list[tuple[int, MediaItem]], sampling: SamplingParams, request_id: str | None = None, cache_salt: str | None = None) -> Request:
+    def add_request(self, prompt_ids: list[int], media: list[tuple[int, MediaItem]], sampling: SamplingParams, request_id: str | None = None, cache_salt: str | None = None, known_hashes: list[bytes] | None = None) -> Request:
         req = Request(request_id or f"req-{next(self._ids)}", prompt_ids, media, sampling, self.tokens_per_second, self.stop_ids, cache_salt)
+        full = req.prompt_len // self.blocks.block_size
+        req.block_hashes = list(known_hashes[:full]) if known_hashes else []  # a session's earlier turns
         # name the prompt's full blocks now, off the scheduling loop
         extend_hashes(req.block_hashes, req.token_ids, media, self.blocks.block_size, req.prompt_len // self.blocks.block_size, cache_salt)
         self.scheduler.add(req)

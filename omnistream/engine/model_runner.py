@@ -69,11 +69,13 @@ class ModelRunner:
         for layer in self.model.model.layers:
             layer.self_attn.decode_backend = fn
 
-    def enable_cuda_graphs(self, max_batch: int, max_context: int) -> None:
+    def enable_cuda_graphs(self, max_batch: int, max_context: int, use_graphs: bool = True) -> None:
+        """Row-batch steps (decodes, short text chunks) through DecodeGraphs; use_graphs=False
+        runs the same path without capture (how the CPU tests check it)."""
         from omnistream.engine.cuda_graphs import DecodeGraphs
 
         max_blocks = min(self.scratch_block, (max_context + self.block_size - 1) // self.block_size)
-        self.graphs = DecodeGraphs(self, max_batch, max_blocks, self.scratch_block)
+        self.graphs = DecodeGraphs(self, max_batch, max_blocks, self.scratch_block, use_graphs)
         self.graphs.capture()
 
     @staticmethod
@@ -206,7 +208,7 @@ class ModelRunner:
         """Runs one step; returns (chunk, sampled token) for every chunk that samples."""
         self.encode_media(out.chunks)
         if self.graphs is not None and self.graphs.can_run(out):
-            logits, chunks = self.graphs.run(out), out.chunks
+            logits, chunks = self.graphs.run(out)
         else:
             batch = self.prepare(out)
             embeds = self.model.embed(batch.input_ids, batch.mm_rows, batch.mm_embeds)
