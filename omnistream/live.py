@@ -62,8 +62,9 @@ class LiveSession(Session):
                  max_pixels: int | None, prefill_on_arrival: bool = True) -> None:
         super().__init__(engine, session_id, system, tenant, kv_budget_tokens)
         self.memory = FrameMemory(memory)
-        self.pairer = FramePairer()
-        self.min_pixels, self.max_pixels = min_pixels or VIDEO_MIN_PIXELS, max_pixels or VIDEO_MAX_PIXELS
+        self.pairer = FramePairer(memory)
+        self.max_pixels = max_pixels or VIDEO_MAX_PIXELS
+        self.min_pixels = min_pixels or min(VIDEO_MIN_PIXELS, self.max_pixels)
         self.prefill_on_arrival = prefill_on_arrival
         self.size: tuple[int, int] | None = None  # (h, w) every frame is resized to
         self.patches: dict[int, LivePatch] = {}  # retained patches by id
@@ -133,11 +134,11 @@ class LiveSession(Session):
             return False
         with self._state:
             result = self.memory.add_patch(patch)
-            for pid in result.evicted:
+            for pid in result.removed:
                 self.patches.pop(pid, None)
             kept = {p.patch_id for p in self.memory.retained()}
         if patch.patch_id not in kept:
-            return bool(result.evicted)
+            return bool(result.removed)
         rows, _ = patchify(normalize(np.stack(patch.frames)))
         [h] = compute_patch_hashes(rows, (1, self.size[0] // 14, self.size[1] // 14), model_key=self.engine.processor.model_key)
         with self._state:
@@ -178,7 +179,7 @@ class LiveSession(Session):
             return
         ids, media = self._prefix(item)
         self.engine.run_prompts([(ids, media, (0.0, 0.0))], SamplingParams(max_new_tokens=1, ignore_eos=True), cache_salt=self.tenant)
-        self.token_ids, self.media = ids, media
+        self.token_ids, self.media, self._names = ids, media, []
         self._repin()
 
     # ------------------------------------------------------------------ asking
@@ -195,7 +196,7 @@ class LiveSession(Session):
         [res] = self.engine.run_prompts([(prompt, media, (0.0, 0.0), asked)], sampling or SamplingParams(), return_logits=return_logits, cache_salt=self.tenant)
         self.history_ids = prompt[len(self._prefix(item)[0]):] + res.token_ids + self._end_of_turn(res.token_ids)
         self.messages = self.messages + [{"role": "user", "content": question}, {"role": "assistant", "content": res.text}]
-        self.token_ids, self.media = prompt + res.token_ids, media
+        self.token_ids, self.media, self._names = prompt + res.token_ids, media, []
         self._repin()
         res.metrics.update(self._live_metrics(item, res, asked, self.engine.stats()["vision_tokens_encoded"] - before))
         return res
@@ -221,9 +222,9 @@ class LiveSession(Session):
             "frames_encoded": 2 * vision_tokens // per_patch,
             "visual_tokens": item.num_tokens,
             "kv_cache_length": m["prompt_tokens"] + m["output_tokens"],
-            "star_size": stats["star_size"],
-            "stream_size": stats["stream_size"],
-            "compression_ratio": stats["compression_ratio"],
+            "star_size": stats.star_size,
+            "stream_size": stats.stream_size,
+            "compression_ratio": stats.compression_ratio,
         }
 
     def close(self) -> None:
