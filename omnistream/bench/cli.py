@@ -81,6 +81,8 @@ def _add_session_benches(bsub, add_model_args) -> None:
     mt.add_argument("--memory-budget-gib", type=float, default=None,
                     help="run the engine alone under this GPU memory budget (transformers not run)")
     mt.add_argument("--offload-vision", action="store_true", help="keep the vision tower in host memory between encodes")
+    mt.add_argument("--repeats", type=_positive, default=1,
+                    help="engine conversations on different clips; per-turn TTFT is their median")
     mt.set_defaults(func=_run("multiturn"))
     rep = bsub.add_parser("repeat", help="E4: the same video question twice (generate and fresh sessions) vs transformers")
     _add_workload_args(rep, add_model_args, frames=64, size=448, new_tokens=16)
