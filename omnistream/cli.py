@@ -1,4 +1,4 @@
-"""Command line: omnistream ask | demo | profile | bench.
+"""Command line: omnistream ask | demo | stream | profile | bench.
 
 User-input errors print one line (`error: ...`) and exit 2; nothing else prints a traceback
 unless --debug is given.
@@ -107,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--max-new-tokens", type=int, default=32)
     _add_model_args(demo)
     demo.set_defaults(func=cmd_demo)
+    from omnistream.stream_cli import add_stream_command
+
+    add_stream_command(sub, _add_model_args)
     from omnistream.bench.cli import add_bench_commands
 
     add_bench_commands(sub, _add_model_args)
