@@ -14,6 +14,7 @@ preprocessed here, before the request reaches the engine loop.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
 import threading
 import uuid
@@ -96,6 +97,10 @@ class Engine:
             self.llm.runner.encoder_cache = EncoderCache(cfg.cache.encoder_cache_bytes, cfg.cache.encoder_cache_cpu_bytes)
         if self.device.type == "cuda" and cfg.cuda_graphs:
             self.llm.runner.enable_cuda_graphs(cfg.scheduler.max_num_seqs, max_context=32768)
+        # long-lived objects (weights, tokenizer tables) out of the collector's way: a full
+        # collection during a follow-up question would cost more than the question
+        gc.collect()
+        gc.freeze()
         log.info("KV pool: %d blocks of %d tokens (%.2f GiB)", num_blocks, cfg.cache.block_size, num_blocks * cfg.cache.block_size * per_token / 2**30)
 
     @classmethod
