@@ -49,11 +49,12 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class LivePatch:
-    """A retained temporal patch, ready for the model (computed once at ingestion)."""
+    """A retained temporal patch. Its model input is computed once, the first time a context
+    needs it: under a fast backlog most patches leave the Stream before that and cost nothing."""
 
     patch: TemporalPatch
-    rows: torch.Tensor  # (gh * gw, 3 * 2 * 14 * 14) float32, the checkpoint's row layout
-    hash: str  # patch hash (encoder-cache key)
+    rows: torch.Tensor | None = None  # (gh * gw, 3 * 2 * 14 * 14) float32, checkpoint row layout
+    hash: str | None = None  # patch hash (encoder-cache key)
 
 
 class LiveSession(Session):
@@ -128,7 +129,7 @@ class LiveSession(Session):
         img = load_image(frame)  # (H, W, 3) uint8
         if self.size is None:
             self.size = smart_resize(img.shape[0], img.shape[1], min_pixels=self.min_pixels, max_pixels=self.max_pixels)
-        small = resize_frames(img[None], *self.size)[0]
+        small = img if img.shape[:2] == self.size else resize_frames(img[None], *self.size)[0]
         patch = self.pairer.push(small, timestamp)
         if patch is None:
             return False
@@ -137,20 +138,24 @@ class LiveSession(Session):
             for pid in result.removed:
                 self.patches.pop(pid, None)
             kept = {p.patch_id for p in self.memory.retained()}
-        if patch.patch_id not in kept:
-            return bool(result.removed)
-        rows, _ = patchify(normalize(np.stack(patch.frames)))
-        [h] = compute_patch_hashes(rows, (1, self.size[0] // 14, self.size[1] // 14), model_key=self.engine.processor.model_key)
-        with self._state:
-            if patch.patch_id in {p.patch_id for p in self.memory.retained()}:
-                self.patches[patch.patch_id] = LivePatch(patch, rows, h)
-        return True
+            if patch.patch_id in kept:
+                self.patches[patch.patch_id] = LivePatch(patch)
+        return patch.patch_id in kept or bool(result.removed)
+
+    def _materialize(self, lp: LivePatch) -> LivePatch:
+        """Patchify and hash a retained patch (once)."""
+        if lp.rows is None:
+            rows, _ = patchify(normalize(np.stack(lp.patch.frames)))
+            [lp.hash] = compute_patch_hashes(rows, (1, self.size[0] // 14, self.size[1] // 14), model_key=self.engine.processor.model_key)
+            lp.rows = rows
+        return lp
 
     # ------------------------------------------------------------------ context
     def video_item(self) -> MediaItem | None:
         """The retained patches as one video block (time order, real timestamps)."""
         with self._state:
             live = [self.patches[p.patch_id] for p in self.memory.retained() if p.patch_id in self.patches]
+        live = [self._materialize(lp) for lp in live]
         if not live:
             return None
         gh, gw = self.size[0] // 14, self.size[1] // 14
