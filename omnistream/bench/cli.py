@@ -71,6 +71,28 @@ def add_bench_commands(sub, add_model_args) -> None:
     _add_workload_args(acc, add_model_args, frames=16, size=448, new_tokens=64)
     acc.set_defaults(func=_run("accuracy"))
     _add_session_benches(bsub, add_model_args)
+    _add_stream_bench(bsub, add_model_args)
+
+
+def _stream(args) -> int:
+    from omnistream.bench.stream import cmd_stream_bench
+
+    return cmd_stream_bench(args)
+
+
+def _add_stream_bench(bsub, add_model_args) -> None:
+    """W4 (stream): live sessions, ingest rate and TTFT vs stream length, vs the seed's re-encoding."""
+    st = bsub.add_parser("stream", help="W4: live camera: ingest frames/s, TTFT and memory vs stream length, vs re-encoding with transformers")
+    add_model_args(st)
+    st.add_argument("--model-config", choices=sorted(PRESETS), default=None,
+                    help="random-weight model of this architecture, built on the device (wins over --model)")
+    st.add_argument("--size", type=_positive, default=448, help="frame side in px (multiple of 28)")
+    st.add_argument("--minutes", default="1,10,60", help="stream lengths (cumulative, one session), comma separated")
+    st.add_argument("--fps", type=float, default=2.0, help="simulated camera frames per second")
+    st.add_argument("--new-tokens", type=_positive, default=8, help="greedy tokens per answer")
+    st.add_argument("--seed", type=int, default=0, help="seed of the weights and the camera")
+    st.add_argument("--json", default=None, help="write all raw numbers and the environment to this file")
+    st.set_defaults(func=_stream)
 
 
 def _add_session_benches(bsub, add_model_args) -> None:

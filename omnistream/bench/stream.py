@@ -1,0 +1,243 @@
+"""`omnistream bench stream` (W4): live video sessions against the seed's approach.
+
+  (a) ingestion: N generated frames handed over at once (faster than real time), then flush;
+      frames/s = N / wall, with prefill_on_arrival off (resize, pair, memory, patchify, hash,
+      no model) and on (the retained frames also encoded and prefilled as they arrive).
+  (b) one live session fed a simulated camera at --fps as fast as possible; at each stream
+      length in --minutes (cumulative): TTFT of a question with no new frames (asked twice, the
+      second reported), TTFT right after 2 new frames (add 2, flush, ask; also add -> first token,
+      i.e. flush wall + TTFT), device memory allocated, Star/Stream sizes.
+  (c) the seed's approach at the same points: transformers re-encodes all retained frames at the
+      question (one forward over LiveSession.prompt_for ids + pixels; TTFT = vision + prefill).
+
+Frames are generated cheaply: a few blocky random textures ("scenes", a cut every ~30 s) moved
+with np.roll, so the frame memory has cuts to find and motion to window. Everything is warmed up
+on another session first.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+
+import numpy as np
+import torch
+
+from omnistream.bench.latency import environment, tensor_bytes
+from omnistream.bench.models import make_pair, resolve_dtype
+from omnistream.bench.multiturn import model_arg, model_config, write_json
+from omnistream.bench.native import native_answer
+from omnistream.engine.sampling import SamplingParams
+from omnistream.errors import ConfigError
+from omnistream.media.frame_memory import FrameMemoryConfig
+
+TARGETS = {"ingest_fps": 300.0, "ttft_no_new_ms": 30.0, "ttft_after_new_ms": 100.0}
+SCENE_SECONDS = 30
+CHUNK = 240  # frames handed over per add_frames call in (b) (bounds host memory of the backlog)
+QUESTIONS = ("What is on screen right now?", "What changed since the start?", "Describe the last few seconds.")
+
+
+class SceneFrames:
+    """Frame i of a synthetic camera: scene (i // (SCENE_SECONDS * fps)) % scenes, rolled by i."""
+
+    def __init__(self, size: int, fps: float, seed: int = 0, scenes: int = 16) -> None:
+        rng = np.random.default_rng(seed)
+        block = max(2, size // 8)
+        cells = -(-size // block)
+        self.bases = [np.repeat(np.repeat(rng.integers(0, 256, (cells, cells, 3), dtype=np.uint8), block, 0), block, 1)[:size, :size]
+                      for _ in range(scenes)]
+        self.per_scene = max(1, round(SCENE_SECONDS * fps))
+        self.step = max(1, size // 64)
+        self.fps = fps
+
+    def frames(self, start: int, n: int) -> tuple[list[np.ndarray], list[float]]:
+        out = []
+        for i in range(start, start + n):
+            base = self.bases[(i // self.per_scene) % len(self.bases)]
+            out.append(np.roll(base, (i % self.per_scene) * self.step, axis=1))
+        return out, [i / self.fps for i in range(start, start + n)]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _allocated_gib(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    gc.collect()
+    torch.cuda.synchronize(device)
+    return torch.cuda.memory_allocated(device) / 2**30
+
+
+def ingest_rate(engine, cam: SceneFrames, n: int, size: int, prefill: bool, start: int = 0) -> dict:
+    """(a) n frames handed over at once, then flush -> frames/s."""
+    live = engine.live_session(max_pixels=size * size, min_pixels=size * size, prefill_on_arrival=prefill)
+    try:
+        frames, stamps = cam.frames(start, n)
+        _sync(engine.device)
+        t0 = time.perf_counter()
+        live.add_frames(frames, stamps)
+        live.flush(timeout=600)
+        _sync(engine.device)
+        wall = time.perf_counter() - t0
+        return {"frames": n, "wall_s": wall, "frames_per_s": n / wall, "prefill_on_arrival": prefill}
+    finally:
+        live.close()
+
+
+def feed(live, cam: SceneFrames, start: int, stop: int) -> float:
+    """Frames [start, stop) as fast as possible, in chunks; -> wall seconds (flushed)."""
+    t0 = time.perf_counter()
+    for s in range(start, stop, CHUNK):
+        frames, stamps = cam.frames(s, min(CHUNK, stop - s))
+        live.add_frames(frames, stamps)
+        if s + CHUNK < stop:
+            live.flush(timeout=600)  # bounded backlog; the worker keeps ingesting meanwhile
+    live.flush(timeout=600)
+    _sync(live.engine.device)
+    return time.perf_counter() - t0
+
+
+def measure_point(live, hf, cam: SceneFrames, fed: int, sampling: SamplingParams, tps: float, seed_approach: bool = True) -> dict:
+    """(b) + (c) at the current stream length; adds 2 frames."""
+    device = live.engine.device
+    live.ask(QUESTIONS[0], sampling)
+    quiet = live.ask(QUESTIONS[1], sampling)  # no new frames since the previous question
+    frames, stamps = cam.frames(fed, 2)
+    t0 = time.perf_counter()
+    live.add_frames(frames, stamps)
+    live.flush(timeout=600)
+    _sync(device)
+    flush_s = time.perf_counter() - t0
+    ids, media = live.prompt_for(QUESTIONS[2])
+    after = live.ask(QUESTIONS[2], sampling)
+    mem = _allocated_gib(device)
+    seed = native_answer(hf, ids, media, 1, tps) if seed_approach else None
+    stats = live.memory.stats()
+    return {
+        "ttft_no_new_s": quiet.metrics["ttft_s"], "no_new_frames_encoded": quiet.metrics["frames_encoded"],
+        "no_new_cached_tokens": quiet.metrics.get("cached_tokens"), "no_new_prompt_tokens": quiet.metrics["prompt_tokens"],
+        "ttft_after_new_s": after.metrics["ttft_s"], "after_new_frames_encoded": after.metrics["frames_encoded"],
+        "after_new_encoding_s": after.metrics["encoding_latency"], "flush_2_frames_s": flush_s,
+        "add_to_first_token_s": flush_s + after.metrics["ttft_s"], "prompt_tokens": after.metrics["prompt_tokens"],
+        "visual_tokens": after.metrics["visual_tokens"], "seed_ttft_s": seed["ttft_s"] if seed else None,
+        "allocated_gib": mem, "star_size": stats.star_size, "stream_size": stats.stream_size,
+        "frames_added": stats.frames_added, "compression_ratio": stats.compression_ratio,
+    }
+
+
+def run_stream(model, device: str, dtype: str, size: int, minutes: list[float], fps: float, new_tokens: int, seed: int = 0) -> dict:
+    if size % 28:
+        raise ConfigError(f"--size must be a multiple of 28, got {size}")
+    tdtype = resolve_dtype(dtype, device)
+    mcfg = model_config(model)
+    mem = FrameMemoryConfig()
+    per_patch = (size // 28) ** 2
+    context = (mem.star_patches + mem.stream_patches + 2) * per_patch + 1024
+    patch_bytes = per_patch * mcfg.vision.out_hidden_size * torch.finfo(tdtype).bits // 8
+    opts = {"enable_prefix_caching": True, "kv_cache_tokens": 4 * context,
+            "encoder_cache_bytes": max(64 << 20, 4 * (mem.star_patches + mem.stream_patches + 4) * patch_bytes)}
+    hf, engine = make_pair(model, device, tdtype, seed, **opts)
+    dev = engine.device
+    hf_bytes = tensor_bytes(list(hf.parameters()) + list(hf.buffers()))
+    tps = engine.model.cfg.vision.tokens_per_second
+    sampling = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
+    total = [round(m * 60 * fps) for m in minutes]
+    if any(b <= a for a, b in zip([0] + total, total)):
+        raise ConfigError(f"--minutes must increase and each must add frames, got {minutes}")
+
+    # warm-up: another camera, enough frames to fill both memories, every kind of question
+    warm_cam = SceneFrames(size, fps, seed=seed + 1000)
+    warm = engine.live_session(max_pixels=size * size, min_pixels=size * size)
+    n_warm = 2 * (mem.star_capacity + mem.stream_capacity) + 2 * round(SCENE_SECONDS * fps)
+    feed(warm, warm_cam, 0, n_warm)
+    measure_point(warm, hf, warm_cam, n_warm, sampling, tps)
+    measure_point(warm, hf, warm_cam, n_warm + 2, sampling, tps)
+    warm.close()
+    ingest_rate(engine, warm_cam, min(64, n_warm), size, prefill=True, start=n_warm + 8)
+
+    cam = SceneFrames(size, fps, seed=seed)
+    n_ingest = min(600, total[-1])
+    ingest = [ingest_rate(engine, cam, n_ingest, size, prefill=p) for p in (False, True)]
+
+    live = engine.live_session(max_pixels=size * size, min_pixels=size * size)
+    rows, fed = [], 0
+    try:
+        for m, target in zip(minutes, total):
+            wall = feed(live, cam, fed, target)
+            row = {"minutes": m, "frames_fed": target, "segment_frames": target - fed, "segment_wall_s": wall,
+                   "ingest_fps": (target - fed) / wall}
+            fed = target
+            row |= measure_point(live, hf, cam, fed, sampling, tps)
+            fed += 2
+            row["engine_gib"] = None if row["allocated_gib"] is None else row["allocated_gib"] - hf_bytes / 2**30
+            rows.append(row)
+    finally:
+        live.close()
+    return {
+        "env": environment(dev, tdtype),
+        "workload": {"model": str(model), "size": size, "fps": fps, "minutes": minutes, "new_tokens": new_tokens,
+                     "tokens_per_patch": per_patch, "memory": {"star_capacity": mem.star_capacity, "stream_capacity": mem.stream_capacity,
+                                                               "importance_threshold": mem.importance_threshold},
+                     "scene_seconds": SCENE_SECONDS, "engine_options": opts},
+        "ingest": ingest, "lengths": rows, "targets": TARGETS, "transformers_weights_gib": hf_bytes / 2**30,
+        "engine_stats": {k: v for k, v in engine.stats().items() if isinstance(v, (int, float, str, dict))},
+    }
+
+
+def _ms(s: float | None) -> str:
+    return "-" if s is None else f"{s * 1000:.1f}"
+
+
+def _gib(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}"
+
+
+def print_stream(r: dict, out=None) -> None:
+    env, w = r["env"], r["workload"]
+    where = env["gpu"] or f"CPU ({env['cpu']})"
+    print(f"omnistream bench stream (W4): {w['model']} {env['dtype']} on {where}; torch {env['torch']}, transformers {env['transformers']}", file=out)
+    print(f"camera: {w['size']}x{w['size']} at {w['fps']} fps ({w['tokens_per_patch']} tokens per 2-frame patch), a cut every "
+          f"{w['scene_seconds']} s; memory star {w['memory']['star_capacity']} + stream {w['memory']['stream_capacity']} frames; "
+          f"{w['new_tokens']} new tokens per answer", file=out)
+    for g in r["ingest"]:
+        print(f"(a) ingest, {g['frames']} frames at once, prefill_on_arrival {'on ' if g['prefill_on_arrival'] else 'off'}: "
+              f"{g['frames_per_s']:.0f} frames/s ({g['wall_s']:.2f} s)  target >= {TARGETS['ingest_fps']:.0f}", file=out)
+    head = (f"{'minutes':>8}{'frames':>8}{'ingest f/s':>11}{'TTFT no-new ms':>16}{'TTFT 2-new ms':>15}{'add->1st ms':>13}"
+            f"{'seed TTFT ms':>14}{'GPU GiB':>9}{'engine GiB':>12}{'star/stream':>13}")
+    print(head, file=out)
+    for x in r["lengths"]:
+        print(f"{x['minutes']:>8g}{x['frames_fed']:>8}{x['ingest_fps']:>11.0f}{_ms(x['ttft_no_new_s']):>16}{_ms(x['ttft_after_new_s']):>15}"
+              f"{_ms(x['add_to_first_token_s']):>13}{_ms(x['seed_ttft_s']):>14}{_gib(x['allocated_gib']):>9}{_gib(x['engine_gib']):>12}"
+              f"{str(x['star_size']) + '/' + str(x['stream_size']):>13}", file=out)
+    print(f"{'target':>8}{'':>8}{'>=' + format(TARGETS['ingest_fps'], '.0f'):>11}{'<=' + format(TARGETS['ttft_no_new_ms'], '.0f'):>16}"
+          f"{'<=' + format(TARGETS['ttft_after_new_ms'], '.0f'):>15}{'':>13}{'':>14}{'flat':>9}{'flat':>12}", file=out)
+    rows = r["lengths"]
+    no_new = max(x["ttft_no_new_s"] for x in rows) * 1000
+    after = max(x["ttft_after_new_s"] for x in rows) * 1000
+    fps_min = min([x["ingest_fps"] for x in rows] + [g["frames_per_s"] for g in r["ingest"]])
+    mems = [x["allocated_gib"] for x in rows if x["allocated_gib"] is not None]
+    flat = f"{max(mems) - min(mems):.3f} GiB spread" if mems else "n/a on CPU"
+    print(f"worst: ingest {fps_min:.0f} f/s ({'ok' if fps_min >= TARGETS['ingest_fps'] else 'MISS'}), TTFT no-new {no_new:.1f} ms "
+          f"({'ok' if no_new <= TARGETS['ttft_no_new_ms'] else 'MISS'}), TTFT after 2 new {after:.1f} ms "
+          f"({'ok' if after <= TARGETS['ttft_after_new_ms'] else 'MISS'}); memory {flat}", file=out)
+    print("seed approach = transformers re-encoding all retained frames at the question (vision + prefill, same prompt as "
+          "'TTFT 2-new'); add->1st = flush of the 2 new frames (encode + prefill on arrival) + TTFT", file=out)
+
+
+def cmd_stream_bench(args) -> int:
+    try:
+        minutes = [float(m) for m in str(args.minutes).split(",") if m.strip()]
+    except ValueError:
+        raise ConfigError(f"--minutes is a comma list of numbers, got {args.minutes!r}") from None
+    if not minutes or any(m <= 0 for m in minutes):
+        raise ConfigError(f"--minutes needs positive lengths, got {args.minutes!r}")
+    if args.new_tokens < 1 or args.fps <= 0:
+        raise ConfigError("--new-tokens must be >= 1 and --fps > 0")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    r = run_stream(model_arg(args), device, args.dtype, args.size, minutes, args.fps, args.new_tokens, args.seed)
+    print_stream(r)
+    write_json(r, args.json)
+    return 0
