@@ -74,6 +74,8 @@ class LiveSession(Session):
         self._queue: queue.Queue = queue.Queue()
         self._worker: threading.Thread | None = None
         self._error: Exception | None = None
+        self._item: tuple[tuple[int, ...], MediaItem] | None = None  # last video block built
+        self._prefix_cache: tuple[MediaItem, tuple] | None = None  # its prefix tokens
         self.frames_received = 0
         self.frames_encoded_total = 0
 
@@ -155,20 +157,32 @@ class LiveSession(Session):
         """The retained patches as one video block (time order, real timestamps)."""
         with self._state:
             live = [self.patches[p.patch_id] for p in self.memory.retained() if p.patch_id in self.patches]
+        key = tuple(lp.patch.patch_id for lp in live)
+        cached = self._item
+        if cached is not None and cached[0] == key:  # unchanged since the last context: no copy
+            return cached[1]
         live = [self._materialize(lp) for lp in live]
         if not live:
             return None
         gh, gw = self.size[0] // 14, self.size[1] // 14
         times = [lp.patch.timestamps[0] for lp in live]
         hashes = [lp.hash for lp in live]
-        return MediaItem(
+        item = MediaItem(
             kind="video", pixel_values=torch.cat([lp.rows for lp in live]), grid_thw=(len(live), gh, gw),
             timestamps=[t for lp in live for t in lp.patch.timestamps], patch_times=times,
             patch_hashes=hashes, content_hash=item_hash("video", hashes, patch_times=times),
         )
+        self._item = (key, item)
+        return item
 
     def _prefix(self, item: MediaItem) -> tuple[list[int], list[tuple[int, MediaItem]]]:
         """Tokens of system + the video turn, and the video's placeholder offset."""
+        if self._prefix_cache is not None and self._prefix_cache[0] is item:
+            return self._prefix_cache[1]
+        self._prefix_cache = (item, self._build_prefix(item))
+        return self._prefix_cache[1]
+
+    def _build_prefix(self, item: MediaItem) -> tuple[list[int], list[tuple[int, MediaItem]]]:
         tok = self.engine.tokenizer
         text = tok.apply_chat_template(self._base_messages(), add_generation_prompt=False)
         ids, ranges = expand_placeholders(tok.encode(text), [item], image_token_id=tok.image_token_id, video_token_id=tok.video_token_id)
