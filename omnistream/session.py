@@ -127,12 +127,7 @@ class Session:
             full = min(full, budget // blocks.block_size)
         # token_ids only grow between turns, so the names of earlier blocks stay valid
         extend_hashes(self._names, self.token_ids, self.media, blocks.block_size, len(self.token_ids) // blocks.block_size, self.tenant)
-        found = []
-        for h in self._names[:full]:
-            b = blocks.cached.get(h)
-            if b is None:
-                break
-            found.append(b)
+        found = blocks.cached_prefix(self._names[:full])
         blocks.pin(found)  # pin the new set before releasing the old one (they overlap)
         blocks.unpin(self._pinned)
         self._pinned = found

@@ -6,27 +6,17 @@ from __future__ import annotations
 
 import torch
 
-from omnistream.models.mrope import mrope_positions
+from omnistream.bench.native import native_inputs
 
 
 def reference_logits(hf_model, prompt_ids: list[int], media: list, output_ids: list[int], tokens_per_second: float = 2) -> torch.Tensor:
     """media: [(offset, MediaItem)] -> logits (len(output_ids), vocab) for each generated token."""
     ids = list(prompt_ids) + list(output_ids[:-1])
-    positions, nxt = mrope_positions(len(prompt_ids), media, tokens_per_second)
-    extra = torch.arange(nxt, nxt + len(output_ids) - 1).expand(3, -1)
-    positions = torch.cat([positions, extra], dim=1)
-    kwargs = {}
-    images = [m for _, m in media if m.kind == "image"]
-    videos = [m for _, m in media if m.kind == "video"]
-    if images:
-        kwargs["pixel_values"] = torch.cat([m.pixel_values for m in images])
-        kwargs["image_grid_thw"] = torch.tensor([m.grid_thw for m in images])
-    if videos:
-        kwargs["pixel_values_videos"] = torch.cat([m.pixel_values for m in videos])
-        kwargs["video_grid_thw"] = torch.tensor([m.grid_thw for m in videos])
-        kwargs["second_per_grid_ts"] = torch.tensor([m.second_per_grid_t for m in videos])
+    p = native_inputs(prompt_ids, media, tokens_per_second)  # explicit positions + pixel tensors
+    extra = torch.arange(p.next_pos, p.next_pos + len(output_ids) - 1).expand(3, -1)
+    positions = torch.cat([p.positions, extra], dim=1)
     with torch.no_grad():
-        out = hf_model(input_ids=torch.tensor([ids]), position_ids=positions[:, None, :], **kwargs)
+        out = hf_model(input_ids=torch.tensor([ids]), position_ids=positions[:, None, :], **p.hf_inputs)
     return out.logits[0, len(prompt_ids) - 1 :].float()
 
 

@@ -104,15 +104,20 @@ class BlockManager:
             return []
         usable = (req.num_tokens - 1) // self.block_size
         extend_hashes(req.block_hashes, req.token_ids, req.media, self.block_size, usable, req.cache_salt)
-        hits = []
-        for h in req.block_hashes[:usable]:
-            block = self.cached.get(h)
-            if block is None:
-                break
-            hits.append(block)
+        hits = self.cached_prefix(req.block_hashes[:usable])
         self.stats.queries += req.num_tokens
         self.stats.hit_tokens += len(hits) * self.block_size
         return hits
+
+    def cached_prefix(self, names: list[bytes]) -> list[int]:
+        """Blocks holding the longest run of `names` present in the cache."""
+        blocks = []
+        for h in names:
+            block = self.cached.get(h)
+            if block is None:
+                break
+            blocks.append(block)
+        return blocks
 
     def free_after_acquiring(self, blocks: list[int]) -> int:
         return self.num_free - sum(1 for b in blocks if self.ref[b] == 0)
