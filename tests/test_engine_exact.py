@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from omnistream.api import Engine
 from omnistream.engine.sampling import SamplingParams
@@ -86,7 +85,6 @@ def test_positions_matter(engine, hf_tiny_model):
     prompt = build_prompt(engine.tokenizer, conv, items)
     media = [(r.offset, m) for r, m in zip(prompt.ranges, prompt.media)]
     ref = reference_logits(hf_tiny_model, prompt.token_ids, media, res.token_ids)
-    flat = reference_logits(hf_tiny_model, prompt.token_ids, [], res.token_ids) if False else None
     # shuffle the media rows' temporal positions by treating the video as an image grid
     from omnistream.media.item import MediaItem
 

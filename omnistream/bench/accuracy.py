@@ -14,26 +14,17 @@ import time
 
 import torch
 
+from omnistream.bench.native import native_inputs
 from omnistream.engine.sampling import SamplingParams
-from omnistream.models.mrope import mrope_positions
-
-
-def _hf_inputs(media):
-    videos = [m for _, m in media]
-    return {
-        "pixel_values_videos": torch.cat([m.pixel_values for m in videos]),
-        "video_grid_thw": torch.tensor([m.grid_thw for m in videos]),
-        "second_per_grid_ts": torch.tensor([m.second_per_grid_t for m in videos]),
-    }
 
 
 @torch.inference_mode()
 def hf_teacher_forced(hf, prompt_ids, media, cont, device, dtype) -> torch.Tensor:
     """logits (len(cont), V) predicting cont[i] from prompt + cont[:i]."""
     ids = list(prompt_ids) + list(cont[:-1])
-    pos, nxt = mrope_positions(len(prompt_ids), media, hf.config.vision_config.tokens_per_second)
-    pos = torch.cat([pos, torch.arange(nxt, nxt + len(cont) - 1).expand(3, -1)], dim=1)
-    kw = {k: v.to(device) for k, v in _hf_inputs(media).items()}
+    p = native_inputs(prompt_ids, media, hf.config.vision_config.tokens_per_second)
+    pos = torch.cat([p.positions, torch.arange(p.next_pos, p.next_pos + len(cont) - 1).expand(3, -1)], dim=1)
+    kw = {k: v.to(device) for k, v in p.hf_inputs.items()}
     kw["pixel_values_videos"] = kw["pixel_values_videos"].to(dtype)
     out = hf(input_ids=torch.tensor([ids], device=device), position_ids=pos[:, None, :].to(device), **kw)
     return out.logits[0, len(prompt_ids) - 1 :].float()
