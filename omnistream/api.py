@@ -96,7 +96,7 @@ class Engine:
         if cfg.cache.encoder_cache_bytes > 0:
             self.llm.runner.encoder_cache = EncoderCache(cfg.cache.encoder_cache_bytes, cfg.cache.encoder_cache_cpu_bytes)
         if self.device.type == "cuda" and cfg.cuda_graphs:
-            self.llm.runner.enable_cuda_graphs(cfg.scheduler.max_num_seqs, max_context=32768)
+            self.llm.runner.enable_cuda_graphs(max_context=32768)
         # long-lived objects (weights, tokenizer tables) out of the collector's way: a full
         # collection during a follow-up question would cost more than the question
         gc.collect()

@@ -36,7 +36,7 @@ from omnistream.media.frame_memory import FrameMemory, FrameMemoryConfig, FrameP
 from omnistream.media.hashing import compute_patch_hashes, item_hash
 from omnistream.media.image import load_image
 from omnistream.media.item import MediaItem
-from omnistream.media.patchify import normalize, patchify
+from omnistream.media.patchify import patchify
 from omnistream.media.resize import VIDEO_MAX_PIXELS, VIDEO_MIN_PIXELS, resize_frames, smart_resize
 from omnistream.prompt import expand_placeholders
 from omnistream.session import Session
@@ -53,7 +53,7 @@ class LivePatch:
     needs it: under a fast backlog most patches leave the Stream before that and cost nothing."""
 
     patch: TemporalPatch
-    rows: torch.Tensor | None = None  # (gh * gw, 3 * 2 * 14 * 14) float32, checkpoint row layout
+    rows: torch.Tensor | None = None  # (gh * gw, 3 * 2 * 14 * 14) uint8 raw, checkpoint row layout
     hash: str | None = None  # patch hash (encoder-cache key)
 
 
@@ -145,9 +145,11 @@ class LiveSession(Session):
         return patch.patch_id in kept or bool(result.removed)
 
     def _materialize(self, lp: LivePatch) -> LivePatch:
-        """Patchify and hash a retained patch (once)."""
+        """Patchify and hash a retained patch (once). Rows stay uint8: a quarter of the bytes to
+        hash and to copy; the model runner normalises them on the device."""
         if lp.rows is None:
-            rows, _ = patchify(normalize(np.stack(lp.patch.frames)))
+            frames = torch.from_numpy(np.stack(lp.patch.frames)).permute(0, 3, 1, 2)  # (2, 3, H, W) uint8
+            rows, _ = patchify(frames)
             [lp.hash] = compute_patch_hashes(rows, (1, self.size[0] // 14, self.size[1] // 14), model_key=self.engine.processor.model_key)
             lp.rows = rows
         return lp

@@ -157,9 +157,10 @@ def test_row_batch_path_for_short_chunks(tiny_model_dir, hf_tiny_model):
 
     eng = _engine(tiny_model_dir, encoder_cache_bytes=1 << 22)
     eng.llm.runner.set_decode_backend(torch_paged_decode)
-    eng.llm.runner.enable_cuda_graphs(max_batch=64, max_context=4096, use_graphs=False)
-    graphs, rows = eng.llm.runner.graphs, []
+    eng.llm.runner.enable_cuda_graphs(max_context=4096, use_graphs=False)
+    graphs, rows, media = eng.llm.runner.graphs, [], []
     run = graphs.run
-    graphs.run = lambda out: (rows.append(out.num_tokens), run(out))[1]
+    graphs.run = lambda out: (rows.append(out.num_tokens), media.append(eng.llm.runner.media_rows(out.chunks)[0] is not None), run(out))[2]
     _six_turns(eng, hf_tiny_model)
     assert max(rows) > 1, "no multi-row (follow-up chunk) step went through the row path"
+    assert any(media), "no step with media rows (video / image embeddings) went through the row path"

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from omnistream.bench.latency import Prepared, hf_greedy
+from omnistream.media.patchify import normalize_rows
 from omnistream.models.mrope import mrope_positions
 
 
@@ -24,10 +25,10 @@ def native_inputs(ids: list[int], media: list, tokens_per_second: float = 2) -> 
     images = [m for _, m in media if m.kind == "image"]
     videos = [m for _, m in media if m.kind == "video"]
     if images:
-        kwargs["pixel_values"] = torch.cat([m.pixel_values for m in images])
+        kwargs["pixel_values"] = torch.cat([normalize_rows(m.pixel_values) for m in images])
         kwargs["image_grid_thw"] = torch.tensor([m.grid_thw for m in images])
     if videos:
-        kwargs["pixel_values_videos"] = torch.cat([m.pixel_values for m in videos])
+        kwargs["pixel_values_videos"] = torch.cat([normalize_rows(m.pixel_values) for m in videos])
         kwargs["video_grid_thw"] = torch.tensor([m.grid_thw for m in videos])
         kwargs["second_per_grid_ts"] = torch.tensor([m.second_per_grid_t for m in videos])
     return Prepared([], list(ids), positions, next_pos, kwargs)

@@ -1,10 +1,13 @@
-"""CUDA graphs for steps of few text tokens (the gpt-fast / nano-vllm recipe, extended).
+"""CUDA graphs for steps of few tokens (the gpt-fast / nano-vllm recipe, extended).
 
-A decode step at batch 1 launches hundreds of small kernels; replaying a captured graph removes
-the CPU launch cost. The graph computes R independent rows, each one token with its own
-position, cache slot, block table and context length. A decode is one row; a short text chunk
-(a follow-up question over a cached conversation) is several rows of one sequence, row i seeing
-the context up to itself: every row's K/V is written before attention reads, so causality holds.
+An eager step launches ~1400 kernels whatever its size: ~50 ms of host time on an H100 machine,
+more than the GPU needs for a few hundred tokens. Replaying a captured graph removes it. The
+graph computes R independent rows, each one token with its own position, cache slot, block
+table and context length. A decode is one row; a short chunk (a follow-up question over a
+cached conversation, a history re-prefill, one live video patch) is several rows of one
+sequence, row i seeing the context up to itself: every row's K/V is written before attention
+reads, so causality holds. The graph starts from input embeddings (N, hidden), so media rows
+(vision embeddings) run in it too; embedding and the LM head of the sampled rows run outside.
 One graph per row-count bucket, all sharing static buffers; padding rows write into a scratch
 block that no sequence owns.
 """
@@ -17,24 +20,25 @@ from omnistream.engine.scheduler import SchedulerOutput
 from omnistream.layers.attention import AttentionMetadata
 from omnistream.layers.fused import compiled_kernels
 
-BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+BUCKETS = (1, 2, 4, 8, 16, 32, 64, 96, 128, 192, 256)
+MAX_ROWS = 256  # larger steps run eagerly: their GPU time hides the launch cost
 
 
 class DecodeGraphs:
-    def __init__(self, runner, max_batch: int, max_blocks: int, scratch_block: int, use_graphs: bool = True) -> None:
+    def __init__(self, runner, max_rows: int, max_blocks: int, scratch_block: int, use_graphs: bool = True) -> None:
         self.runner = runner
         self.use_graphs = use_graphs  # False: run the same row batches eagerly (CPU tests)
         self.model = runner.model
         self.max_blocks = max_blocks
         self.scratch = scratch_block
-        self.buckets = [b for b in BUCKETS if b <= max_batch] or [1]
+        self.buckets = [b for b in BUCKETS if b <= max_rows] or [1]
         n, dev = self.buckets[-1], runner.device
-        self.input_ids = torch.zeros(n, dtype=torch.long, device=dev)
+        self.embeds = torch.zeros(n, self.model.cfg.text.hidden_size, dtype=runner.dtype, device=dev)
         self.positions = torch.zeros(3, n, dtype=torch.long, device=dev)
         self.slots = torch.full((n,), scratch_block * runner.block_size, dtype=torch.long, device=dev)
         self.tables = torch.full((n, max_blocks), scratch_block, dtype=torch.int32, device=dev)
         self.lens = torch.ones(n, dtype=torch.int32, device=dev)
-        self.logits = None
+        self.hidden = None  # (n, hidden) output of the last replay
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.pool = None
 
@@ -43,9 +47,7 @@ class DecodeGraphs:
             slot_mapping=self.slots[:b], query_lens=[1] * b, context_lens=[1] * b, block_tables=[],
             decode_block_tables=self.tables[:b], decode_context_lens=self.lens[:b],
         )
-        embeds = self.model.embed(self.input_ids[:b], None, None)
-        hidden = self.model(embeds, self.positions[:, :b], self.runner.kv_caches, meta)
-        return self.model.compute_logits(hidden)
+        return self.model(self.embeds[:b], self.positions[:, :b], self.runner.kv_caches, meta)
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -56,14 +58,14 @@ class DecodeGraphs:
             self._capture()
 
     def _capture(self) -> None:
-        self.logits = torch.empty(self.buckets[-1], self.model.cfg.text.vocab_size, device=self.runner.device, dtype=self.runner.dtype)
+        self.hidden = torch.empty_like(self.embeds)
         for b in reversed(self.buckets):  # largest first so smaller graphs reuse its pool
             for _ in range(2):  # warm up (Triton compile, cuBLAS handles) outside the graph
-                self.logits[:b] = self._forward(b)
+                self.hidden[:b] = self._forward(b)
             torch.cuda.synchronize()
             g = torch.cuda.CUDAGraph()
             with torch.cuda.graph(g, pool=self.pool):
-                self.logits[:b] = self._forward(b)
+                self.hidden[:b] = self._forward(b)
             self.pool = g.pool()
             self.graphs[b] = g
         torch.cuda.synchronize()
@@ -71,13 +73,7 @@ class DecodeGraphs:
     def can_run(self, out: SchedulerOutput) -> bool:
         if not self.graphs or out.num_tokens > self.buckets[-1]:
             return False
-        for c in out.chunks:
-            r, lo, hi = c.request, c.start, c.start + c.num_tokens
-            if len(r.block_table) > self.max_blocks:
-                return False
-            if any(off < hi and off + item.num_tokens > lo for off, item in r.media):
-                return False  # media rows need their embeddings: the eager path
-        return True
+        return all(len(c.request.block_table) <= self.max_blocks for c in out.chunks)
 
     def run(self, out: SchedulerOutput):
         """-> (logits of the rows that sample, their chunks)."""
@@ -99,14 +95,20 @@ class DecodeGraphs:
                 last_rows.append(len(ids) - 1)
                 sampling.append(c)
         pad = g - rows
-        self.input_ids[:g].copy_(torch.tensor(ids + [0] * pad), non_blocking=True)
+        dev = self.embeds.device
+        mm_rows, mm_embeds = self.runner.media_rows(out.chunks)
+        embeds = self.model.embed(torch.tensor(ids).to(dev, non_blocking=True),
+                                  None if mm_rows is None else mm_rows.to(dev, non_blocking=True), mm_embeds)
+        self.embeds[:rows].copy_(embeds)  # padding rows keep old (finite) values: they write to scratch
         self.positions[:, :g].copy_(torch.cat(pos + [torch.zeros(3, pad, dtype=torch.long)], dim=1), non_blocking=True)
         self.slots[:g].copy_(torch.cat(slots + [torch.full((pad,), self.scratch * bs)]), non_blocking=True)
         self.lens[:g].copy_(torch.cat(lens + [torch.ones(pad, dtype=torch.long)]).int(), non_blocking=True)
         self.tables[:g].copy_(tables, non_blocking=True)
         if self.use_graphs:
             self.graphs[g].replay()
-            logits = self.logits
+            hidden = self.hidden
         else:
-            logits = self._forward(g)
-        return logits[torch.tensor(last_rows, device=logits.device)], sampling
+            hidden = self._forward(g)
+        if not last_rows:
+            return None, []
+        return self.model.compute_logits(hidden[torch.tensor(last_rows, device=dev)]), sampling

@@ -20,6 +20,7 @@ from omnistream.cache.encoder_cache import VisionPlan
 from omnistream.engine.sampling import sample
 from omnistream.engine.scheduler import ScheduledChunk, SchedulerOutput
 from omnistream.layers.attention import AttentionMetadata
+from omnistream.media.patchify import normalize_rows
 from omnistream.models.qwen2_5_vl import Qwen2_5_VLModel
 
 log = logging.getLogger(__name__)
@@ -69,13 +70,13 @@ class ModelRunner:
         for layer in self.model.model.layers:
             layer.self_attn.decode_backend = fn
 
-    def enable_cuda_graphs(self, max_batch: int, max_context: int, use_graphs: bool = True) -> None:
-        """Row-batch steps (decodes, short text chunks) through DecodeGraphs; use_graphs=False
-        runs the same path without capture (how the CPU tests check it)."""
-        from omnistream.engine.cuda_graphs import DecodeGraphs
+    def enable_cuda_graphs(self, max_context: int, max_rows: int | None = None, use_graphs: bool = True) -> None:
+        """Row-batch steps (decodes, chunks of up to max_rows tokens) through DecodeGraphs;
+        use_graphs=False runs the same path without capture (how the CPU tests check it)."""
+        from omnistream.engine.cuda_graphs import MAX_ROWS, DecodeGraphs
 
         max_blocks = min(self.scratch_block, (max_context + self.block_size - 1) // self.block_size)
-        self.graphs = DecodeGraphs(self, max_batch, max_blocks, self.scratch_block, use_graphs)
+        self.graphs = DecodeGraphs(self, max_rows or MAX_ROWS, max_blocks, self.scratch_block, use_graphs)
         self.graphs.capture()
 
     @staticmethod
@@ -147,15 +148,33 @@ class ModelRunner:
 
     def _vision_group(self, items) -> list[torch.Tensor]:
         rows = [it.pixel_values for it in items]
-        pixels = rows[0] if len(rows) == 1 else torch.cat(rows)  # (P, 1176) float32 on the host
-        # copy as float32, cast on the device: the host never touches the 150 MB twice
-        pixels = pixels.to(self.device, non_blocking=True).to(self.dtype)
+        pixels = rows[0] if len(rows) == 1 else torch.cat(rows)  # (P, 1176) float32 or uint8 on the host
+        # copy as they are, normalise (raw uint8 rows) and cast on the device: the host never
+        # touches the pixels twice
+        pixels = normalize_rows(pixels.to(self.device, non_blocking=True)).to(self.dtype)
         emb = self.model.encode_vision(pixels, [it.grid_thw for it in items])
         return list(emb.split([it.num_tokens for it in items]))
 
     # ---------------------------------------------------------------- batch
+    @staticmethod
+    def media_rows(chunks: list[ScheduledChunk]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Rows of the flat batch (chunks in order) that hold media placeholders (M,) on the
+        host, and their embeddings (M, hidden) on the device; (None, None) without media."""
+        rows, embeds, row = [], [], 0
+        for c in chunks:
+            req, s, n = c.request, c.start, c.num_tokens
+            for j, (off, item) in enumerate(req.media):
+                lo, hi = max(off, s), min(off + item.num_tokens, s + n)
+                if lo < hi:
+                    rows.append(torch.arange(row + lo - s, row + hi - s))
+                    embeds.append(req.mm_embeds[j][lo - off : hi - off])
+            row += n
+        if not rows:
+            return None, None
+        return torch.cat(rows), (embeds[0] if len(embeds) == 1 else torch.cat(embeds))
+
     def prepare(self, out: SchedulerOutput) -> ForwardBatch:
-        ids, pos, slots, mm_rows, mm_embeds, tables = [], [], [], [], [], []
+        ids, pos, slots, tables = [], [], [], []
         qlens, ctxs, sample_rows, sample_chunks = [], [], [], []
         row = 0
         bs = self.block_size
@@ -166,11 +185,6 @@ class ModelRunner:
             table = torch.tensor(req.block_table, dtype=torch.long)
             idx = torch.arange(s, s + n)
             slots.append(table[idx // bs] * bs + idx % bs)
-            for j, (off, item) in enumerate(req.media):
-                lo, hi = max(off, s), min(off + item.num_tokens, s + n)
-                if lo < hi:
-                    mm_rows.append(torch.arange(row + lo - s, row + hi - s))
-                    mm_embeds.append(req.mm_embeds[j][lo - off : hi - off])
             tables.append(table)
             qlens.append(n)
             ctxs.append(s + n)
@@ -179,6 +193,7 @@ class ModelRunner:
                 sample_rows.append(row - 1)
                 sample_chunks.append(c)
         dev = self.device
+        mm_rows, mm_embeds = self.media_rows(out.chunks)
         meta = AttentionMetadata(
             slot_mapping=torch.cat(slots).to(dev),
             query_lens=qlens,
@@ -195,8 +210,8 @@ class ModelRunner:
         return ForwardBatch(
             input_ids=torch.tensor(ids, dtype=torch.long, device=dev),
             positions=torch.cat(pos, dim=1).to(dev),
-            mm_rows=torch.cat(mm_rows).to(dev) if mm_rows else None,
-            mm_embeds=torch.cat(mm_embeds) if mm_embeds else None,
+            mm_rows=None if mm_rows is None else mm_rows.to(dev),
+            mm_embeds=mm_embeds,
             meta=meta,
             sample_rows=torch.tensor(sample_rows, dtype=torch.long, device=dev),
             sample_chunks=sample_chunks,

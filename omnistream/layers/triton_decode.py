@@ -15,6 +15,16 @@ import triton.language as tl
 
 PARTITION = 256  # tokens per program: ~2x the SM count of programs at 8k context, batch 1
 TILE = 64
+MAX_PARTIALS = 8192  # rows x partitions: bounds the float32 scratch (64 MiB at 16 heads x 128)
+
+
+def partition_for(rows: int, max_tokens: int) -> int:
+    """Tokens per program: PARTITION, grown (powers of 2) for many rows so that the partial
+    results of rows x partitions stay under MAX_PARTIALS (rows bring their own parallelism)."""
+    part = PARTITION
+    while rows * triton.cdiv(max_tokens, part) > MAX_PARTIALS:
+        part *= 2
+    return part
 
 
 @triton.jit
@@ -89,7 +99,8 @@ def triton_paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     kvh = k_cache.shape[2]
     group = H // kvh
     max_blocks = tables.shape[1]
-    num_parts = triton.cdiv(max_blocks * k_cache.shape[1], PARTITION)
+    part_tokens = partition_for(B, max_blocks * k_cache.shape[1])
+    num_parts = triton.cdiv(max_blocks * k_cache.shape[1], part_tokens)
     partial = torch.empty((B, num_parts, H, D), device=q.device, dtype=torch.float32)
     lse = torch.empty((B, num_parts, H), device=q.device, dtype=torch.float32)
     q = q.contiguous()
@@ -99,7 +110,7 @@ def triton_paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), D=D,
-        BLOCK=k_cache.shape[1], PART=PARTITION, TILE_N=TILE,
+        BLOCK=k_cache.shape[1], PART=part_tokens, TILE_N=TILE,
         num_warps=4,
     )
     out = torch.empty_like(q)

@@ -17,7 +17,9 @@ class MediaItem:
     """
 
     kind: Literal["image", "video"]
-    pixel_values: torch.Tensor  # (grid_t * grid_h * grid_w, C * T_patch * P * P) float32
+    # (grid_t * grid_h * grid_w, C * T_patch * P * P): float32 normalised, or uint8 raw (live
+    # sessions; normalised on the device by media/patchify.normalize_rows)
+    pixel_values: torch.Tensor
     grid_thw: tuple[int, int, int]  # patches: (temporal patches, rows, cols) before 2x2 merge
     second_per_grid_t: float = 1.0  # seconds per temporal patch (video); 1.0 for images
     timestamps: list[float] = field(default_factory=list)  # seconds of each sampled frame (video)

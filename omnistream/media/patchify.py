@@ -32,6 +32,23 @@ def normalize(
     return pixels
 
 
+def normalize_rows(rows: torch.Tensor, mean: tuple[float, float, float] = OPENAI_CLIP_MEAN,
+                   std: tuple[float, float, float] = OPENAI_CLIP_STD) -> torch.Tensor:
+    """Patch rows (P, C * T * P * P) as uint8 -> float32 normalised on the rows' device; float
+    rows (already normalised) are returned as they are.
+
+    Live sessions keep rows raw (4x fewer bytes to hash and to copy to the GPU) and normalise
+    on the device. Column j of a row belongs to channel j // (T * P * P) (rows are laid out
+    (C, T, P, P)); the ops are normalize()'s, in its order (x / 255, - mean, / std in float32),
+    so the result is bit-identical to patchify(normalize(frames))."""
+    if rows.dtype != torch.uint8:
+        return rows
+    per_channel = rows.shape[1] // 3
+    m = torch.tensor(mean, dtype=torch.float32, device=rows.device).repeat_interleave(per_channel)
+    s = torch.tensor(std, dtype=torch.float32, device=rows.device).repeat_interleave(per_channel)
+    return rows.float().div_(255.0).sub_(m).div_(s)
+
+
 def patchify(
     pixels: torch.Tensor,
     temporal_patch_size: int = 2,
