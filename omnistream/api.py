@@ -160,13 +160,16 @@ class Engine:
         return self.run_prompts(prompts, sampling, return_logits=return_logits, cache_salt=tenant)
 
     def run_prompts(self, prompts, sampling: SamplingParams | None = None, *, return_logits: bool = False,
-                    cache_salt: str | None = None, known_hashes: list[bytes] | None = None) -> list[GenerationResult]:
+                    cache_salt: str | None = None, known_hashes: list[bytes] | None = None, kv=None) -> list[GenerationResult]:
         """prompts: (token_ids, [(offset, MediaItem)], (decode_s, preprocess_s)[, arrival]).
-        known_hashes: prefix-cache names already computed for a prefix of every prompt."""
+        known_hashes: prefix-cache names already computed for a prefix of every prompt.
+        kv: a KVHandle (engine/request.py) the one prompt continues (live policy `fast`)."""
+        if kv is not None and len(prompts) != 1:
+            raise ValueError("a KV handle continues exactly one prompt")
         with self._lock:
-            return self._run_prompts(prompts, sampling or SamplingParams(), return_logits, cache_salt, known_hashes)
+            return self._run_prompts(prompts, sampling or SamplingParams(), return_logits, cache_salt, known_hashes, kv)
 
-    def _run_prompts(self, prompts, sampling: SamplingParams, return_logits: bool, cache_salt: str | None, known_hashes) -> list[GenerationResult]:
+    def _run_prompts(self, prompts, sampling: SamplingParams, return_logits: bool, cache_salt: str | None, known_hashes, kv=None) -> list[GenerationResult]:
         self.llm.runner.keep_logits = return_logits
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -174,7 +177,7 @@ class Engine:
         for p in prompts:
             ids, media, (decode_s, preprocess_s) = p[0], p[1], p[2]
             arrival = p[3] if len(p) > 3 else time.perf_counter() - decode_s - preprocess_s
-            req = self.llm.add_request(ids, media, sampling, cache_salt=cache_salt, known_hashes=known_hashes)
+            req = self.llm.add_request(ids, media, sampling, cache_salt=cache_salt, known_hashes=known_hashes, kv=kv)
             req.metrics.arrival = arrival
             req.metrics.media_decode_s, req.metrics.preprocess_s = decode_s, preprocess_s
             requests.append(req)
@@ -183,6 +186,8 @@ class Engine:
         results = []
         for req in requests:
             req.metrics.peak_memory_bytes = peak
+            if kv is not None:
+                kv.kept = req.kept_blocks
             results.append(GenerationResult(
                 text=self.tokenizer.decode(req.output_ids),
                 token_ids=req.output_ids,
@@ -203,7 +208,7 @@ class Engine:
 
     def live_session(self, system: str | None = None, tenant: str | None = None, *, memory=None,
                      min_pixels: int | None = None, max_pixels: int | None = None,
-                     prefill_on_arrival: bool = True, kv_budget_tokens: int | None = None):
+                     prefill_on_arrival: bool = True, kv_budget_tokens: int | None = None, policy: str = "exact"):
         """A session fed frame by frame (see live.py). Needs the encoder cache: one of
         LIVE_ENCODER_CACHE_BYTES is created if the engine has none."""
         from omnistream.live import LiveSession
@@ -215,7 +220,7 @@ class Engine:
             runner.encoder_cache = EncoderCache(LIVE_ENCODER_CACHE_BYTES)
         sid = f"live-{uuid.uuid4().hex[:12]}"
         s = LiveSession(self, sid, system, tenant, kv_budget_tokens, memory or FrameMemoryConfig(),
-                        min_pixels, max_pixels, prefill_on_arrival)
+                        min_pixels, max_pixels, prefill_on_arrival, policy)
         self._sessions[sid] = s
         return s
 

@@ -8,14 +8,20 @@ Data flow of a frame (worker thread): resize once to the session's size -> pair 
 temporal patch (2 frames, the unit the vision tower encodes) -> frame memory decides (Star of
 important patches + Stream window of recent ones, near-duplicates dropped) -> a retained patch
 is patchified and hashed once -> the context prefix (system + video block) is prefilled under
-the engine lock, so a later question costs only its own tokens.
+the engine lock, so a later question costs only its own tokens. While more frames are queued the
+prefill waits (one prefill per burst, not per frame), and a question skips it entirely: a
+question waits for the frames added before it to pass the frame memory, then builds its context
+once.
 
 Context = system, one user turn holding the retained patches as one video block in time order
 (temporal positions follow the patches' real timestamps), the conversation history (answer ids
 + end-of-turn tokens), the question. Policy `exact`: each ask is a fresh request over exactly
 that sequence; the prefix cache reuses the longest unchanged KV prefix and recomputes from the
 first changed patch, the encoder cache keeps every retained patch encoded once. The answer
-equals a fresh run over the same retained frames.
+equals a fresh run over the same retained frames. Policy `fast` (opt-in): the session owns its
+KV and edits it in place (evicted patches' K/V removed, new patches computed into place,
+positions kept, nothing recomputed; see live_kv.py); answers diverge from `exact`, by an amount
+`omnistream bench stream` measures.
 """
 
 from __future__ import annotations
@@ -31,7 +37,8 @@ import numpy as np
 import torch
 
 from omnistream.engine.sampling import SamplingParams
-from omnistream.errors import MediaError, UserInputError
+from omnistream.errors import ConfigError, MediaError, UserInputError
+from omnistream.live_kv import LiveKV
 from omnistream.media.frame_memory import FrameMemory, FrameMemoryConfig, FramePairer, TemporalPatch
 from omnistream.media.hashing import compute_patch_hashes, item_hash
 from omnistream.media.image import load_image
@@ -45,6 +52,8 @@ if TYPE_CHECKING:
     from omnistream.api import Engine, GenerationResult
 
 log = logging.getLogger(__name__)
+
+POLICIES = ("exact", "fast")
 
 
 @dataclass
@@ -60,8 +69,12 @@ class LivePatch:
 class LiveSession(Session):
     def __init__(self, engine: "Engine", session_id: str, system: str | None, tenant: str | None,
                  kv_budget_tokens: int | None, memory: FrameMemoryConfig, min_pixels: int | None,
-                 max_pixels: int | None, prefill_on_arrival: bool = True) -> None:
+                 max_pixels: int | None, prefill_on_arrival: bool = True, policy: str = "exact") -> None:
+        if policy not in POLICIES:
+            raise ConfigError(f"unknown live KV policy {policy!r}; choose one of {', '.join(POLICIES)}")
         super().__init__(engine, session_id, system, tenant, kv_budget_tokens)
+        self.policy = policy
+        self.kv = LiveKV(engine, tenant) if policy == "fast" else None
         self.memory = FrameMemory(memory)
         self.pairer = FramePairer(memory)
         self.max_pixels = max_pixels or VIDEO_MAX_PIXELS
@@ -78,6 +91,7 @@ class LiveSession(Session):
         self._prefix_cache: tuple[MediaItem, tuple] | None = None  # its prefix tokens
         self.frames_received = 0
         self.frames_encoded_total = 0
+        self._asking = 0  # questions waiting for ingestion: the worker leaves prefill to them
 
     # ------------------------------------------------------------------ ingestion
     def add_frame(self, frame, timestamp: float) -> None:
@@ -108,6 +122,7 @@ class LiveSession(Session):
             raise self._error
 
     def _work(self) -> None:
+        dirty = False  # retained patches changed since the last prefill
         while True:
             batch = [self._queue.get()]
             while True:  # drain the backlog: one prefill for many frames
@@ -116,8 +131,11 @@ class LiveSession(Session):
                 except queue.Empty:
                     break
             try:
-                changed = any([self._ingest(f, t) for f, t in batch])
-                if changed and self.prefill_on_arrival and not self.closed:
+                dirty = any([self._ingest(f, t) for f, t in batch]) or dirty
+                # prefill once the burst is over, and never ahead of a waiting question (it
+                # builds the same context itself; the worker would only delay it)
+                if dirty and self.prefill_on_arrival and not self.closed and self._queue.empty() and not self._asking:
+                    dirty = False
                     self._prefill_prefix()
             except Exception as e:  # surfaced to the caller at the next add_frame/flush/ask
                 log.exception("live ingestion failed")
@@ -195,6 +213,9 @@ class LiveSession(Session):
         return system + [{"role": "user", "content": [{"type": "video", "video": "live"}]}]
 
     def _prefill_prefix(self) -> None:
+        if self.kv is not None:
+            self._sync_kv()
+            return
         item = self.video_item()
         if item is None:
             return
@@ -205,13 +226,20 @@ class LiveSession(Session):
 
     # ------------------------------------------------------------------ asking
     def ask(self, question: str, sampling: SamplingParams | None = None, *, return_logits: bool = False) -> "GenerationResult":
+        """Answers over every frame added before this call (waits for them to pass the frame
+        memory; TTFT counts from here). Frames added meanwhile do not change this answer."""
         self._check_open()
-        if self._error is not None:
-            raise self._error
         asked = time.perf_counter()
+        self._asking += 1
+        try:
+            self.flush()
+        finally:
+            self._asking -= 1
+        if self.kv is not None:
+            return self._ask_fast(question, sampling or SamplingParams(), return_logits, asked)
         item = self.video_item()  # snapshot: frames ingested later do not change this answer
         if item is None:
-            raise UserInputError("no frames ingested yet: add frames (and flush) before asking")
+            raise UserInputError("no frames ingested yet: add frames before asking")
         prompt, media = self.prompt_for(question, item)
         before = self.engine.stats()["vision_tokens_encoded"]
         [res] = self.engine.run_prompts([(prompt, media, (0.0, 0.0), asked)], sampling or SamplingParams(), return_logits=return_logits, cache_salt=self.tenant)
@@ -219,34 +247,83 @@ class LiveSession(Session):
         self.messages = self.messages + [{"role": "user", "content": question}, {"role": "assistant", "content": res.text}]
         self.token_ids, self.media, self._names = prompt + res.token_ids, media, []
         self._repin()
-        res.metrics.update(self._live_metrics(item, res, asked, self.engine.stats()["vision_tokens_encoded"] - before))
+        encoded = self.engine.stats()["vision_tokens_encoded"] - before
+        res.metrics.update(self._metrics(res, asked, encoded, item.num_tokens, res.metrics["prompt_tokens"] + res.metrics["output_tokens"]))
         return res
 
     def prompt_for(self, question: str, item: MediaItem | None = None):
+        """(ids, media) of the `exact` context for `question`: system, video, history, question."""
         item = item or self.video_item()
         prefix, media = self._prefix(item)
+        return prefix + self.history_ids + self._question_ids(question), media
+
+    def _question_ids(self, question: str) -> list[int]:
+        """The user turn + assistant header, as the template renders it after the history."""
         tok = self.engine.tokenizer
         history = self._base_messages() + self.messages[1 if self.messages and self.messages[0]["role"] == "system" else 0:]
         before = tok.apply_chat_template(history, add_generation_prompt=False)
         full = tok.apply_chat_template(history + [{"role": "user", "content": question}], add_generation_prompt=True)
-        return prefix + self.history_ids + tok.encode(full[len(before):]), media
+        return tok.encode(full[len(before):])
 
-    def _live_metrics(self, item: MediaItem, res, asked: float, vision_tokens: int) -> dict:
+    # ------------------------------------------------------------------ policy fast
+    def _sync_kv(self) -> None:
+        """Brings the owned KV to the retained patches: evicted ones removed, new ones computed
+        at the end of the video block (policy fast)."""
+        with self._state:
+            live = [self.patches[p.patch_id] for p in self.memory.retained() if p.patch_id in self.patches]
+        if not live:
+            return
+        if not self.kv.built:
+            item = self.video_item()
+            ids, media = self._prefix(item)
+            self.kv.build(ids, media[0], [lp.patch.patch_id for lp in live])
+            return
+        keep = {lp.patch.patch_id for lp in live}
+        for pid in [p for p in self.kv.spans if p not in keep]:
+            self.kv.remove(pid)
+        self.kv.insert([(lp.patch.patch_id, self._patch_item(lp)) for lp in live if lp.patch.patch_id not in self.kv.spans])
+
+    def _patch_item(self, lp: LivePatch) -> MediaItem:
+        """One retained patch as a 1-patch video item (its own timestamps and hash)."""
+        lp = self._materialize(lp)
+        times = [lp.patch.timestamps[0]]
+        return MediaItem(kind="video", pixel_values=lp.rows, grid_thw=(1, self.size[0] // 14, self.size[1] // 14),
+                         timestamps=list(lp.patch.timestamps), patch_times=times, patch_hashes=[lp.hash],
+                         content_hash=item_hash("video", [lp.hash], patch_times=times))
+
+    def _ask_fast(self, question: str, sampling: SamplingParams, return_logits: bool, asked: float) -> "GenerationResult":
+        before = self.engine.stats()["vision_tokens_encoded"]
+        self._sync_kv()
+        if not self.kv.built:
+            raise UserInputError("no frames ingested yet: add frames before asking")
+        res = self.kv.ask(self._question_ids(question), self._end_of_turn, sampling, return_logits=return_logits, arrival=asked)
+        self.messages = self.messages + [{"role": "user", "content": question}, {"role": "assistant", "content": res.text}]
+        encoded = self.engine.stats()["vision_tokens_encoded"] - before
+        res.metrics.update(self._metrics(res, asked, encoded, self.kv.visual_tokens, len(self.kv.ids)))
+        return res
+
+    def _metrics(self, res, asked: float, vision_tokens: int, visual_tokens: int, kv_length: int) -> dict:
+        """Seed 004's per-question metrics. Encoding and prefill count the work this question
+        caused (frames that arrived since the last prefill), not the whole context."""
         m = res.metrics
         stats = self.memory.stats()
-        per_patch = item.tokens_per_temporal_patch
+        per_patch = (self.size[0] // 28) * (self.size[1] // 28)
+        now = time.perf_counter()
         return {
-            "total_latency": time.perf_counter() - asked,
+            "total_latency": now - asked,
             "encoding_latency": m["vision_encode_s"],
             "prefill_latency": m["prefill_s"],
-            "generation_latency": max(0.0, time.perf_counter() - asked - (m["ttft_s"] or 0.0)),
+            "generation_latency": max(0.0, now - asked - (m["ttft_s"] or 0.0)),
             "frames_encoded": 2 * vision_tokens // per_patch,
-            "visual_tokens": item.num_tokens,
-            "kv_cache_length": m["prompt_tokens"] + m["output_tokens"],
+            "visual_tokens": visual_tokens,
+            "kv_cache_length": kv_length,
+            "policy": self.policy,
             "star_size": stats.star_size,
             "stream_size": stats.stream_size,
             "compression_ratio": stats.compression_ratio,
         }
 
     def close(self) -> None:
+        if self.kv is not None and not self.closed:
+            self.kv.close()
         super().close()

@@ -100,7 +100,7 @@ class BlockManager:
     def match_prefix(self, req: Request) -> list[int]:
         """Cached blocks holding the longest prefix of `req` (at least one token is left to
         compute, so the request still produces logits)."""
-        if not self.enable_caching:
+        if not self.enable_caching or req.kv is not None:
             return []
         usable = (req.num_tokens - 1) // self.block_size
         extend_hashes(req.block_hashes, req.token_ids, req.media, self.block_size, usable, req.cache_salt)
@@ -122,6 +122,19 @@ class BlockManager:
     def free_after_acquiring(self, blocks: list[int]) -> int:
         return self.num_free - sum(1 for b in blocks if self.ref[b] == 0)
 
+    def take_kv(self, req: Request) -> None:
+        """Start `req` on the KV sequence of its KVHandle (references its blocks)."""
+        for b in req.kv.blocks:
+            self._acquire(b)
+        req.block_table = list(req.kv.blocks)
+        req.num_computed_tokens = req.kv.computed
+        req.metrics.cached_tokens = req.kv.computed
+
+    def allocate(self, n: int) -> list[int]:
+        """n fresh blocks, referenced by the caller (a KV sequence outside any request)."""
+        assert n <= self.num_free, "allocate() beyond the free blocks"
+        return [self._take_free() for _ in range(n)]
+
     def take_prefix(self, req: Request, blocks: list[int]) -> None:
         for b in blocks:
             self._acquire(b)
@@ -131,7 +144,7 @@ class BlockManager:
 
     def register_computed(self, req: Request) -> None:
         """Names every block of `req` that is full and computed, making it shareable."""
-        if not self.enable_caching:
+        if not self.enable_caching or req.kv is not None:
             return
         full = req.num_computed_tokens // self.block_size
         extend_hashes(req.block_hashes, req.token_ids, req.media, self.block_size, full, req.cache_salt)

@@ -16,7 +16,7 @@ from omnistream.cache.block_manager import BlockManager
 from omnistream.cache.prefix_hash import extend_hashes
 from omnistream.config import EngineConfig
 from omnistream.engine.model_runner import ModelRunner
-from omnistream.engine.request import Request
+from omnistream.engine.request import KVHandle, Request
 from omnistream.engine.sampling import SamplingParams
 from omnistream.engine.scheduler import Scheduler
 from omnistream.media.item import MediaItem
@@ -36,8 +36,11 @@ class LLMEngine:
         self.runner = ModelRunner(model, num_blocks, cfg.cache.block_size, self.device, cfg.torch_dtype)
         self._ids = itertools.count()
 
-    def add_request(self, prompt_ids: list[int], media: list[tuple[int, MediaItem]], sampling: SamplingParams, request_id: str | None = None, cache_salt: str | None = None, known_hashes: list[bytes] | None = None) -> Request:
-        req = Request(request_id or f"req-{next(self._ids)}", prompt_ids, media, sampling, self.tokens_per_second, self.stop_ids, cache_salt)
+    def add_request(self, prompt_ids: list[int], media: list[tuple[int, MediaItem]], sampling: SamplingParams, request_id: str | None = None, cache_salt: str | None = None, known_hashes: list[bytes] | None = None, kv: KVHandle | None = None) -> Request:
+        req = Request(request_id or f"req-{next(self._ids)}", prompt_ids, media, sampling, self.tokens_per_second, self.stop_ids, cache_salt, kv)
+        if kv is not None:  # continues an owned KV sequence: no prefix-cache names
+            self.scheduler.add(req)
+            return req
         full = req.prompt_len // self.blocks.block_size
         req.block_hashes = list(known_hashes[:full]) if known_hashes else []  # a session's earlier turns
         # name the prompt's full blocks now, off the scheduling loop

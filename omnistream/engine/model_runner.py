@@ -79,6 +79,19 @@ class ModelRunner:
         self.graphs = DecodeGraphs(self, max_rows or MAX_ROWS, max_blocks, self.scratch_block, use_graphs)
         self.graphs.capture()
 
+    @torch.inference_mode()
+    def move_kv(self, src: torch.Tensor, dst: torch.Tensor, chunk: int = 2048) -> None:
+        """Copy the K/V of cache slots src (S,) to slots dst (S,), every layer, in place (live
+        policy `fast` closing or opening a gap). Runs in chunks (bounded scratch); the order of
+        chunks makes overlapping moves safe when every dst < src (left) or every dst > src."""
+        flat = self.kv_pool.view(self.kv_pool.shape[0], 2, -1, *self.kv_pool.shape[-2:])  # (L, 2, slots, KVH, D)
+        starts = list(range(0, len(src), chunk))
+        if len(src) and int(dst[0]) > int(src[0]):
+            starts.reverse()  # moving right: last chunk first
+        for s in starts:
+            d, f = dst[s : s + chunk].to(self.device), src[s : s + chunk].to(self.device)
+            flat[:, :, d] = flat[:, :, f]
+
     @staticmethod
     def kv_bytes_per_token(model: Qwen2_5_VLModel, dtype: torch.dtype) -> int:
         t = model.cfg.text

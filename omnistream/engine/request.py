@@ -66,6 +66,23 @@ class RequestMetrics:
         }
 
 
+@dataclass
+class KVHandle:
+    """A request that continues a KV sequence owned by someone else (a live session under
+    policy `fast`, which edits its KV in place) instead of an ordinary prompt.
+
+    Its first `computed` tokens are already in `blocks` (the owner keeps references on them);
+    the request computes the rest into the same blocks. Such KV is not what a fresh run of the
+    token ids would give, so these requests never read or name prefix-cache blocks."""
+
+    blocks: list[int]  # block table covering at least `computed` tokens (owner holds refs)
+    computed: int  # tokens already in the blocks
+    positions: torch.Tensor | None = None  # (3, prompt_len) explicit M-RoPE positions
+    next_pos: int = 0  # position of the first generated token (with explicit positions)
+    keep_blocks: bool = False  # at the end, hand the block table's references to the owner
+    kept: list[int] | None = None  # set when the request ends (keep_blocks): its block table
+
+
 class Request:
     def __init__(
         self,
@@ -76,6 +93,7 @@ class Request:
         tokens_per_second: float,
         stop_ids: set[int],
         cache_salt: str | None = None,
+        kv: "KVHandle | None" = None,
     ) -> None:
         self.request_id = request_id
         self.prompt_len = len(prompt_ids)
@@ -84,7 +102,13 @@ class Request:
         self.mm_embeds: list[torch.Tensor | None] = [None] * len(media)  # (item.num_tokens, hidden)
         self.sampling = sampling
         self.stop_ids = set() if sampling.ignore_eos else set(stop_ids) | set(sampling.stop_token_ids)
-        self.positions, self.next_pos = mrope_positions(self.prompt_len, media, tokens_per_second)
+        self.kv = kv
+        if kv is not None and kv.positions is not None:
+            self.positions, self.next_pos = kv.positions, kv.next_pos
+            assert self.positions.shape[1] == self.prompt_len, "explicit positions must cover the prompt"
+        else:
+            self.positions, self.next_pos = mrope_positions(self.prompt_len, media, tokens_per_second)
+        self.kept_blocks: list[int] | None = None  # the block table, when kv.keep_blocks
         self.num_computed_tokens = 0
         self.block_table: list[int] = []
         self.cache_salt = cache_salt  # tenant: roots the prefix-cache names of its blocks

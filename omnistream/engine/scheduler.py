@@ -93,12 +93,15 @@ class Scheduler:
             req = self.waiting[0]
             if req in preempted:
                 break  # do not re-admit in the step that preempted it
-            hits = self.blocks.match_prefix(req)
+            hits = req.kv.blocks if req.kv is not None else self.blocks.match_prefix(req)
             # admit only when the whole prompt fits the free blocks, so admitted work can finish
             need = self.blocks.blocks_for(req.num_tokens) - len(hits)
             if need > self.blocks.free_after_acquiring(hits):
                 break
-            self.blocks.take_prefix(req, hits)
+            if req.kv is not None:
+                self.blocks.take_kv(req)
+            else:
+                self.blocks.take_prefix(req, hits)
             n = self._chunk_size(req, budget)
             if n == 0:
                 self.blocks.free_request(req)
@@ -126,5 +129,8 @@ class Scheduler:
 
     def finish(self, req: Request) -> None:
         self.running.remove(req)
-        self.blocks.free_request(req)
+        if req.kv is not None and req.kv.keep_blocks:  # the owner takes over the references
+            req.kept_blocks, req.block_table = req.block_table, []
+        else:
+            self.blocks.free_request(req)
         req.status = RequestStatus.FINISHED
