@@ -25,7 +25,7 @@ from omnistream.errors import ConfigError, UserInputError
 METRIC_ROWS = (
     ("total_latency", "s"), ("ttft_s", "s"), ("encoding_latency", "s"), ("prefill_latency", "s"),
     ("generation_latency", "s"), ("frames_encoded", ""), ("visual_tokens", ""), ("kv_cache_length", ""),
-    ("cached_tokens", ""), ("star_size", "frames"), ("stream_size", "frames"), ("compression_ratio", ""),
+    ("cached_tokens", ""), ("star_size", "frames"), ("stream_size", "frames"), ("compression_ratio", ""), ("policy", ""),
 )
 
 
@@ -99,7 +99,7 @@ def cmd_stream(args) -> int:
     engine = Engine.from_pretrained(args.model, device=device, dtype=str(dtype).replace("torch.", ""))
     if engine.random_weights:
         print(f"note: {engine.model_dir} has random weights; answers are meaningless text", file=sys.stderr)
-    live = engine.live_session(max_pixels=args.max_pixels)
+    live = engine.live_session(max_pixels=args.max_pixels, policy=args.policy)
     sampling = SamplingParams(max_new_tokens=args.max_new_tokens)
     try:
         _play(args, engine, live, hf, frames, stamps, asks, sampling)
@@ -152,7 +152,7 @@ def _compare(engine, live, hf, frames, stamps, question, exact, res, new_tokens)
     m = res.metrics
     ours = {"ttft_s": m.get("ttft_s"), "total_s": m.get("total_latency")}
     print_compare([
-        ("omnistream (live, retained)", n_retained, m["prompt_tokens"], ours, "-"),
+        (f"omnistream (live, {live.policy})", n_retained, m["prompt_tokens"], ours, "-"),
         ("transformers, retained frames", n_retained, retained["prompt_tokens"], retained, token_agreement(res.token_ids, retained["tokens"])),
         ("transformers, all frames so far", len(frames), all_frames["prompt_tokens"], all_frames, token_agreement(res.token_ids, all_frames["tokens"])),
     ])
@@ -167,6 +167,9 @@ def add_stream_command(sub, add_model_args) -> None:
     p.add_argument("--ask", action="append", default=[], metavar="SECONDS:QUESTION",
                    help="ask QUESTION at SECONDS into the video (repeatable)")
     p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--policy", choices=("exact", "fast"), default="exact",
+                   help="live KV policy: exact (default; equals a fresh run over the retained frames) or fast "
+                        "(evicted frames' KV removed in place, no recompute; --compare shows its divergence)")
     p.add_argument("--compare", action="store_true",
                    help="also answer natively with transformers over all frames so far and over the retained frames")
     add_model_args(p)

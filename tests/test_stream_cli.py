@@ -36,6 +36,17 @@ def test_stream_two_questions_with_compare(tiny_model_dir, video, capsys):
     assert len(re.findall(r"transformers, all frames so far\s+\d+\s+\d+", out)) == 2
 
 
+def test_stream_policy_fast_with_compare(tiny_model_dir, video, capsys):
+    pytest.importorskip("transformers")
+    rc = main(["stream", str(video), "--model", str(tiny_model_dir), "--device", "cpu", "--speed", "max", "--policy", "fast",
+               "--max-pixels", str(56 * 56), "--max-new-tokens", "3", "--compare", "--ask", "2:What?", "--ask", "5:Now?"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert len(re.findall(r"^A: ", out, re.M)) == 2
+    assert len(re.findall(r"omnistream \(live, fast\)", out)) == 2 and len(re.findall(r"^\s+policy\s+fast", out, re.M)) == 2
+    assert len(re.findall(r"transformers, retained frames\s.*?\d+/3", out)) == 2
+
+
 def test_stream_real_time_speed(tiny_model_dir, video, capsys):
     rc = main(["stream", str(video), "--model", str(tiny_model_dir), "--device", "cpu", "--speed", "1",
                "--max-pixels", str(56 * 56), "--max-new-tokens", "2", "--ask", "1:Now?"])
@@ -62,15 +73,20 @@ def test_bench_stream_smoke(tmp_path, capsys):
                "--new-tokens", "2", "--json", str(path)])
     out = capsys.readouterr().out
     assert rc == 0
-    assert "TTFT no-new ms" in out and "seed TTFT ms" in out and "target" in out
+    assert "TTFT no-new exact" in out and "TTFT 2-new fast" in out and "seed TTFT" in out and "target" in out
+    assert "divergence of policy fast from exact" in out and "logits rel. L2 error" in out
     r = json.loads(path.read_text())
     assert {"env", "workload", "ingest", "lengths", "targets"} <= set(r)
-    assert [g["prefill_on_arrival"] for g in r["ingest"]] == [False, True]
+    assert [(g["prefill_on_arrival"], g["policy"]) for g in r["ingest"]] == [(False, "exact"), (True, "exact"), (True, "fast")]
     assert all(g["frames_per_s"] > 0 for g in r["ingest"])
     [row] = r["lengths"]
-    for key in ("minutes", "frames_fed", "ingest_fps", "ttft_no_new_s", "ttft_after_new_s", "add_to_first_token_s",
-                "seed_ttft_s", "allocated_gib", "star_size", "stream_size", "compression_ratio"):
-        assert key in row, key
-    assert row["frames_fed"] == 120 and row["frames_added"] == 120 + 2
-    assert row["no_new_frames_encoded"] == 0
-    assert 0 < row["star_size"] <= 20 and 0 < row["stream_size"] <= 20
+    assert row["frames_fed"] == 120 and row["seed_ttft_s"] > 0 and "allocated_gib" in row
+    for policy in ("exact", "fast"):
+        p = row[policy]
+        for key in ("ingest_fps", "ttft_no_new_s", "ttft_after_new_s", "star_size", "stream_size", "compression_ratio"):
+            assert key in p, key
+        assert p["frames_added"] == 120 + 2 and p["no_new_frames_encoded"] == 0
+        assert p["after_new_frames_encoded"] == 2  # the question encoded the 2 frames it waited for (new camera)
+        assert 0 < p["star_size"] <= 20 and 0 < p["stream_size"] <= 20
+    d = row["divergence"]
+    assert d["tokens"] == 2 and 0 <= d["tokens_equal"] <= 2 and d["logit_rel_err"] >= 0

@@ -3,12 +3,14 @@
   (a) ingestion: N generated frames handed over at once (faster than real time), then flush;
       frames/s = N / wall, with prefill_on_arrival off (resize, pair, memory, patchify, hash,
       no model) and on (the retained frames also encoded and prefilled as they arrive).
-  (b) one live session fed a simulated camera at --fps as fast as possible; at each stream
-      length in --minutes (cumulative): TTFT of a question with no new frames (asked twice, the
-      second reported), TTFT right after 2 new frames (add 2, flush, ask; also add -> first token,
-      i.e. flush wall + TTFT), device memory allocated, Star/Stream sizes.
+  (b) one live session per KV policy (exact, fast) fed the same simulated camera at --fps as
+      fast as possible; at each stream length in --minutes (cumulative): TTFT of a question with
+      no new frames (asked twice, the second reported), TTFT right after 2 new frames (add 2 and
+      ask at once: the question waits for them to be ingested, encoded and prefilled), device
+      memory allocated, Star/Stream sizes; then both sessions answer the same question with
+      logits: the divergence of `fast` from `exact`.
   (c) the seed's approach at the same points: transformers re-encodes all retained frames at the
-      question (one forward over LiveSession.prompt_for ids + pixels; TTFT = vision + prefill).
+      question (one forward over the exact session's prompt + pixels; TTFT = vision + prefill).
 
 Frames are generated cheaply: a few blocky random textures ("scenes", a cut every ~30 s) moved
 with np.roll, so the frame memory has cuts to find and motion to window. Everything is warmed up
@@ -34,7 +36,8 @@ from omnistream.media.frame_memory import FrameMemoryConfig
 TARGETS = {"ingest_fps": 300.0, "ttft_no_new_ms": 30.0, "ttft_after_new_ms": 100.0}
 SCENE_SECONDS = 30
 CHUNK = 240  # frames handed over per add_frames call in (b) (bounds host memory of the backlog)
-QUESTIONS = ("What is on screen right now?", "What changed since the start?", "Describe the last few seconds.")
+QUESTIONS = ("What is on screen right now?", "What changed since the start?", "Describe the last few seconds.",
+             "Describe the scene in detail.")
 
 
 class SceneFrames:
@@ -71,9 +74,9 @@ def _allocated_gib(device: torch.device) -> float | None:
     return torch.cuda.memory_allocated(device) / 2**30
 
 
-def ingest_rate(engine, cam: SceneFrames, n: int, size: int, prefill: bool, start: int = 0) -> dict:
+def ingest_rate(engine, cam: SceneFrames, n: int, size: int, prefill: bool, start: int = 0, policy: str = "exact") -> dict:
     """(a) n frames handed over at once, then flush -> frames/s."""
-    live = engine.live_session(max_pixels=size * size, min_pixels=size * size, prefill_on_arrival=prefill)
+    live = engine.live_session(max_pixels=size * size, min_pixels=size * size, prefill_on_arrival=prefill, policy=policy)
     try:
         frames, stamps = cam.frames(start, n)
         _sync(engine.device)
@@ -82,7 +85,7 @@ def ingest_rate(engine, cam: SceneFrames, n: int, size: int, prefill: bool, star
         live.flush(timeout=600)
         _sync(engine.device)
         wall = time.perf_counter() - t0
-        return {"frames": n, "wall_s": wall, "frames_per_s": n / wall, "prefill_on_arrival": prefill}
+        return {"frames": n, "wall_s": wall, "frames_per_s": n / wall, "prefill_on_arrival": prefill, "policy": policy}
     finally:
         live.close()
 
@@ -100,35 +103,47 @@ def feed(live, cam: SceneFrames, start: int, stop: int) -> float:
     return time.perf_counter() - t0
 
 
-def measure_point(live, hf, cam: SceneFrames, fed: int, sampling: SamplingParams, tps: float, seed_approach: bool = True) -> dict:
-    """(b) + (c) at the current stream length; adds 2 frames."""
-    device = live.engine.device
+def measure_point(live, cam: SceneFrames, fed: int, sampling: SamplingParams) -> dict:
+    """(b) at the current stream length; adds 2 frames. TTFT after new frames: the question is
+    asked as soon as add_frames returns, so it includes ingesting, encoding and prefilling them."""
     live.ask(QUESTIONS[0], sampling)
     quiet = live.ask(QUESTIONS[1], sampling)  # no new frames since the previous question
     frames, stamps = cam.frames(fed, 2)
-    t0 = time.perf_counter()
     live.add_frames(frames, stamps)
-    live.flush(timeout=600)
-    _sync(device)
-    flush_s = time.perf_counter() - t0
-    ids, media = live.prompt_for(QUESTIONS[2])
     after = live.ask(QUESTIONS[2], sampling)
-    mem = _allocated_gib(device)
-    seed = native_answer(hf, ids, media, 1, tps) if seed_approach else None
+    # sessions share the encoder cache: drop the new patch's entry so that the next policy's
+    # session, fed the same 2 frames, pays their encoding too
+    newest = live.patches.get(max(live.patches, default=-1))
+    if newest is not None and newest.hash and live.engine.llm.runner.encoder_cache is not None:
+        live.engine.llm.runner.encoder_cache.discard(newest.hash)
     stats = live.memory.stats()
     return {
         "ttft_no_new_s": quiet.metrics["ttft_s"], "no_new_frames_encoded": quiet.metrics["frames_encoded"],
         "no_new_cached_tokens": quiet.metrics.get("cached_tokens"), "no_new_prompt_tokens": quiet.metrics["prompt_tokens"],
         "ttft_after_new_s": after.metrics["ttft_s"], "after_new_frames_encoded": after.metrics["frames_encoded"],
-        "after_new_encoding_s": after.metrics["encoding_latency"], "flush_2_frames_s": flush_s,
-        "add_to_first_token_s": flush_s + after.metrics["ttft_s"], "prompt_tokens": after.metrics["prompt_tokens"],
-        "visual_tokens": after.metrics["visual_tokens"], "seed_ttft_s": seed["ttft_s"] if seed else None,
-        "allocated_gib": mem, "star_size": stats.star_size, "stream_size": stats.stream_size,
+        "after_new_encoding_s": after.metrics["encoding_latency"], "after_new_prefill_s": after.metrics["prefill_latency"],
+        "prompt_tokens": after.metrics["prompt_tokens"], "cached_tokens": after.metrics.get("cached_tokens"),
+        "visual_tokens": after.metrics["visual_tokens"], "kv_cache_length": after.metrics["kv_cache_length"],
+        "star_size": stats.star_size, "stream_size": stats.stream_size,
         "frames_added": stats.frames_added, "compression_ratio": stats.compression_ratio,
     }
 
 
-def run_stream(model, device: str, dtype: str, size: int, minutes: list[float], fps: float, new_tokens: int, seed: int = 0) -> dict:
+def divergence(sessions: dict, question: str, new_tokens: int) -> dict:
+    """Asks every session the same question, greedy, with logits: policy fast against exact.
+    first-token top-1 agreement, relative L2 error of the first token's logits, and greedy
+    tokens equal at the same positions (free-running: one flip changes all later tokens)."""
+    sampling = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
+    res = {p: live.ask(question, sampling, return_logits=True) for p, live in sessions.items()}
+    a, b = res["exact"], res["fast"]
+    la, lb = a.logits[0].float(), b.logits[0].float()
+    same = sum(x == y for x, y in zip(a.token_ids, b.token_ids))
+    return {"top1_agree": bool(la.argmax() == lb.argmax()), "logit_rel_err": float((la - lb).norm() / la.norm()),
+            "tokens_equal": same, "tokens": len(a.token_ids), "exact_tokens": a.token_ids, "fast_tokens": b.token_ids}
+
+
+def run_stream(model, device: str, dtype: str, size: int, minutes: list[float], fps: float, new_tokens: int, seed: int = 0,
+               policies: tuple[str, ...] = ("exact", "fast")) -> dict:
     if size % 28:
         raise ConfigError(f"--size must be a multiple of 28, got {size}")
     tdtype = resolve_dtype(dtype, device)
@@ -137,7 +152,7 @@ def run_stream(model, device: str, dtype: str, size: int, minutes: list[float], 
     per_patch = (size // 28) ** 2
     context = (mem.star_patches + mem.stream_patches + 2) * per_patch + 1024
     patch_bytes = per_patch * mcfg.vision.out_hidden_size * torch.finfo(tdtype).bits // 8
-    opts = {"enable_prefix_caching": True, "kv_cache_tokens": 4 * context,
+    opts = {"enable_prefix_caching": True, "kv_cache_tokens": (2 + 2 * len(policies)) * context,
             "encoder_cache_bytes": max(64 << 20, 4 * (mem.star_patches + mem.stream_patches + 4) * patch_bytes)}
     hf, engine = make_pair(model, device, tdtype, seed, **opts)
     dev = engine.device
@@ -147,40 +162,55 @@ def run_stream(model, device: str, dtype: str, size: int, minutes: list[float], 
     total = [round(m * 60 * fps) for m in minutes]
     if any(b <= a for a, b in zip([0] + total, total)):
         raise ConfigError(f"--minutes must increase and each must add frames, got {minutes}")
+    live_opts = {"max_pixels": size * size, "min_pixels": size * size}
 
     # warm-up: another camera, enough frames to fill both memories, every kind of question
     warm_cam = SceneFrames(size, fps, seed=seed + 1000)
-    warm = engine.live_session(max_pixels=size * size, min_pixels=size * size)
     n_warm = 2 * (mem.star_capacity + mem.stream_capacity) + 2 * round(SCENE_SECONDS * fps)
-    feed(warm, warm_cam, 0, n_warm)
-    measure_point(warm, hf, warm_cam, n_warm, sampling, tps)
-    measure_point(warm, hf, warm_cam, n_warm + 2, sampling, tps)
-    warm.close()
+    for policy in policies:
+        warm = engine.live_session(policy=policy, **live_opts)
+        feed(warm, warm_cam, 0, n_warm)
+        measure_point(warm, warm_cam, n_warm, sampling)
+        measure_point(warm, warm_cam, n_warm + 2, sampling)
+        warm.close()
     ingest_rate(engine, warm_cam, min(64, n_warm), size, prefill=True, start=n_warm + 8)
 
-    cam = SceneFrames(size, fps, seed=seed)
+    # (a) on cameras of their own: their patches must not be in the encoder cache for (b)
     n_ingest = min(600, total[-1])
-    ingest = [ingest_rate(engine, cam, n_ingest, size, prefill=p) for p in (False, True)]
+    ingest = [ingest_rate(engine, SceneFrames(size, fps, seed=seed + 2000 + i), n_ingest, size, prefill=p, policy=pol)
+              for i, (p, pol) in enumerate([(False, "exact"), (True, "exact")] + [(True, "fast")] * ("fast" in policies))]
+    cam = SceneFrames(size, fps, seed=seed)
 
-    live = engine.live_session(max_pixels=size * size, min_pixels=size * size)
+    sessions = {p: engine.live_session(policy=p, **live_opts) for p in policies}
     rows, fed = [], 0
     try:
         for m, target in zip(minutes, total):
-            wall = feed(live, cam, fed, target)
-            row = {"minutes": m, "frames_fed": target, "segment_frames": target - fed, "segment_wall_s": wall,
-                   "ingest_fps": (target - fed) / wall}
+            row = {"minutes": m, "frames_fed": target, "segment_frames": target - fed}
+            for p, live in sessions.items():
+                wall = feed(live, cam, fed, target)
+                row[p] = {"segment_wall_s": wall, "ingest_fps": (target - fed) / wall}
             fed = target
-            row |= measure_point(live, hf, cam, fed, sampling, tps)
+            for p, live in sessions.items():
+                row[p] |= measure_point(live, cam, fed, sampling)
             fed += 2
+            exact = sessions.get("exact")
+            if exact is not None:
+                ids, media = exact.prompt_for(QUESTIONS[2])
+                row["seed_ttft_s"] = native_answer(hf, ids, media, 1, tps)["ttft_s"]
+            if len(sessions) == 2:
+                row["divergence"] = divergence(sessions, QUESTIONS[3], new_tokens)
+            row["allocated_gib"] = _allocated_gib(dev)
             row["engine_gib"] = None if row["allocated_gib"] is None else row["allocated_gib"] - hf_bytes / 2**30
             rows.append(row)
     finally:
-        live.close()
+        for live in sessions.values():
+            live.close()
     return {
         "env": environment(dev, tdtype),
         "workload": {"model": str(model), "size": size, "fps": fps, "minutes": minutes, "new_tokens": new_tokens,
-                     "tokens_per_patch": per_patch, "memory": {"star_capacity": mem.star_capacity, "stream_capacity": mem.stream_capacity,
-                                                               "importance_threshold": mem.importance_threshold},
+                     "tokens_per_patch": per_patch, "policies": list(policies),
+                     "memory": {"star_capacity": mem.star_capacity, "stream_capacity": mem.stream_capacity,
+                                "importance_threshold": mem.importance_threshold},
                      "scene_seconds": SCENE_SECONDS, "engine_options": opts},
         "ingest": ingest, "lengths": rows, "targets": TARGETS, "transformers_weights_gib": hf_bytes / 2**30,
         "engine_stats": {k: v for k, v in engine.stats().items() if isinstance(v, (int, float, str, dict))},
@@ -203,28 +233,44 @@ def print_stream(r: dict, out=None) -> None:
           f"{w['scene_seconds']} s; memory star {w['memory']['star_capacity']} + stream {w['memory']['stream_capacity']} frames; "
           f"{w['new_tokens']} new tokens per answer", file=out)
     for g in r["ingest"]:
-        print(f"(a) ingest, {g['frames']} frames at once, prefill_on_arrival {'on ' if g['prefill_on_arrival'] else 'off'}: "
-              f"{g['frames_per_s']:.0f} frames/s ({g['wall_s']:.2f} s)  target >= {TARGETS['ingest_fps']:.0f}", file=out)
-    head = (f"{'minutes':>8}{'frames':>8}{'ingest f/s':>11}{'TTFT no-new ms':>16}{'TTFT 2-new ms':>15}{'add->1st ms':>13}"
-            f"{'seed TTFT ms':>14}{'GPU GiB':>9}{'engine GiB':>12}{'star/stream':>13}")
-    print(head, file=out)
+        mode = f"prefill on arrival, policy {g['policy']}" if g["prefill_on_arrival"] else "no prefill (CPU path only)"
+        print(f"(a) ingest, {g['frames']} frames at once, {mode}: {g['frames_per_s']:.0f} frames/s ({g['wall_s']:.2f} s)  "
+              f"target >= {TARGETS['ingest_fps']:.0f}", file=out)
+    pols = w["policies"]
+    head = f"{'minutes':>8}{'frames':>7}" + "".join(f"{'ingest f/s ' + p:>17}{'TTFT no-new ' + p:>19}{'TTFT 2-new ' + p:>18}" for p in pols)
+    head += f"{'seed TTFT':>10}{'GPU GiB':>9}{'star/stream':>12}"
+    print(head + "   (ms; TTFT 2-new: asked as add_frames returns)", file=out)
     for x in r["lengths"]:
-        print(f"{x['minutes']:>8g}{x['frames_fed']:>8}{x['ingest_fps']:>11.0f}{_ms(x['ttft_no_new_s']):>16}{_ms(x['ttft_after_new_s']):>15}"
-              f"{_ms(x['add_to_first_token_s']):>13}{_ms(x['seed_ttft_s']):>14}{_gib(x['allocated_gib']):>9}{_gib(x['engine_gib']):>12}"
-              f"{str(x['star_size']) + '/' + str(x['stream_size']):>13}", file=out)
-    print(f"{'target':>8}{'':>8}{'>=' + format(TARGETS['ingest_fps'], '.0f'):>11}{'<=' + format(TARGETS['ttft_no_new_ms'], '.0f'):>16}"
-          f"{'<=' + format(TARGETS['ttft_after_new_ms'], '.0f'):>15}{'':>13}{'':>14}{'flat':>9}{'flat':>12}", file=out)
+        line = f"{x['minutes']:>8g}{x['frames_fed']:>7}"
+        for p in pols:
+            y = x[p]
+            line += f"{y['ingest_fps']:>17.0f}{_ms(y['ttft_no_new_s']):>19}{_ms(y['ttft_after_new_s']):>18}"
+        y = x[pols[0]]
+        line += f"{_ms(x.get('seed_ttft_s')):>10}{_gib(x['allocated_gib']):>9}{str(y['star_size']) + '/' + str(y['stream_size']):>12}"
+        print(line, file=out)
+    tgt = f"{'target':>8}{'':>7}" + "".join(f"{'>=' + format(TARGETS['ingest_fps'], '.0f'):>17}{'<=' + format(TARGETS['ttft_no_new_ms'], '.0f'):>19}"
+                                            f"{'<=' + format(TARGETS['ttft_after_new_ms'], '.0f'):>18}" for p in pols)
+    print(tgt + f"{'':>10}{'flat':>9}", file=out)
+    if any("divergence" in x for x in r["lengths"]):
+        print("divergence of policy fast from exact (same frames, same question, greedy):", file=out)
+        for x in r["lengths"]:
+            d = x.get("divergence")
+            if d:
+                print(f"  {x['minutes']:>6g} min: first token top-1 {'same' if d['top1_agree'] else 'DIFFERENT'}, logits rel. L2 error "
+                      f"{d['logit_rel_err']:.3e}, greedy tokens equal {d['tokens_equal']}/{d['tokens']}", file=out)
     rows = r["lengths"]
-    no_new = max(x["ttft_no_new_s"] for x in rows) * 1000
-    after = max(x["ttft_after_new_s"] for x in rows) * 1000
-    fps_min = min([x["ingest_fps"] for x in rows] + [g["frames_per_s"] for g in r["ingest"]])
     mems = [x["allocated_gib"] for x in rows if x["allocated_gib"] is not None]
     flat = f"{max(mems) - min(mems):.3f} GiB spread" if mems else "n/a on CPU"
-    print(f"worst: ingest {fps_min:.0f} f/s ({'ok' if fps_min >= TARGETS['ingest_fps'] else 'MISS'}), TTFT no-new {no_new:.1f} ms "
-          f"({'ok' if no_new <= TARGETS['ttft_no_new_ms'] else 'MISS'}), TTFT after 2 new {after:.1f} ms "
-          f"({'ok' if after <= TARGETS['ttft_after_new_ms'] else 'MISS'}); memory {flat}", file=out)
-    print("seed approach = transformers re-encoding all retained frames at the question (vision + prefill, same prompt as "
-          "'TTFT 2-new'); add->1st = flush of the 2 new frames (encode + prefill on arrival) + TTFT", file=out)
+    for p in pols:
+        no_new = max(x[p]["ttft_no_new_s"] for x in rows) * 1000
+        after = max(x[p]["ttft_after_new_s"] for x in rows) * 1000
+        fps_min = min([x[p]["ingest_fps"] for x in rows] + [g["frames_per_s"] for g in r["ingest"] if g["policy"] == p])
+        print(f"worst, policy {p}: ingest {fps_min:.0f} f/s ({'ok' if fps_min >= TARGETS['ingest_fps'] else 'MISS'}), TTFT no-new "
+              f"{no_new:.1f} ms ({'ok' if no_new <= TARGETS['ttft_no_new_ms'] else 'MISS'}), TTFT after 2 new {after:.1f} ms "
+              f"({'ok' if after <= TARGETS['ttft_after_new_ms'] else 'MISS'})", file=out)
+    print(f"memory (both sessions alive): {flat}", file=out)
+    print("seed approach = transformers re-encoding all retained frames at the question (vision + prefill over the exact "
+          "policy's prompt for the 2-new question)", file=out)
 
 
 def cmd_stream_bench(args) -> int:
