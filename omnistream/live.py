@@ -273,15 +273,22 @@ class LiveSession(Session):
             live = [self.patches[p.patch_id] for p in self.memory.retained() if p.patch_id in self.patches]
         if not live:
             return
-        if not self.kv.built:
-            item = self.video_item()
-            ids, media = self._prefix(item)
-            self.kv.build(ids, media[0], [lp.patch.patch_id for lp in live])
-            return
-        keep = {lp.patch.patch_id for lp in live}
-        for pid in [p for p in self.kv.spans if p not in keep]:
-            self.kv.remove(pid)
-        self.kv.insert([(lp.patch.patch_id, self._patch_item(lp)) for lp in live if lp.patch.patch_id not in self.kv.spans])
+        try:
+            if not self.kv.built:
+                item = self.video_item()
+                ids, media = self._prefix(item)
+                self.kv.build(ids, media[0], [lp.patch.patch_id for lp in live])
+                return
+            keep = {lp.patch.patch_id for lp in live}
+            for pid in [p for p in self.kv.spans if p not in keep]:
+                self.kv.remove(pid)
+            self.kv.insert([(lp.patch.patch_id, self._patch_item(lp)) for lp in live if lp.patch.patch_id not in self.kv.spans])
+        except Exception:
+            # an edit failed half-way (e.g. the KV pool is full): give the owned KV back; the
+            # next question rebuilds it from the retained frames (its history is not kept)
+            self.kv.close()
+            self.kv = LiveKV(self.engine, self.tenant)
+            raise
 
     def _patch_item(self, lp: LivePatch) -> MediaItem:
         """One retained patch as a 1-patch video item (its own timestamps and hash)."""

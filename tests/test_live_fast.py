@@ -135,3 +135,26 @@ def test_fast_long_stream_stays_bounded(tiny_model_dir):
 def test_unknown_policy(tiny_model_dir):
     with pytest.raises(ConfigError):
         _engine(tiny_model_dir).live_session(max_pixels=SIZE, policy="approximate")
+
+
+def test_fast_kv_pool_exhausted_is_a_clear_error_and_recovers(tiny_model_dir):
+    from omnistream.errors import BudgetError
+
+    eng = _engine(tiny_model_dir, kv_cache_tokens=4096)
+    other = eng.session()
+    live = eng.live_session(max_pixels=SIZE, policy="fast", memory=BIG, prefill_on_arrival=False)
+    frames = scene_frames(3, 4, seed=14)
+    _feed(live, frames[:6])
+    live.ask("First?", GREEDY)
+    bm = eng.llm.blocks
+    hog = bm.allocate(bm.num_free)  # someone else holds every free block
+    _feed(live, frames[6:], t0=3.0)
+    with pytest.raises(BudgetError):
+        live.ask("Now?", GREEDY)
+    assert not live.kv.built and not live.kv.blocks  # its KV went back, nothing half-edited
+    bm.unpin(hog)
+    res = live.ask("Again?", GREEDY)  # rebuilt from the retained frames
+    assert res.token_ids and live.kv.visual_tokens == 4 * len(live.patches)
+    live.close()
+    other.close()
+    assert bm.num_free == bm.num_blocks

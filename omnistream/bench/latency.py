@@ -127,15 +127,17 @@ def hf_vision(hf, p: Prepared, device: torch.device) -> float:
 
 
 @torch.no_grad()
-def hf_greedy(hf, p: Prepared, device: torch.device, new_tokens: int, cache, step=None) -> dict:
+def hf_greedy(hf, p: Prepared, device: torch.device, new_tokens: int, cache, step=None, first_logits: bool = False) -> dict:
     """Prefill (vision included) + greedy decode with explicit positions.
-    step: the callable for decode steps (the compiled forward for the tuned variant)."""
+    step: the callable for decode steps (the compiled forward for the tuned variant).
+    first_logits: also return the first token's logits (float32, host), copied after timing."""
     step = step or hf
     t0 = now(device)
     kwargs = {k: v.to(device, non_blocking=True) for k, v in p.hf_inputs.items()}
     ids = torch.tensor([p.prompt_ids], device=device)
     out = hf(input_ids=ids, position_ids=p.positions[:, None].to(device), past_key_values=cache, use_cache=True, logits_to_keep=1, **kwargs)
-    tok = out.logits[0, -1].argmax()
+    first = out.logits[0, -1]
+    tok = first.argmax()
     tokens = [tok.item()]  # the host needs every token (streaming, stop checks), like generate
     t_first = time.perf_counter()
     for i in range(1, new_tokens):
@@ -145,7 +147,10 @@ def hf_greedy(hf, p: Prepared, device: torch.device, new_tokens: int, cache, ste
         tokens.append(tok.item())
     t_end = time.perf_counter()
     decode = (t_end - t_first) * 1000 / (new_tokens - 1) if new_tokens > 1 else None
-    return {"ttft_s": t_first - t0, "decode_ms_per_token": decode, "tokens": tokens}
+    r = {"ttft_s": t_first - t0, "decode_ms_per_token": decode, "tokens": tokens}
+    if first_logits:
+        r["first_logits"] = first.float().cpu()
+    return r
 
 
 class HFDefault:

@@ -47,10 +47,10 @@ def native_prepared(hf, p: Prepared, new_tokens: int) -> dict:
     device = next(hf.parameters()).device
     dtype = next(hf.parameters()).dtype
     p.hf_inputs = {k: (v.to(dtype) if v.is_floating_point() and k.startswith("pixel") else v) for k, v in p.hf_inputs.items()}
-    r = hf_greedy(hf, p, device, max(1, new_tokens), DynamicCache(config=hf.config))
+    r = hf_greedy(hf, p, device, max(1, new_tokens), DynamicCache(config=hf.config), first_logits=True)
     per_tok = r["decode_ms_per_token"] or 0.0
     return {"tokens": r["tokens"], "ttft_s": r["ttft_s"], "total_s": r["ttft_s"] + per_tok * (len(r["tokens"]) - 1) / 1000,
-            "prompt_tokens": len(p.prompt_ids)}
+            "prompt_tokens": len(p.prompt_ids), "first_logits": r["first_logits"]}
 
 
 def load_native(model_dir, device: str, dtype: torch.dtype):
