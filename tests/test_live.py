@@ -134,3 +134,26 @@ def test_errors(tiny_model_dir):
         live.ask("Anything?")
     with pytest.raises(UserInputError):
         live.add_frames([np.zeros((8, 8, 3), np.uint8)], [0.0, 1.0])
+
+
+def test_exact_recomputes_from_the_first_changed_patch(tiny_model_dir, hf_tiny_model):
+    """Blocks are named patch by patch (cache/prefix_hash.py): when the Stream slides, the KV
+    of the system prompt and the patches before the first change is reused, the rest recomputed,
+    and the answer is still exact."""
+    eng = _engine(tiny_model_dir)
+    mem = FrameMemoryConfig(star_capacity=16, stream_capacity=8, dedupe_threshold=0.0)
+    live = eng.live_session(system="You watch.", max_pixels=SIZE, memory=mem, prefill_on_arrival=False)
+    frames = scene_frames(4, 6, seed=21)
+    _feed(live, frames[:20])
+    live.ask("First?", GREEDY)
+    before = [p.patch_id for p in live.memory.retained()]
+    _feed(live, frames[20:], t0=10.0)
+    after = [p.patch_id for p in live.memory.retained()]
+    k = next(i for i, (a, b) in enumerate(zip(before, after)) if a != b)
+    assert k >= 1, (before, after)  # the Star patch is unchanged
+    ids, media = live.prompt_for("Now?")
+    res = live.ask("Now?", GREEDY, return_logits=True)
+    off, item = media[0]
+    unchanged = off + k * item.tokens_per_temporal_patch
+    assert res.metrics["cached_tokens"] == 16 * (unchanged // 16) > 0
+    assert_close_logits(res.logits, reference_logits(hf_tiny_model, ids, media, res.token_ids))
