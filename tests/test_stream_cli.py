@@ -85,7 +85,8 @@ def test_bench_stream_smoke(tmp_path, capsys):
         p = row[policy]
         for key in ("ingest_fps", "ttft_no_new_s", "ttft_after_new_s", "star_size", "stream_size", "compression_ratio"):
             assert key in p, key
-        assert p["frames_added"] == 120 + 2 and p["no_new_frames_encoded"] == 0
+        assert p["frames_added"] == 120 + 2 * 3 and p["no_new_frames_encoded"] == 0
+        assert len(p["ttft_after_new_samples_s"]) == 3
         assert p["after_new_frames_encoded"] == 2  # the question encoded the 2 frames it waited for (new camera)
         assert 0 < p["star_size"] <= 20 and 0 < p["stream_size"] <= 20
     d = row["divergence"]

@@ -58,6 +58,7 @@ class ModelRunner:
         self.vision_tokens_encoded = 0  # cumulative tokens the vision tower produced
         self._cache_holds: dict[int, tuple] = {}  # id(request) -> (request, encoder cache keys held)
         self.graphs = None  # DecodeGraphs, set by enable_cuda_graphs()
+        self.vision_graphs = None  # VisionGraphs, set by enable_cuda_graphs() (capture needs CUDA)
         self.decode_backend = None
         if device.type == "cuda":
             from omnistream.layers.triton_decode import triton_paged_decode
@@ -78,6 +79,10 @@ class ModelRunner:
         max_blocks = min(self.scratch_block, (max_context + self.block_size - 1) // self.block_size)
         self.graphs = DecodeGraphs(self, max_rows or MAX_ROWS, max_blocks, self.scratch_block, use_graphs)
         self.graphs.capture()
+        if use_graphs:
+            from omnistream.engine.vision_graphs import VisionGraphs
+
+            self.vision_graphs = VisionGraphs(self.model.visual)
 
     @torch.inference_mode()
     def move_kv(self, src: torch.Tensor, dst: torch.Tensor, chunk: int = 2048) -> None:
@@ -165,7 +170,12 @@ class ModelRunner:
         # copy as they are, normalise (raw uint8 rows) and cast on the device: the host never
         # touches the pixels twice
         pixels = normalize_rows(pixels.to(self.device, non_blocking=True)).to(self.dtype)
-        emb = self.model.encode_vision(pixels, [it.grid_thw for it in items])
+        grids = [it.grid_thw for it in items]
+        emb = None
+        if self.vision_graphs is not None and self.vision_offload is None:  # offload moves the weights
+            emb = self.vision_graphs.run(pixels, grids)
+        if emb is None:
+            emb = self.model.encode_vision(pixels, grids)
         return list(emb.split([it.num_tokens for it in items]))
 
     # ---------------------------------------------------------------- batch
