@@ -2,8 +2,10 @@
 
 A live camera encodes one 2-frame patch of the same size at every step. Eagerly that is ~1000
 kernel launches (32 blocks), ~35 ms of host time on an H100 machine for ~3 ms of GPU work.
-The second time a grid list is seen (and it is small), its forward is captured with static
-input and output buffers and replayed from then on. Replays compute exactly the eager function
+The second time a single-patch grid (1, h, w) is seen, its forward is captured with static
+input and output buffers and replayed from then on. Only that shape: runs of several missing
+patches (grids (k, h, w), varying k) would make the few kept graphs evict each other and be
+captured again and again, and their GPU time hides the launch cost anyway. Replays compute exactly the eager function
 (same kernels, same layout); the output is copied out of the static buffer. A few grid lists
 are kept (least recently used out).
 """
@@ -51,7 +53,7 @@ class VisionGraphs:
         """(P, 1176) pixels on the device, in the tower's dtype -> embeddings, or None when this
         input should run eagerly (first sighting of its grids, or too large)."""
         key = (tuple(tuple(g) for g in grids), pixels.dtype)
-        if pixels.shape[0] > MAX_PATCHES:
+        if len(grids) != 1 or grids[0][0] != 1 or pixels.shape[0] > MAX_PATCHES:
             return None
         cap = self.graphs.get(key)
         if cap is None:
