@@ -147,6 +147,8 @@ def _point(live, quiet: list, after: list) -> dict:
         "no_new_frames_encoded": max(x.metrics["frames_encoded"] for x in quiet),
         "no_new_cached_tokens": q.metrics.get("cached_tokens"), "no_new_prompt_tokens": q.metrics["prompt_tokens"],
         "ttft_after_new_s": a.metrics["ttft_s"], "ttft_after_new_samples_s": [x.metrics["ttft_s"] for x in after],
+        "after_new_samples": [{k: x.metrics.get(k) for k in ("ttft_s", "encoding_latency", "prefill_latency", "cached_tokens",
+                                                             "prompt_tokens", "frames_encoded")} for x in after],
         "after_new_frames_encoded": a.metrics["frames_encoded"],
         "after_new_encoding_s": a.metrics["encoding_latency"], "after_new_prefill_s": a.metrics["prefill_latency"],
         "prompt_tokens": a.metrics["prompt_tokens"], "cached_tokens": a.metrics.get("cached_tokens"),
@@ -172,6 +174,24 @@ def divergence(sessions: dict, question: str, new_tokens: int, hf, tps: float) -
     return {"top1_agree": bool(la.argmax() == lb.argmax()), "logit_rel_err": float((la - lb).norm() / la.norm()),
             "noise_rel_err": float((la - ref).norm() / ref.norm()), "noise_top1_agree": bool(la.argmax() == ref.argmax()),
             "tokens_equal": same, "tokens": len(a.token_ids), "exact_tokens": a.token_ids, "fast_tokens": b.token_ids}
+
+
+class GCPauses:
+    """Durations of the garbage collector's runs (a full collection can stall a question)."""
+
+    def __init__(self) -> None:
+        self.pauses: list[float] = []
+        self._t0 = 0.0
+
+    def __call__(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._t0 = time.perf_counter()
+        else:
+            self.pauses.append(time.perf_counter() - self._t0)
+
+    def summary(self) -> dict:
+        p = sorted(self.pauses)
+        return {"count": len(p), "total_s": sum(p), "max_s": p[-1] if p else 0.0}
 
 
 def run_stream(model, device: str, dtype: str, size: int, minutes: list[float], fps: float, new_tokens: int, seed: int = 0,
@@ -217,6 +237,8 @@ def run_stream(model, device: str, dtype: str, size: int, minutes: list[float], 
 
     sessions = {p: engine.live_session(policy=p, **live_opts) for p in policies}
     rows, fed = [], 0
+    gc_pauses = GCPauses()
+    gc.callbacks.append(gc_pauses)
     try:
         for m, target in zip(minutes, total):
             row = {"minutes": m, "frames_fed": target, "segment_frames": target - fed}
@@ -237,9 +259,11 @@ def run_stream(model, device: str, dtype: str, size: int, minutes: list[float], 
             row["engine_gib"] = None if row["allocated_gib"] is None else row["allocated_gib"] - hf_bytes / 2**30
             rows.append(row)
     finally:
+        gc.callbacks.remove(gc_pauses)
         for live in sessions.values():
             live.close()
     return {
+        "gc_pauses": gc_pauses.summary(),
         "env": environment(dev, tdtype),
         "workload": {"model": str(model), "size": size, "fps": fps, "minutes": minutes, "new_tokens": new_tokens,
                      "tokens_per_patch": per_patch, "policies": list(policies),
@@ -304,6 +328,9 @@ def print_stream(r: dict, out=None) -> None:
               f"{no_new:.1f} ms ({'ok' if no_new <= TARGETS['ttft_no_new_ms'] else 'MISS'}), TTFT after 2 new {after:.1f} ms "
               f"({'ok' if after <= TARGETS['ttft_after_new_ms'] else 'MISS'})", file=out)
     print(f"memory (both sessions alive): {flat}", file=out)
+    if "gc_pauses" in r:
+        g = r["gc_pauses"]
+        print(f"garbage collector during (b): {g['count']} runs, {1000 * g['total_s']:.1f} ms in all, longest {1000 * g['max_s']:.1f} ms", file=out)
     print("seed approach = transformers re-encoding all retained frames at the question (vision + prefill over the exact "
           "policy's prompt for the 2-new question)", file=out)
 
