@@ -300,10 +300,14 @@ class LiveSession(Session):
 
     def _ask_fast(self, question: str, sampling: SamplingParams, return_logits: bool, asked: float) -> "GenerationResult":
         before = self.engine.stats()["vision_tokens_encoded"]
-        self._sync_kv()
+        edits = (self.kv.edit_vision_s, self.kv.edit_prefill_s)
+        self._sync_kv()  # the new frames this question waited for: encoded and computed into place
         if not self.kv.built:
             raise UserInputError("no frames ingested yet: add frames before asking")
+        edit_vision, edit_prefill = self.kv.edit_vision_s - edits[0], self.kv.edit_prefill_s - edits[1]
         res = self.kv.ask(self._question_ids(question), self._end_of_turn, sampling, return_logits=return_logits, arrival=asked)
+        res.metrics["vision_encode_s"] += edit_vision
+        res.metrics["prefill_s"] += edit_prefill
         self.messages = self.messages + [{"role": "user", "content": question}, {"role": "assistant", "content": res.text}]
         encoded = self.engine.stats()["vision_tokens_encoded"] - before
         res.metrics.update(self._metrics(res, asked, encoded, self.kv.visual_tokens, len(self.kv.ids)))

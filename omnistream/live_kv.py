@@ -58,6 +58,8 @@ class LiveKV:
         self.t0 = 0.0  # time of the block's first patch when built (temporal origin)
         self.tokens_per_second = engine.model.cfg.vision.tokens_per_second
         self.video_token_id = engine.tokenizer.video_token_id
+        self.edit_vision_s = 0.0  # cumulative vision / prefill seconds of build + insert
+        self.edit_prefill_s = 0.0
 
     @property
     def built(self) -> bool:
@@ -165,6 +167,9 @@ class LiveKV:
              arrival: float | None = None) -> "GenerationResult":
         prompt = (ids, media, (0.0, 0.0)) if arrival is None else (ids, media, (0.0, 0.0), arrival)
         [res] = self.engine.run_prompts([prompt], sampling, return_logits=return_logits, cache_salt=self.tenant, kv=handle)
+        if media:  # build / insert: the work a later question may be charged with
+            self.edit_vision_s += res.metrics["vision_encode_s"]
+            self.edit_prefill_s += res.metrics["prefill_s"]
         return res
 
     def _slots(self, start: int, end: int) -> torch.Tensor:

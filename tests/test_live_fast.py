@@ -158,3 +158,17 @@ def test_fast_kv_pool_exhausted_is_a_clear_error_and_recovers(tiny_model_dir):
     live.close()
     other.close()
     assert bm.num_free == bm.num_blocks
+
+
+def test_fast_question_is_charged_with_the_frames_it_waited_for(tiny_model_dir):
+    eng = _engine(tiny_model_dir)
+    live = eng.live_session(max_pixels=SIZE, policy="fast")
+    frames = scene_frames(2, 6, seed=15)
+    _feed(live, frames[:8])
+    live.ask("First?", GREEDY)
+    quiet = live.ask("Again?", GREEDY)
+    assert quiet.metrics["frames_encoded"] == 0 and quiet.metrics["encoding_latency"] == 0.0
+    live.add_frames(frames[8:10], [10.0, 10.5])  # asked at once: the question computes them
+    res = live.ask("Now?", GREEDY)
+    assert res.metrics["frames_encoded"] == 2 and res.metrics["encoding_latency"] > 0
+    live.close()
