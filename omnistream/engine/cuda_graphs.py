@@ -111,4 +111,12 @@ class DecodeGraphs:
             hidden = self._forward(g)
         if not last_rows:
             return None, []
-        return self.model.compute_logits(hidden[torch.tensor(last_rows, device=dev)]), sampling
+        # views where possible: an index tensor would be a host-to-device copy, which waits for
+        # the replay, and the LM head could not be queued behind it
+        if last_rows == list(range(len(last_rows))):
+            picked = hidden[: len(last_rows)]  # a decode batch: every row samples
+        elif len(last_rows) == 1:
+            picked = hidden[last_rows[0] : last_rows[0] + 1]  # one chunk: its last row
+        else:
+            picked = hidden[torch.tensor(last_rows, device=dev)]
+        return self.model.compute_logits(picked), sampling
