@@ -92,6 +92,10 @@ class LiveSession(Session):
         self.frames_received = 0
         self.frames_encoded_total = 0
         self._asking = 0  # questions waiting for ingestion: the worker leaves prefill to them
+        # held while a question builds and runs its context, and while the worker prefills: the
+        # session's KV state (pinned prefix, fast policy's owned KV) has one writer at a time.
+        # The worker only tries it: ingestion never waits for a running answer.
+        self._context = threading.Lock()
 
     # ------------------------------------------------------------------ ingestion
     def add_frame(self, frame, timestamp: float) -> None:
@@ -134,9 +138,13 @@ class LiveSession(Session):
                 dirty = any([self._ingest(f, t) for f, t in batch]) or dirty
                 # prefill once the burst is over, and never ahead of a waiting question (it
                 # builds the same context itself; the worker would only delay it)
-                if dirty and self.prefill_on_arrival and not self.closed and self._queue.empty() and not self._asking:
-                    dirty = False
-                    self._prefill_prefix()
+                if (dirty and self.prefill_on_arrival and not self.closed and self._queue.empty() and not self._asking
+                        and self._context.acquire(blocking=False)):
+                    try:
+                        dirty = False
+                        self._prefill_prefix()
+                    finally:
+                        self._context.release()
             except Exception as e:  # surfaced to the caller at the next add_frame/flush/ask
                 log.exception("live ingestion failed")
                 self._error = e if isinstance(e, UserInputError) else MediaError(f"live ingestion failed: {e}")
@@ -235,14 +243,18 @@ class LiveSession(Session):
             self.flush()
         finally:
             self._asking -= 1
-        if self.kv is not None:
-            return self._ask_fast(question, sampling or SamplingParams(), return_logits, asked)
+        with self._context:
+            if self.kv is not None:
+                return self._ask_fast(question, sampling or SamplingParams(), return_logits, asked)
+            return self._ask_exact(question, sampling or SamplingParams(), return_logits, asked)
+
+    def _ask_exact(self, question: str, sampling: SamplingParams, return_logits: bool, asked: float) -> "GenerationResult":
         item = self.video_item()  # snapshot: frames ingested later do not change this answer
         if item is None:
             raise UserInputError("no frames ingested yet: add frames before asking")
         prompt, media = self.prompt_for(question, item)
         before = self.engine.stats()["vision_tokens_encoded"]
-        [res] = self.engine.run_prompts([(prompt, media, (0.0, 0.0), asked)], sampling or SamplingParams(), return_logits=return_logits, cache_salt=self.tenant)
+        [res] = self.engine.run_prompts([(prompt, media, (0.0, 0.0), asked)], sampling, return_logits=return_logits, cache_salt=self.tenant)
         self.history_ids = prompt[len(self._prefix(item)[0]):] + res.token_ids + self._end_of_turn(res.token_ids)
         self.messages = self.messages + [{"role": "user", "content": question}, {"role": "assistant", "content": res.text}]
         self.token_ids, self.media, self._names = prompt + res.token_ids, media, []
@@ -335,6 +347,7 @@ class LiveSession(Session):
         }
 
     def close(self) -> None:
-        if self.kv is not None and not self.closed:
-            self.kv.close()
-        super().close()
+        with self._context:  # not in the middle of the worker's prefill
+            if self.kv is not None and not self.closed:
+                self.kv.close()
+            super().close()

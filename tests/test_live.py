@@ -76,15 +76,16 @@ def test_question_without_new_frames_reuses_everything(tiny_model_dir):
     assert res.metrics["visual_tokens"] == 4 * len(live.patches)
 
 
-def test_ingestion_during_an_answer_does_not_change_it(tiny_model_dir):
+@pytest.mark.parametrize("policy", ["exact", "fast"])
+def test_ingestion_during_an_answer_does_not_change_it(tiny_model_dir, policy):
     frames = scene_frames(2, 8, seed=4)
     later = scene_frames(1, 8, seed=5)
-    quiet = _engine(tiny_model_dir).live_session(max_pixels=SIZE)
+    quiet = _engine(tiny_model_dir).live_session(max_pixels=SIZE, policy=policy)
     _feed(quiet, frames)
     expected = quiet.ask("Describe.", SamplingParams(max_new_tokens=12, ignore_eos=True)).token_ids
 
     eng = _engine(tiny_model_dir)
-    live = eng.live_session(max_pixels=SIZE)
+    live = eng.live_session(max_pixels=SIZE, policy=policy)
     _feed(live, frames)
     started = threading.Event()
     run = eng.run_prompts
@@ -102,6 +103,7 @@ def test_ingestion_during_an_answer_does_not_change_it(tiny_model_dir):
     live.flush(timeout=60)
     assert res.token_ids == expected
     assert live.memory.stats().frames_added == 24  # the new frames were ingested meanwhile
+    assert live.ask("And now?", SamplingParams(max_new_tokens=2, ignore_eos=True)).token_ids  # and are usable
 
 
 def test_two_hour_stream_stays_bounded(tiny_model_dir):
