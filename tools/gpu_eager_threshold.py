@@ -14,11 +14,10 @@ fr, ts = cam.frames(0, 400)
 live.add_frames(fr, ts)
 live.flush()
 live.ask("hello", SamplingParams(max_new_tokens=1))
-q = " ".join(["cat"] * 2650) + "?"
-ids, media = live.prompt_for(q)
 res = {512: [], 10**9: []}
 for rep in range(8):
     for th in (512, 10**9):
+        ids, media = live.prompt_for(f"{rep} {th} " + " ".join(["cat"] * 2650) + "?")  # new text: recomputed
         fused._COMPILE_MIN_ROWS = th
         [r] = eng.run_prompts([(ids, media, (0.0, 0.0))], SamplingParams(max_new_tokens=1, ignore_eos=True))
         res[th].append(r.metrics["ttft_s"] * 1000)
