@@ -53,8 +53,11 @@ def _get(name: str, fn):
 
 # Below this many rows an eager call is cheaper on the host than a compiled one (the compiled
 # wrapper's guards cost ~0.1 ms, ~0.3 s per 36-layer step of a follow-up question), unless a CUDA
-# graph is being captured: then host cost vanishes at replay and fewer kernels win.
-_COMPILE_MIN_ROWS = 512
+# graph is being captured: then host cost vanishes at replay and fewer kernels win. Measured on
+# the H100 host for a 2.6k-token re-prefill over a 5k context (tools/gpu_eager_threshold.py):
+# compiled 61 ms median but 58-111 ms (guard misses recompile for new lengths), eager 67-68 ms
+# every time; long prefills (8k video prompts) keep the compiled kernels.
+_COMPILE_MIN_ROWS = 4096
 
 
 _force = False
