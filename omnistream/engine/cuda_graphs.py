@@ -6,8 +6,10 @@ graph computes R independent rows, each one token with its own position, cache s
 table and context length. A decode is one row; a short chunk (a follow-up question over a
 cached conversation, a history re-prefill, one live video patch) is several rows of one
 sequence, row i seeing the context up to itself: every row's K/V is written before attention
-reads, so causality holds. The graph starts from input embeddings (N, hidden), so media rows
-(vision embeddings) run in it too; embedding and the LM head of the sampled rows run outside.
+reads, so causality holds. Media rows (vision embeddings) run in it too: the graph embeds the
+token ids and takes the rows marked as media from a static embedding buffer instead. Buckets of
+up to LOGITS_ROWS rows (decode batches) also run the LM head inside; larger ones (chunks, which
+sample one row) run it outside on the sampled rows only.
 One graph per row-count bucket, all sharing static buffers; padding rows write into a scratch
 block that no sequence owns.
 """
@@ -22,6 +24,7 @@ from omnistream.layers.fused import compiled_kernels
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 96, 128, 192, 256)
 MAX_ROWS = 256  # larger steps run eagerly: their GPU time hides the launch cost
+LOGITS_ROWS = 64  # buckets up to this size compute every row's logits inside the graph
 
 
 class DecodeGraphs:
@@ -33,21 +36,29 @@ class DecodeGraphs:
         self.scratch = scratch_block
         self.buckets = [b for b in BUCKETS if b <= max_rows] or [1]
         n, dev = self.buckets[-1], runner.device
-        self.embeds = torch.zeros(n, self.model.cfg.text.hidden_size, dtype=runner.dtype, device=dev)
+        self.input_ids = torch.zeros(n, dtype=torch.long, device=dev)
+        self.media = torch.zeros(n, self.model.cfg.text.hidden_size, dtype=runner.dtype, device=dev)  # media rows' embeddings
+        self.is_media = torch.zeros(n, 1, dtype=torch.bool, device=dev)
+        self._media_set = False  # is_media holds True rows from the last step
         self.positions = torch.zeros(3, n, dtype=torch.long, device=dev)
         self.slots = torch.full((n,), scratch_block * runner.block_size, dtype=torch.long, device=dev)
         self.tables = torch.full((n, max_blocks), scratch_block, dtype=torch.int32, device=dev)
         self.lens = torch.ones(n, dtype=torch.int32, device=dev)
         self.hidden = None  # (n, hidden) output of the last replay
+        self.logits = None  # (LOGITS_ROWS, vocab) output of the last replay of a small bucket
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.pool = None
 
-    def _forward(self, b: int) -> torch.Tensor:
+    def _forward(self, b: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """-> hidden (b, hidden), logits (b, vocab) when b <= LOGITS_ROWS else None."""
         meta = AttentionMetadata(
             slot_mapping=self.slots[:b], query_lens=[1] * b, context_lens=[1] * b, block_tables=[],
             decode_block_tables=self.tables[:b], decode_context_lens=self.lens[:b],
         )
-        return self.model(self.embeds[:b], self.positions[:, :b], self.runner.kv_caches, meta)
+        x = self.model.model.embed_tokens(self.input_ids[:b])
+        x = torch.where(self.is_media[:b], self.media[:b], x)
+        hidden = self.model(x, self.positions[:, :b], self.runner.kv_caches, meta)
+        return hidden, (self.model.compute_logits(hidden) if b <= LOGITS_ROWS else None)
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -58,14 +69,23 @@ class DecodeGraphs:
             self._capture()
 
     def _capture(self) -> None:
-        self.hidden = torch.empty_like(self.embeds)
+        self.hidden = torch.empty_like(self.media)
+        self.logits = torch.empty(min(LOGITS_ROWS, self.buckets[-1]), self.model.cfg.text.vocab_size,
+                                  dtype=self.media.dtype, device=self.media.device)
+
+        def step(b: int) -> None:
+            hidden, logits = self._forward(b)
+            self.hidden[:b] = hidden
+            if logits is not None:
+                self.logits[:b] = logits
+
         for b in reversed(self.buckets):  # largest first so smaller graphs reuse its pool
             for _ in range(2):  # warm up (Triton compile, cuBLAS handles) outside the graph
-                self.hidden[:b] = self._forward(b)
+                step(b)
             torch.cuda.synchronize()
             g = torch.cuda.CUDAGraph()
             with torch.cuda.graph(g, pool=self.pool):
-                self.hidden[:b] = self._forward(b)
+                step(b)
             self.pool = g.pool()
             self.graphs[b] = g
         torch.cuda.synchronize()
@@ -95,22 +115,35 @@ class DecodeGraphs:
                 last_rows.append(len(ids) - 1)
                 sampling.append(c)
         pad = g - rows
-        dev = self.embeds.device
+        dev = self.media.device
+        self.input_ids[:g].copy_(torch.tensor(ids + [0] * pad), non_blocking=True)
         mm_rows, mm_embeds = self.runner.media_rows(out.chunks)
-        embeds = self.model.embed(torch.tensor(ids).to(dev, non_blocking=True),
-                                  None if mm_rows is None else mm_rows.to(dev, non_blocking=True), mm_embeds)
-        self.embeds[:rows].copy_(embeds)  # padding rows keep old (finite) values: they write to scratch
+        if mm_rows is not None:
+            mask = torch.zeros(g, 1, dtype=torch.bool)
+            mask[mm_rows] = True
+            self.is_media[:g].copy_(mask, non_blocking=True)
+            if g < len(self.is_media):
+                self.is_media[g:].zero_()
+            self.media.index_copy_(0, mm_rows.to(dev, non_blocking=True), mm_embeds.to(self.media.dtype))
+            self._media_set = True
+        elif self._media_set:  # text only: clear the mask once
+            self.is_media.zero_()
+            self._media_set = False
         self.positions[:, :g].copy_(torch.cat(pos + [torch.zeros(3, pad, dtype=torch.long)], dim=1), non_blocking=True)
         self.slots[:g].copy_(torch.cat(slots + [torch.full((pad,), self.scratch * bs)]), non_blocking=True)
         self.lens[:g].copy_(torch.cat(lens + [torch.ones(pad, dtype=torch.long)]).int(), non_blocking=True)
         self.tables[:g].copy_(tables, non_blocking=True)
         if self.use_graphs:
             self.graphs[g].replay()
-            hidden = self.hidden
+            hidden, logits = self.hidden, (self.logits if g <= LOGITS_ROWS else None)
         else:
-            hidden = self._forward(g)
+            hidden, logits = self._forward(g)
         if not last_rows:
             return None, []
+        if logits is not None:  # computed in the graph; pick the sampled rows
+            if last_rows == list(range(len(last_rows))):
+                return logits[: len(last_rows)], sampling
+            return logits[torch.tensor(last_rows, device=dev)], sampling
         # views where possible: an index tensor would be a host-to-device copy, which waits for
         # the replay, and the LM head could not be queued behind it
         if last_rows == list(range(len(last_rows))):
