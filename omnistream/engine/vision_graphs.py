@@ -16,7 +16,6 @@ from collections import OrderedDict
 
 import torch
 
-from omnistream.layers.fused import compiled_kernels
 from omnistream.models.qwen2_5_vl_vision import build_layout
 
 MAX_PATCHES = 2048  # larger inputs run eagerly: their GPU time hides the launch cost
@@ -27,13 +26,14 @@ class _Captured:
     def __init__(self, visual, pixels: torch.Tensor, grids: tuple) -> None:
         self.layout = build_layout(list(grids), visual.cfg, pixels.device)
         self.input = torch.zeros_like(pixels)
-        with compiled_kernels():
-            for _ in range(2):  # warm up (Triton compile, cuBLAS handles) outside the graph
-                visual(self.input, list(grids), self.layout)
-            torch.cuda.synchronize()
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.output = visual(self.input, list(grids), self.layout)
+        # the eager kernels, not the compiled ones: a replay is then bit for bit the eager
+        # forward (the first sighting of a patch is encoded eagerly, later ones replayed)
+        for _ in range(2):  # warm up (cuBLAS handles) outside the graph
+            visual(self.input, list(grids), self.layout)
+        torch.cuda.synchronize()
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.output = visual(self.input, list(grids), self.layout)
 
     def run(self, pixels: torch.Tensor) -> torch.Tensor:
         self.input.copy_(pixels)
