@@ -16,7 +16,10 @@ from omnistream.errors import BudgetError
 from omnistream.models.hf_config import QwenVLConfig
 
 CPU_DEFAULT_KV_TOKENS = 65536
-GRAPH_RESERVE_BYTES = 256 << 20
+# CUDA-graph memory: row-batch graphs up to 256 rows (activations ~25 MB, split-K scratch 64 MB,
+# in-graph logits of 64 rows ~20 MB) and at most 2 vision graphs of one temporal patch (~50 MB
+# each at 448x448), with allocator rounding
+GRAPH_RESERVE_BYTES = 384 << 20
 
 
 def activation_reserve_bytes(mcfg: QwenVLConfig, cfg: EngineConfig, max_vision_patches: int, itemsize: int) -> int:
