@@ -189,19 +189,23 @@ class LiveSession(Session):
         cached = self._item
         if cached is not None and cached[0] == key:  # unchanged since the last context: no copy
             return cached[1]
-        live = [self._materialize(lp) for lp in live]
         if not live:
             return None
-        gh, gw = self.size[0] // 14, self.size[1] // 14
+        item = self._item_of(live)
+        self._item = (key, item)
+        return item
+
+    def _item_of(self, live: list[LivePatch]) -> MediaItem:
+        """Retained patches (time order) as one video item: real timestamps, per-patch hashes."""
+        live = [self._materialize(lp) for lp in live]
         times = [lp.patch.timestamps[0] for lp in live]
         hashes = [lp.hash for lp in live]
-        item = MediaItem(
-            kind="video", pixel_values=torch.cat([lp.rows for lp in live]), grid_thw=(len(live), gh, gw),
+        rows = live[0].rows if len(live) == 1 else torch.cat([lp.rows for lp in live])
+        return MediaItem(
+            kind="video", pixel_values=rows, grid_thw=(len(live), self.size[0] // 14, self.size[1] // 14),
             timestamps=[t for lp in live for t in lp.patch.timestamps], patch_times=times,
             patch_hashes=hashes, content_hash=item_hash("video", hashes, patch_times=times),
         )
-        self._item = (key, item)
-        return item
 
     def _prefix(self, item: MediaItem) -> tuple[list[int], list[tuple[int, MediaItem]]]:
         """Tokens of system + the video turn, and the video's placeholder offset."""
@@ -253,13 +257,13 @@ class LiveSession(Session):
         if item is None:
             raise UserInputError("no frames ingested yet: add frames before asking")
         prompt, media = self.prompt_for(question, item)
-        before = self.engine.stats()["vision_tokens_encoded"]
+        before = self.engine.llm.runner.vision_tokens_encoded
         [res] = self.engine.run_prompts([(prompt, media, (0.0, 0.0), asked)], sampling, return_logits=return_logits, cache_salt=self.tenant)
         self.history_ids = prompt[len(self._prefix(item)[0]):] + res.token_ids + self._end_of_turn(res.token_ids)
         self.messages = self.messages + [{"role": "user", "content": question}, {"role": "assistant", "content": res.text}]
         self.token_ids, self.media, self._names = prompt + res.token_ids, media, []
         self._repin()
-        encoded = self.engine.stats()["vision_tokens_encoded"] - before
+        encoded = self.engine.llm.runner.vision_tokens_encoded - before
         res.metrics.update(self._metrics(res, asked, encoded, item.num_tokens, res.metrics["prompt_tokens"] + res.metrics["output_tokens"]))
         return res
 
@@ -304,14 +308,10 @@ class LiveSession(Session):
 
     def _patch_item(self, lp: LivePatch) -> MediaItem:
         """One retained patch as a 1-patch video item (its own timestamps and hash)."""
-        lp = self._materialize(lp)
-        times = [lp.patch.timestamps[0]]
-        return MediaItem(kind="video", pixel_values=lp.rows, grid_thw=(1, self.size[0] // 14, self.size[1] // 14),
-                         timestamps=list(lp.patch.timestamps), patch_times=times, patch_hashes=[lp.hash],
-                         content_hash=item_hash("video", [lp.hash], patch_times=times))
+        return self._item_of([lp])
 
     def _ask_fast(self, question: str, sampling: SamplingParams, return_logits: bool, asked: float) -> "GenerationResult":
-        before = self.engine.stats()["vision_tokens_encoded"]
+        before = self.engine.llm.runner.vision_tokens_encoded
         edits = (self.kv.edit_vision_s, self.kv.edit_prefill_s)
         self._sync_kv()  # the new frames this question waited for: encoded and computed into place
         if not self.kv.built:
@@ -321,7 +321,7 @@ class LiveSession(Session):
         res.metrics["vision_encode_s"] += edit_vision
         res.metrics["prefill_s"] += edit_prefill
         self.messages = self.messages + [{"role": "user", "content": question}, {"role": "assistant", "content": res.text}]
-        encoded = self.engine.stats()["vision_tokens_encoded"] - before
+        encoded = self.engine.llm.runner.vision_tokens_encoded - before
         res.metrics.update(self._metrics(res, asked, encoded, self.kv.visual_tokens, len(self.kv.ids)))
         return res
 

@@ -140,16 +140,16 @@ class DecodeGraphs:
             hidden, logits = self._forward(g)
         if not last_rows:
             return None, []
-        if logits is not None:  # computed in the graph; pick the sampled rows
-            if last_rows == list(range(len(last_rows))):
-                return logits[: len(last_rows)], sampling
-            return logits[torch.tensor(last_rows, device=dev)], sampling
-        # views where possible: an index tensor would be a host-to-device copy, which waits for
-        # the replay, and the LM head could not be queued behind it
-        if last_rows == list(range(len(last_rows))):
-            picked = hidden[: len(last_rows)]  # a decode batch: every row samples
-        elif len(last_rows) == 1:
-            picked = hidden[last_rows[0] : last_rows[0] + 1]  # one chunk: its last row
-        else:
-            picked = hidden[torch.tensor(last_rows, device=dev)]
-        return self.model.compute_logits(picked), sampling
+        if logits is not None:  # computed in the graph
+            return _rows(logits, last_rows), sampling
+        return self.model.compute_logits(_rows(hidden, last_rows)), sampling
+
+
+def _rows(x: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """x[rows], as a view where possible: an index tensor is a host-to-device copy, which waits
+    for the replay, so the work after it could not be queued behind the graph."""
+    if rows == list(range(len(rows))):
+        return x[: len(rows)]  # a decode batch: every row samples
+    if len(rows) == 1:
+        return x[rows[0] : rows[0] + 1]  # one chunk: its last row
+    return x[torch.tensor(rows, device=x.device)]
