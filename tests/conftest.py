@@ -5,7 +5,7 @@ Available:
   tiny_config       session  QwenVLConfig of the "tiny" preset (text hidden 64, 2 layers)
   tiny_model_dir    session  Path of a random-weight "tiny" checkpoint (hub layout, float32,
                              init_std=TEST_INIT_STD, tied embeddings, real Qwen tokenizer)
-  tiny_tokenizer    session  omnistream.tokenizer.Tokenizer of tiny_model_dir
+  tiny_tokenizer    session  omnistream.models.tokenizer.Tokenizer of tiny_model_dir
   hf_tiny_model     session  transformers Qwen2_5_VLForConditionalGeneration of tiny_model_dir
                              (float32, eval); skips if transformers is missing. Do not mutate;
                              pass explicit position_ids (model.model.rope_deltas is shared state)
@@ -50,7 +50,7 @@ def tiny_model_dir(tmp_path_factory, tiny_config):
 @pytest.fixture(scope="session")
 def tiny_tokenizer(tiny_model_dir):
     """omnistream's Tokenizer for the tiny checkpoint."""
-    from omnistream.tokenizer import Tokenizer
+    from omnistream.models.tokenizer import Tokenizer
 
     return Tokenizer(tiny_model_dir)
 

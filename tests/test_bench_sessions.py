@@ -10,8 +10,8 @@ import json
 
 import pytest
 
-from omnistream.api import Engine
-from omnistream.cli import main
+from omnistream.entrypoints.api import Engine
+from omnistream.entrypoints.cli import main
 
 pytest.importorskip("transformers")
 pytestmark = pytest.mark.skipif(not hasattr(Engine, "session"), reason="the session API (Engine.session, Engine.stats) is not there yet")

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from omnistream.cli import main
+from omnistream.entrypoints.cli import main
 
 TINY = ["--model-config", "tiny", "--device", "cpu", "--frames", "4", "--size", "112", "--new-tokens", "4"]
 

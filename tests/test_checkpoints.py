@@ -6,11 +6,11 @@ import dataclasses
 
 import pytest
 
-from omnistream.api import Engine
+from omnistream.entrypoints.api import Engine
 from omnistream.engine.sampling import SamplingParams
 from omnistream.errors import ConfigError
 from omnistream.models.demo import write_model_dir
-from omnistream.prompt import build_prompt
+from omnistream.models.prompt import build_prompt
 from tests.reference import assert_close_logits, reference_logits
 
 transformers = pytest.importorskip("transformers")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from omnistream.cli import main
+from omnistream.entrypoints.cli import main
 from omnistream.media.samples import write_broken_corpus, write_media_corpus
 
 

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from omnistream.api import Engine
+from omnistream.entrypoints.api import Engine
 from omnistream.cache.encoder_cache import EncoderCache, VisionPlan
 from omnistream.engine.sampling import SamplingParams
 from omnistream.media import hashing
 from omnistream.media.processor import MediaProcessor
-from omnistream.prompt import build_prompt
+from omnistream.models.prompt import build_prompt
 from tests.reference import assert_close_logits, reference_logits
 
 GREEDY = SamplingParams(max_new_tokens=4, ignore_eos=True)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from omnistream.api import Engine
+from omnistream.entrypoints.api import Engine
 from omnistream.engine.sampling import SamplingParams
 from omnistream.layers.paged_decode import torch_paged_decode
 from tests.reference import assert_close_logits, reference_logits
@@ -45,7 +45,7 @@ def _check(engine, hf_tiny_model, conversations, sampling=GREEDY):
     results = engine.generate(conversations, sampling, return_logits=True)
     for conv, res in zip(conversations, results):
         items = engine.load_media(conv)
-        from omnistream.prompt import build_prompt
+        from omnistream.models.prompt import build_prompt
 
         prompt = build_prompt(engine.tokenizer, conv, items)
         media = [(r.offset, m) for r, m in zip(prompt.ranges, prompt.media)]
@@ -79,7 +79,7 @@ def test_positions_matter(engine, hf_tiny_model):
     """Guard: the tiny model must be position-sensitive, or the exactness tests prove little."""
     conv = CASES["video_even"]
     [res] = engine.generate([conv], GREEDY, return_logits=True)
-    from omnistream.prompt import build_prompt
+    from omnistream.models.prompt import build_prompt
 
     items = engine.load_media(conv)
     prompt = build_prompt(engine.tokenizer, conv, items)

@@ -7,7 +7,7 @@ import threading
 import numpy as np
 import pytest
 
-from omnistream.api import Engine
+from omnistream.entrypoints.api import Engine
 from omnistream.engine.sampling import SamplingParams
 from omnistream.errors import UserInputError
 from omnistream.media.frame_memory import FrameMemoryConfig

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 
 from omnistream.errors import ConfigError, UserInputError
-from omnistream.prompt import PlaceholderRange, Prompt, build_prompt, media_parts
-from omnistream.tokenizer import QWEN2_5_VL_CHAT_TEMPLATE, Tokenizer
+from omnistream.models.prompt import PlaceholderRange, Prompt, build_prompt, media_parts
+from omnistream.models.tokenizer import QWEN2_5_VL_CHAT_TEMPLATE, Tokenizer
 
 transformers = pytest.importorskip("transformers")
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from omnistream.api import Engine
+from omnistream.entrypoints.api import Engine
 from omnistream.engine.sampling import SamplingParams
 from omnistream.errors import UnknownSessionError, UserInputError
 from tests.reference import assert_close_logits, reference_logits

@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from omnistream.cli import main
+from omnistream.entrypoints.cli import main
 from omnistream.media.samples import write_sample_video
 
 

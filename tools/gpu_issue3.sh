@@ -4,7 +4,7 @@ set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p $OUT
-run() { echo "### $*"; python3 -m omnistream.cli "$@" 2>&1 | grep -v -i "warn" | tee -a $OUT/log.txt; }
+run() { echo "### $*"; python3 -m omnistream.entrypoints.cli "$@" 2>&1 | grep -v -i "warn" | tee -a $OUT/log.txt; }
 [ "${SKIP_W1:-0}" = 1 ] || run bench multiturn --model-config 3b --frames 64 --size 448 --turns 10 --repeats 3 --json $OUT/multiturn.json
 [ "${SKIP_SH:-0}" = 1 ] || run bench shared --model-config 3b --frames 64 --size 448 --sessions 8 --json $OUT/shared.json
 [ "${SKIP_REP:-0}" = 1 ] || run bench repeat --model-config 3b --frames 64 --size 448 --json $OUT/repeat.json

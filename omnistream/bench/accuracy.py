@@ -58,12 +58,12 @@ def compare(ref: torch.Tensor, other: torch.Tensor) -> dict:
 
 
 def run_accuracy(args) -> dict:
-    from omnistream.api import build_model
+    from omnistream.entrypoints.api import build_model
     from omnistream.bench.models import _engine_for_preset, _random_hf_model, resolve_dtype
     from omnistream.bench.workload import video_question
     from omnistream.models.hf_config import preset_config
     from omnistream.models.loader import load_state
-    from omnistream.prompt import build_prompt
+    from omnistream.models.prompt import build_prompt
 
     dev_name = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(dev_name)

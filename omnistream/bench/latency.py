@@ -29,7 +29,7 @@ from omnistream.bench.models import make_pair, resolve_dtype
 from omnistream.bench.workload import video_question, video_tokens
 from omnistream.engine.sampling import SamplingParams
 from omnistream.models.mrope import mrope_positions
-from omnistream.prompt import build_prompt
+from omnistream.models.prompt import build_prompt
 
 ROWS = ("vision_encode_s", "ttft_s", "decode_ms_per_token", "peak_gib")
 AGREE_TOKENS = 16
@@ -389,7 +389,7 @@ def print_report(r: dict, out=None) -> None:
 
 
 def cmd_latency(args) -> int:
-    from omnistream.cli import _default_device
+    from omnistream.entrypoints.cli import _default_device
 
     model = args.model_config or ("demo" if args.model == "demo" else args.model)
     report = run_latency(model, _default_device(args.device), args.dtype, args.frames, args.size, args.new_tokens, args.repeats, args.tuned, args.seed)

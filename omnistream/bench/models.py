@@ -16,12 +16,12 @@ from pathlib import Path
 
 import torch
 
-from omnistream.api import Engine, build_model
+from omnistream.entrypoints.api import Engine, build_model
 from omnistream.config import EngineConfig
 from omnistream.models.hf_config import PRESETS, QwenVLConfig, preset_config
 from omnistream.models.loader import load_state
 from omnistream.models.qwen2_5_vl import Qwen2_5_VLModel
-from omnistream.tokenizer import Tokenizer
+from omnistream.models.tokenizer import Tokenizer
 
 
 def resolve_dtype(dtype: str | torch.dtype, device: str) -> torch.dtype:

@@ -381,7 +381,7 @@ def model_arg(args) -> str:
 
 
 def cmd_multiturn(args) -> int:
-    from omnistream.cli import _default_device
+    from omnistream.entrypoints.cli import _default_device
 
     report = run_multiturn(model_arg(args), _default_device(args.device), args.dtype, args.frames, args.size, args.turns,
                            args.new_tokens, args.seed, args.memory_budget_gib, args.offload_vision, args.repeats)

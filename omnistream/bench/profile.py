@@ -22,7 +22,7 @@ from omnistream.bench.latency import environment, now
 from omnistream.bench.models import make_engine, resolve_dtype
 from omnistream.bench.workload import video_question, video_tokens
 from omnistream.engine.sampling import SamplingParams
-from omnistream.prompt import build_prompt
+from omnistream.models.prompt import build_prompt
 
 VISION_PARTS = ("vision: patch embed", "vision: window-attention blocks", "vision: full-attention blocks", "vision: merger")
 
@@ -153,7 +153,7 @@ def print_profile(r: dict, out=None) -> None:
 
 
 def cmd_profile(args) -> int:
-    from omnistream.cli import _default_device
+    from omnistream.entrypoints.cli import _default_device
 
     device = _default_device(args.device)
     model = args.model_config or ("demo" if args.model == "demo" else args.model)

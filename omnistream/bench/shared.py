@@ -96,7 +96,7 @@ def print_shared(r: dict, out=None) -> None:
 
 
 def cmd_shared(args) -> int:
-    from omnistream.cli import _default_device
+    from omnistream.entrypoints.cli import _default_device
 
     report = run_shared(model_arg(args), _default_device(args.device), args.dtype, args.frames, args.size, args.sessions, args.new_tokens, args.seed)
     print_shared(report)

@@ -28,7 +28,7 @@ import torch
 
 from omnistream.errors import ConfigError
 from omnistream.models.hf_config import QwenVLConfig, preset_config
-from omnistream.tokenizer import QWEN2_5_VL_CHAT_TEMPLATE
+from omnistream.models.tokenizer import QWEN2_5_VL_CHAT_TEMPLATE
 
 __all__ = [
     "write_model_dir",

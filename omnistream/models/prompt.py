@@ -15,7 +15,7 @@ from typing import Any, Mapping, Sequence
 
 from omnistream.errors import UserInputError
 from omnistream.media.item import MediaItem
-from omnistream.tokenizer import Tokenizer
+from omnistream.models.tokenizer import Tokenizer
 
 __all__ = ["PlaceholderRange", "Prompt", "build_prompt", "media_parts", "expand_placeholders"]
 

@@ -67,7 +67,7 @@ def print_metrics(metrics: dict, out=None) -> None:
 
 
 def cmd_ask(args) -> int:
-    from omnistream.api import Engine
+    from omnistream.entrypoints.api import Engine
     from omnistream.engine.sampling import SamplingParams
 
     engine = Engine.from_pretrained(args.model, device=_default_device(args.device), dtype=args.dtype)
@@ -107,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--max-new-tokens", type=int, default=32)
     _add_model_args(demo)
     demo.set_defaults(func=cmd_demo)
-    from omnistream.stream_cli import add_stream_command
+    from omnistream.entrypoints.stream_cli import add_stream_command
 
     add_stream_command(sub, _add_model_args)
     from omnistream.bench.cli import add_bench_commands

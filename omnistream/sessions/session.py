@@ -22,10 +22,10 @@ from omnistream.cache.prefix_hash import extend_hashes
 from omnistream.engine.sampling import SamplingParams
 from omnistream.errors import UserInputError
 from omnistream.media.item import MediaItem
-from omnistream.prompt import expand_placeholders
+from omnistream.models.prompt import expand_placeholders
 
 if TYPE_CHECKING:
-    from omnistream.api import Engine, GenerationResult
+    from omnistream.entrypoints.api import Engine, GenerationResult
 
 
 

@@ -81,7 +81,7 @@ def cmd_stream(args) -> int:
 
     import torch
 
-    from omnistream.api import Engine
+    from omnistream.entrypoints.api import Engine
     from omnistream.bench.models import resolve_dtype
     from omnistream.engine.sampling import SamplingParams
 

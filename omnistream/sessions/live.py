@@ -38,18 +38,18 @@ import torch
 
 from omnistream.engine.sampling import SamplingParams
 from omnistream.errors import ConfigError, MediaError, UserInputError
-from omnistream.live_kv import LiveKV
+from omnistream.sessions.live_kv import LiveKV
 from omnistream.media.frame_memory import FrameMemory, FrameMemoryConfig, FramePairer, TemporalPatch
 from omnistream.media.hashing import compute_patch_hashes, item_hash
 from omnistream.media.image import load_image
 from omnistream.media.item import MediaItem
 from omnistream.media.patchify import patchify
 from omnistream.media.resize import VIDEO_MAX_PIXELS, VIDEO_MIN_PIXELS, resize_frames, smart_resize
-from omnistream.prompt import expand_placeholders
-from omnistream.session import Session
+from omnistream.models.prompt import expand_placeholders
+from omnistream.sessions.session import Session
 
 if TYPE_CHECKING:
-    from omnistream.api import Engine, GenerationResult
+    from omnistream.entrypoints.api import Engine, GenerationResult
 
 log = logging.getLogger(__name__)
 

@@ -38,7 +38,7 @@ from omnistream.media.item import MediaItem
 from omnistream.models.mrope import media_positions, mrope_positions
 
 if TYPE_CHECKING:
-    from omnistream.api import Engine, GenerationResult
+    from omnistream.entrypoints.api import Engine, GenerationResult
 
 _ONE = SamplingParams(max_new_tokens=1, ignore_eos=True)  # a forward that only fills the KV
 

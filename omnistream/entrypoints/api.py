@@ -40,9 +40,9 @@ from omnistream.models.demo import ensure_demo_model, is_random_weights
 from omnistream.models.hf_config import QwenVLConfig
 from omnistream.models.loader import load_weights
 from omnistream.models.qwen2_5_vl import Qwen2_5_VLModel
-from omnistream.prompt import build_prompt
-from omnistream.session import Session
-from omnistream.tokenizer import Tokenizer
+from omnistream.models.prompt import build_prompt
+from omnistream.sessions.session import Session
+from omnistream.models.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -225,7 +225,7 @@ class Engine:
                      prefill_on_arrival: bool = True, kv_budget_tokens: int | None = None, policy: str = "exact"):
         """A session fed frame by frame (see live.py). Needs the encoder cache: one of
         LIVE_ENCODER_CACHE_BYTES is created if the engine has none."""
-        from omnistream.live import LiveSession
+        from omnistream.sessions.live import LiveSession
         from omnistream.media.frame_memory import FrameMemoryConfig
 
         runner = self.llm.runner

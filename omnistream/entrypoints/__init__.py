@@ -1,0 +1,1 @@
+"""Entry points: the Python API (Engine), the CLI, the server."""

@@ -1,0 +1,1 @@
+"""Sessions: clients of the engine core that keep a conversation (multi-turn, live)."""
