@@ -10,6 +10,7 @@ import torch
 
 from omnistream.entrypoints.api import Engine
 from omnistream.cache.encoder_cache import EncoderCache, VisionPlan
+from omnistream.engine.protocol import EngineRequest
 from omnistream.engine.sampling import SamplingParams
 from omnistream.media import hashing
 from omnistream.media.processor import MediaProcessor
@@ -209,8 +210,7 @@ def test_hashed_once_per_item_and_never_by_the_engine_loop(tiny_model_dir):
     snap = hashing.STATS.snapshot()
     # two turns over the same items: the scheduler and runner read the stored hashes only
     for question in range(2):
-        req = eng.llm.add_request(prompt.token_ids, media, GREEDY)
-        eng.llm.run([req])
+        eng.submit(EngineRequest(prompt.token_ids, media, GREEDY)).result()
     assert hashing.STATS.snapshot() == snap
     assert eng.llm.runner.encoder_cache.stats.hits == 4  # second turn: 1 image + 3 video patches
     n1 = hashing.STATS.items_hashed
@@ -222,11 +222,11 @@ def test_same_video_twice_encodes_once(tiny_model_dir, plain, hf_tiny_model):
     eng = _make(tiny_model_dir, encoder_cache_bytes=1 << 20)
     frames = _frames(8, seed=4)
     res1, enc1 = _ask(eng, plain, hf_tiny_model, [_user(_video(frames), "What happens?")])
-    assert enc1 == 4 * TPP and res1.metrics["vision_encode_s"] > 0
+    assert enc1 == 4 * TPP and res1.metrics.vision_encode_s > 0
     stats = eng.llm.runner.encoder_cache.stats
     assert (stats.misses, stats.hits, stats.entries, stats.bytes) == (4, 0, 4, 4 * ENTRY)
     res2, enc2 = _ask(eng, plain, hf_tiny_model, [_user(_video(frames), "And then, what?")])
-    assert enc2 == 0 and res2.metrics["vision_encode_s"] == 0.0
+    assert enc2 == 0 and res2.metrics.vision_encode_s == 0.0
     assert (stats.misses, stats.hits) == (4, 4)
 
 
@@ -305,7 +305,7 @@ def test_cpu_tier_serves_evicted_entries(tiny_model_dir, plain, hf_tiny_model):
     _ask(eng, plain, hf_tiny_model, [_user(_video(b), "Second?")])  # pushes a to the CPU tier
     assert cache.stats.evictions == 4 and cache.stats.cpu_entries == 4
     res, enc = _ask(eng, plain, hf_tiny_model, [_user(_video(a), "First again?")])
-    assert enc == 0 and res.metrics["vision_encode_s"] == 0.0 and cache.stats.cpu_hits == 4
+    assert enc == 0 and res.metrics.vision_encode_s == 0.0 and cache.stats.cpu_hits == 4
 
 
 def test_preemption_with_cache_is_exact(tiny_model_dir, plain, hf_tiny_model):

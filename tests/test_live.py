@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from omnistream.entrypoints.api import Engine
+from omnistream.engine.protocol import EngineRequest
 from omnistream.engine.sampling import SamplingParams
 from omnistream.errors import UserInputError
 from omnistream.media.frame_memory import FrameMemoryConfig
@@ -52,12 +53,12 @@ def test_live_answer_equals_fresh_run_over_retained_frames(tiny_model_dir, hf_ti
         assert_close_logits(res.logits, reference_logits(hf_tiny_model, ids, media, res.token_ids))
         # a fresh engine without any cache over the same retained frames gives the same answer
         fresh = _engine(tiny_model_dir, enable_prefix_caching=False, encoder_cache_bytes=0)
-        [again] = fresh.run_prompts([(ids, media, (0.0, 0.0))], GREEDY)
+        [again] = fresh.run([EngineRequest(ids, media, GREEDY)])
         assert again.token_ids == res.token_ids
-        assert res.metrics["visual_tokens"] == media[0][1].num_tokens
+        assert res.live.visual_tokens == media[0][1].num_tokens
         for key in ("total_latency", "encoding_latency", "prefill_latency", "generation_latency", "frames_encoded",
                     "kv_cache_length", "star_size", "stream_size", "compression_ratio"):
-            assert key in res.metrics
+            assert hasattr(res.live, key)
     _feed(live, scene_frames(1, 6, seed=2), t0=100.0)  # more frames, a new scene, then ask again
     ids, media = live.prompt_for("What changed?")
     res = live.ask("What changed?", GREEDY, return_logits=True)
@@ -70,10 +71,10 @@ def test_question_without_new_frames_reuses_everything(tiny_model_dir):
     _feed(live, scene_frames(2, 8, seed=3))
     live.ask("First?", GREEDY)
     res = live.ask("Second?", GREEDY)
-    assert res.metrics["frames_encoded"] == 0 and res.metrics["encoding_latency"] == 0.0
+    assert res.live.frames_encoded == 0 and res.live.encoding_latency == 0.0
     # recomputed: the tail of the last full block + the previous answer's end + the new turn
-    assert res.metrics["prompt_tokens"] - res.metrics["cached_tokens"] < 16 + 20
-    assert res.metrics["visual_tokens"] == 4 * len(live.patches)
+    assert res.metrics.prompt_tokens - res.metrics.cached_tokens < 16 + 20
+    assert res.live.visual_tokens == 4 * len(live.patches)
 
 
 @pytest.mark.parametrize("policy", ["exact", "fast"])
@@ -88,14 +89,14 @@ def test_ingestion_during_an_answer_does_not_change_it(tiny_model_dir, policy):
     live = eng.live_session(max_pixels=SIZE, policy=policy)
     _feed(live, frames)
     started = threading.Event()
-    run = eng.run_prompts
+    submit = eng.submit
 
-    def run_and_signal(prompts, *a, **k):
-        if k.get("return_logits") is not None and len(prompts[0]) == 4:  # the ask, not a prefill
+    def submit_and_signal(spec):
+        if spec.sampling.max_new_tokens == 12:  # the ask, not a prefill or a KV edit
             started.set()
-        return run(prompts, *a, **k)
+        return submit(spec)
 
-    eng.run_prompts = run_and_signal
+    eng.submit = submit_and_signal
     feeder = threading.Thread(target=lambda: (started.wait(30), live.add_frames(later, [50 + i / 2 for i in range(8)])))
     feeder.start()
     res = live.ask("Describe.", SamplingParams(max_new_tokens=12, ignore_eos=True))
@@ -157,5 +158,5 @@ def test_exact_recomputes_from_the_first_changed_patch(tiny_model_dir, hf_tiny_m
     res = live.ask("Now?", GREEDY, return_logits=True)
     off, item = media[0]
     unchanged = off + k * item.tokens_per_temporal_patch
-    assert res.metrics["cached_tokens"] == 16 * (unchanged // 16) > 0
+    assert res.metrics.cached_tokens == 16 * (unchanged // 16) > 0
     assert_close_logits(res.logits, reference_logits(hf_tiny_model, ids, media, res.token_ids))

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from omnistream.engine.request import KVHandle
+from omnistream.engine.protocol import EngineRequest, OwnedKV
 from omnistream.engine.sampling import SamplingParams
 from omnistream.errors import ConfigError
 from omnistream.media.frame_memory import FrameMemoryConfig
@@ -39,7 +39,7 @@ def test_fast_without_edits_equals_exact(tiny_model_dir):
         live = eng.live_session(system="You watch.", max_pixels=SIZE, policy=policy, prefill_on_arrival=False)
         _feed(live, frames)
         answers[policy] = [live.ask(q, GREEDY, return_logits=True) for q in ("What is it?", "And then?")]
-        assert answers[policy][1].metrics["policy"] == policy
+        assert answers[policy][1].live.policy == policy
         live.close()
         assert eng.llm.blocks.num_free == eng.llm.blocks.num_blocks
     for a, b in zip(answers["exact"], answers["fast"]):
@@ -72,11 +72,12 @@ def test_fast_edits_keep_other_kv_and_compute_new_patches_exactly(tiny_model_dir
     # is also what policy exact computes for them
     new = max(kv.spans)
     a, n = kv.spans[new]
-    ref = KVHandle(blocks=[], computed=0, positions=kv.pos[:, : a + n], next_pos=0, keep_blocks=True)
     media = [(s, live._patch_item(live.patches[pid])) for pid, (s, _) in kv.spans.items()]
-    eng.run_prompts([(kv.ids[: a + n], media, (0.0, 0.0))], SamplingParams(max_new_tokens=1, ignore_eos=True), kv=ref)
-    torch.testing.assert_close(_kv_rows(eng, kv.blocks, a, a + n), _kv_rows(eng, ref.kept, a, a + n), rtol=1e-5, atol=1e-5)
-    eng.llm.blocks.unpin(ref.kept)
+    ref = OwnedKV("reference", computed=0, positions=kv.pos[:, : a + n], next_pos=0)
+    eng.run([EngineRequest(kv.ids[: a + n], media, SamplingParams(max_new_tokens=1, ignore_eos=True), kv=ref)])
+    ref_blocks = eng.core.call(lambda llm: list(llm.blocks.owned_blocks("reference")))
+    torch.testing.assert_close(_kv_rows(eng, kv.blocks, a, a + n), _kv_rows(eng, ref_blocks, a, a + n), rtol=1e-5, atol=1e-5)
+    eng.core.call(lambda llm: llm.blocks.release_owned("reference"))
     # positions: temporal row from the real timestamps against the block's origin
     assert int(kv.pos[0, a]) == kv.video_start + int((4.0 - 0.0) * eng.model.cfg.vision.tokens_per_second)
 
@@ -105,7 +106,7 @@ def test_fast_after_evictions_answers_and_diverges_from_exact(tiny_model_dir):
         live.ask("Start?", GREEDY)
         _feed(live, frames[8:], t0=4.0)  # evictions from Stream and Star
         res[policy] = live.ask("Now?", GREEDY, return_logits=True)
-        assert res[policy].metrics["visual_tokens"] == 4 * len(live.patches)
+        assert res[policy].live.visual_tokens == 4 * len(live.patches)
         live.close()
     a, b = res["exact"].logits[0], res["fast"].logits[0]
     assert a.shape == b.shape and torch.isfinite(b).all()
@@ -147,12 +148,12 @@ def test_fast_kv_pool_exhausted_is_a_clear_error_and_recovers(tiny_model_dir):
     _feed(live, frames[:6])
     live.ask("First?", GREEDY)
     bm = eng.llm.blocks
-    hog = bm.allocate(bm.num_free)  # someone else holds every free block
+    hog = eng.core.call(lambda llm: llm.blocks.allocate(llm.blocks.num_free))  # someone else holds every free block
     _feed(live, frames[6:], t0=3.0)
     with pytest.raises(BudgetError):
         live.ask("Now?", GREEDY)
     assert not live.kv.built and not live.kv.blocks  # its KV went back, nothing half-edited
-    bm.unpin(hog)
+    eng.core.call(lambda llm: llm.blocks.unpin(hog))
     res = live.ask("Again?", GREEDY)  # rebuilt from the retained frames
     assert res.token_ids and live.kv.visual_tokens == 4 * len(live.patches)
     live.close()
@@ -167,8 +168,8 @@ def test_fast_question_is_charged_with_the_frames_it_waited_for(tiny_model_dir):
     _feed(live, frames[:8])
     live.ask("First?", GREEDY)
     quiet = live.ask("Again?", GREEDY)
-    assert quiet.metrics["frames_encoded"] == 0 and quiet.metrics["encoding_latency"] == 0.0
+    assert quiet.live.frames_encoded == 0 and quiet.live.encoding_latency == 0.0
     live.add_frames(frames[8:10], [10.0, 10.5])  # asked at once: the question computes them
     res = live.ask("Now?", GREEDY)
-    assert res.metrics["frames_encoded"] == 2 and res.metrics["encoding_latency"] > 0
+    assert res.live.frames_encoded == 2 and res.live.encoding_latency > 0
     live.close()

@@ -7,14 +7,17 @@ import torch
 
 from omnistream.cache.block_manager import BlockManager
 from omnistream.config import SchedulerConfig
+from omnistream.engine.protocol import EngineRequest, OwnedKV
 from omnistream.engine.request import Request
 from omnistream.engine.sampling import SamplingParams, sample
 from omnistream.engine.scheduler import Scheduler
 from omnistream.errors import BudgetError
 
 
-def make_request(n: int, max_new: int = 4, rid: str = "r") -> Request:
-    return Request(rid, list(range(n)), [], SamplingParams(max_new_tokens=max_new), 2, {151645})
+def make_request(n: int, max_new: int = 4, rid: str = "r", owner: str | None = None) -> Request:
+    spec = EngineRequest(list(range(n)), sampling=SamplingParams(max_new_tokens=max_new),
+                         kv=None if owner is None else OwnedKV(owner, 0, torch.arange(n).expand(3, -1), n))
+    return Request(rid, spec, torch.arange(n).expand(3, -1), n, {151645})
 
 
 def advance(sched: Scheduler, out) -> None:
@@ -55,13 +58,13 @@ def test_admission_waits_for_free_blocks():
 def test_refuses_request_larger_than_pool():
     sched = Scheduler(SchedulerConfig(), BlockManager(4, 4))
     with pytest.raises(BudgetError, match="KV pool"):
-        sched.add(make_request(20))
+        sched.check(make_request(20))
 
 
 def test_no_chunking_refuses_long_prompt():
     sched = Scheduler(SchedulerConfig(max_num_batched_tokens=8, enable_chunked_prefill=False), BlockManager(64, 4))
     with pytest.raises(BudgetError, match="chunked prefill is off"):
-        sched.add(make_request(9))
+        sched.check(make_request(9))
 
 
 def test_sampler_seed_and_topk():
@@ -74,3 +77,54 @@ def test_sampler_seed_and_topk():
     assert draws[0] == draws[1]
     with pytest.raises(Exception):
         SamplingParams(top_p=0.0)
+
+
+def _run_to_end(sched: Scheduler, req: Request) -> None:
+    while req.status.value != "finished":
+        advance(sched, sched.schedule())
+
+
+def test_large_waiting_request_is_bypassed_only_a_bounded_number_of_times():
+    sched = Scheduler(SchedulerConfig(max_num_batched_tokens=100), BlockManager(20, 4))
+    running = make_request(16, max_new=40, rid="running")  # holds 5..14 blocks for 40 steps
+    sched.add(running)
+    advance(sched, sched.schedule())
+    big = make_request(60, max_new=2, rid="big")  # 15 blocks: waits for `running` to end
+    sched.add(big)
+    admitted = []
+    for i in range(Scheduler.MAX_BYPASS + 5):
+        small = make_request(2, max_new=1, rid=f"small{i}")
+        sched.add(small)
+        out = sched.schedule()
+        admitted += [c.request.request_id for c in out.chunks if c.request.request_id.startswith("small")]
+        advance(sched, out)
+    # smaller requests passed the big one, but only MAX_BYPASS of them: then the queue waits
+    assert len(admitted) == Scheduler.MAX_BYPASS and big.num_bypassed == Scheduler.MAX_BYPASS
+    assert big in sched.waiting and sched.waiting[0] is big
+    _run_to_end(sched, running)
+    out = sched.schedule()
+    assert out.chunks[0].request is big  # admitted first once the pool drains
+
+
+def test_idle_retained_kv_is_evicted_for_a_new_request():
+    bm = BlockManager(8, 4)
+    sched = Scheduler(SchedulerConfig(max_num_batched_tokens=100), bm)
+    bm.retain("session", bm.allocate(6))  # a session keeps 6 of 8 blocks between turns
+    bm.unpin(bm.retained["session"])  # (allocate's own reference; the retention keeps one)
+    req = make_request(16, max_new=2, rid="new")
+    sched.add(req)
+    out = sched.schedule()
+    assert [c.request for c in out.chunks] == [req] and "session" not in bm.retained
+    assert bm.stats.retained_evictions == 1
+
+
+def test_request_blocked_by_owned_kv_fails_instead_of_waiting_forever():
+    bm = BlockManager(8, 4)
+    sched = Scheduler(SchedulerConfig(max_num_batched_tokens=100), bm)
+    bm.grow_owned("live", 24)  # a live session's own KV: 6 blocks, never evicted
+    req = make_request(16, max_new=2, rid="new")
+    sched.add(req)
+    out = sched.schedule()
+    assert not out.chunks and [r for r, _ in out.rejected] == [req]
+    assert isinstance(out.rejected[0][1], BudgetError) and "live sessions" in str(out.rejected[0][1])
+    assert not sched.has_work()

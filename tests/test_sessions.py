@@ -76,11 +76,11 @@ def test_follow_up_prefills_only_new_tokens(tiny_model_dir):
     first = s.ask("What happens?", GREEDY)
     encoded = eng.stats()["vision_tokens_encoded"]
     second = s.ask("And then?", GREEDY)
-    assert first.metrics["cached_tokens"] == 0
+    assert first.metrics.cached_tokens == 0
     # everything before the new turn was served from the session's KV (all but a partial block)
-    assert second.metrics["prompt_tokens"] - second.metrics["cached_tokens"] < 16 + 20
+    assert second.metrics.prompt_tokens - second.metrics.cached_tokens < 16 + 20
     assert eng.stats()["vision_tokens_encoded"] == encoded  # no vision work on a follow-up
-    assert second.metrics["vision_encode_s"] == 0.0
+    assert second.metrics.vision_encode_s == 0.0
     assert s.pinned_tokens > 0
 
 
@@ -104,7 +104,7 @@ def test_two_sessions_share_a_video(tiny_model_dir, hf_tiny_model):
     ids, media = b.prompt_for("Describe the colours.")
     res = b.ask("Describe the colours.", GREEDY, return_logits=True)
     assert eng.stats()["vision_tokens_encoded"] == encoded  # zero vision work for session b
-    assert res.metrics["cached_tokens"] >= 48  # system + video blocks came from session a
+    assert res.metrics.cached_tokens >= 48  # system + video blocks came from session a
     assert_close_logits(res.logits, reference_logits(hf_tiny_model, ids, media, res.token_ids))
 
 
@@ -116,9 +116,9 @@ def test_different_videos_of_identical_length_never_share_blocks(tiny_model_dir)
     a.ask("What happens?", GREEDY)
     res = b.ask("What happens?", GREEDY)
     offset = b.media[0][0]
-    assert res.metrics["cached_tokens"] <= offset  # only the text before the video is shared
-    shared = set(a._pinned) & set(b._pinned)
-    assert all(i * 16 + 16 <= offset for i, blk in enumerate(b._pinned) if blk in shared)
+    assert res.metrics.cached_tokens <= offset  # only the text before the video is shared
+    shared = set(a.retained_blocks()) & set(b.retained_blocks())
+    assert all(i * 16 + 16 <= offset for i, blk in enumerate(b.retained_blocks()) if blk in shared)
 
 
 def test_tenants_do_not_share(tiny_model_dir):
@@ -128,7 +128,7 @@ def test_tenants_do_not_share(tiny_model_dir):
         s = eng.session(tenant=tenant)
         s.add_video(clip, max_pixels=112 * 112)
         res = s.ask("What happens?", GREEDY)
-        assert res.metrics["cached_tokens"] == 0
+        assert res.metrics.cached_tokens == 0
 
 
 def test_fork_close_and_unknown_session(tiny_model_dir, hf_tiny_model):
@@ -140,7 +140,7 @@ def test_fork_close_and_unknown_session(tiny_model_dir, hf_tiny_model):
     ids, media = f.prompt_for("Another question?")
     res = f.ask("Another question?", GREEDY, return_logits=True)
     assert_close_logits(res.logits, reference_logits(hf_tiny_model, ids, media, res.token_ids))
-    assert res.metrics["cached_tokens"] > 0
+    assert res.metrics.cached_tokens > 0
     s.close()
     f.close()
     assert eng.llm.blocks.num_free == eng.llm.blocks.num_blocks  # nothing leaked

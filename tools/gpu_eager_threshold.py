@@ -2,6 +2,7 @@
 kernels compiled at >= 512 rows (default) against eager fused ops at every size, alternated."""
 import statistics
 import torch
+from omnistream.engine.protocol import EngineRequest
 from omnistream.bench.models import make_engine
 from omnistream.bench.stream import SceneFrames
 from omnistream.engine.sampling import SamplingParams
@@ -19,8 +20,8 @@ for rep in range(8):
     for th in (512, 10**9):
         ids, media = live.prompt_for(f"{rep} {th} " + " ".join(["cat"] * 2650) + "?")  # new text: recomputed
         fused._COMPILE_MIN_ROWS = th
-        [r] = eng.run_prompts([(ids, media, (0.0, 0.0))], SamplingParams(max_new_tokens=1, ignore_eos=True))
-        res[th].append(r.metrics["ttft_s"] * 1000)
-        assert r.metrics["cached_tokens"] > 4000, r.metrics
+        [r] = eng.run([EngineRequest(ids, media, SamplingParams(max_new_tokens=1, ignore_eos=True))])
+        res[th].append(r.metrics.ttft_s * 1000)
+        assert r.metrics.cached_tokens > 4000, r.metrics
 for th, v in res.items():
     print(f"eager threshold {th}: new tokens {len(ids) - 5136}, TTFT ms median {statistics.median(v[1:]):.1f} max {max(v[1:]):.1f} all {[round(x, 1) for x in v]}")

@@ -4,6 +4,7 @@ engine with CUDA graphs off. Prints first-token logit differences and TTFTs."""
 import numpy as np
 import torch
 
+from omnistream.engine.protocol import EngineRequest
 from omnistream.bench.models import make_engine
 from omnistream.engine.sampling import SamplingParams
 
@@ -23,8 +24,8 @@ for graphs in (True, False):
     # tokens served from A's cached prefix, each with a few greedy decode steps
     for extra in (0, 69, 200):
         ids = base + tok.encode(" colour" * extra)[:extra]
-        [r] = eng.run_prompts([(ids, media, (0.0, 0.0))], sp, return_logits=True)
-        rows.append((torch.stack(r.logits).float(), r.metrics["prompt_tokens"] - r.metrics["cached_tokens"], r.metrics["ttft_s"], r.token_ids))
+        [r] = eng.run([EngineRequest(ids, media, sp, return_logits=True)])
+        rows.append((torch.stack(r.logits).float(), r.metrics.prompt_tokens - r.metrics.cached_tokens, r.metrics.ttft_s, r.token_ids))
     out[graphs] = rows
     del eng, s
     torch.cuda.empty_cache()

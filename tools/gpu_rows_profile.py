@@ -32,7 +32,7 @@ q = " ".join(["dog"] * 200) + "?"
 live.ask(q, sp)
 with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
     r = live.ask(q, sp)
-print("profiled new tokens", r.metrics["prompt_tokens"] - r.metrics["cached_tokens"], "ttft", r.metrics["ttft_s"])
+print("profiled new tokens", r.metrics.prompt_tokens - r.metrics.cached_tokens, "ttft", r.metrics.ttft_s)
 print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=60))
 print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=20, max_name_column_width=60))
 prof.export_chrome_trace("/tmp/trace.json")

@@ -15,6 +15,7 @@ import time
 import torch
 
 from omnistream.bench.native import native_inputs
+from omnistream.engine.protocol import EngineRequest
 from omnistream.engine.sampling import SamplingParams
 
 
@@ -41,14 +42,10 @@ def hf_greedy(hf, prompt_ids, media, n, device, dtype) -> list[int]:
 
 
 def engine_teacher_forced(engine, prompt_ids, media, cont) -> torch.Tensor:
-    llm = engine.llm
-    llm.runner.keep_logits = True
-    req = llm.add_request(prompt_ids, media, SamplingParams(max_new_tokens=len(cont), ignore_eos=True))
-    for i in range(len(cont)):
-        llm.step()
-        req.token_ids[-1] = cont[i]  # force the continuation instead of the sampled token
-    llm.runner.keep_logits = False
-    return torch.stack(req.logits).float()
+    """(len(cont), vocab) logits of the engine fed `cont` instead of its own samples."""
+    [res] = engine.run([EngineRequest(prompt_ids, media, SamplingParams(max_new_tokens=len(cont), ignore_eos=True),
+                                      return_logits=True, forced_output=list(cont))])
+    return torch.stack(res.logits).float()
 
 
 def compare(ref: torch.Tensor, other: torch.Tensor) -> dict:

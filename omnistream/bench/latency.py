@@ -205,12 +205,12 @@ class EngineSystem:
     def request(self, p: Prepared) -> dict:
         [res] = self.engine.generate([p.messages], self.sampling)
         m = res.metrics
-        tps = m["decode_tokens_per_s"]
+        tps = m.decode_tokens_per_s
         return {
-            "vision_encode_s": m["vision_encode_s"],
-            "ttft_s": m["ttft_s"] - m["media_decode_s"] - m["preprocess_s"],
-            "ttft_with_preprocess_s": m["ttft_s"],
-            "preprocess_s": m["media_decode_s"] + m["preprocess_s"],
+            "vision_encode_s": m.vision_encode_s,
+            "ttft_s": m.ttft_s - m.media_decode_s - m.preprocess_s,
+            "ttft_with_preprocess_s": m.ttft_s,
+            "preprocess_s": m.media_decode_s + m.preprocess_s,
             "decode_ms_per_token": 1000 / tps if tps else None,
             "tokens": res.token_ids,
         }

@@ -54,7 +54,7 @@ def make_pair(model_config: str | Path, device: str = "cuda", dtype: str | torch
     if is_preset(model_config):
         cfg = preset_config(model_config)
         hf = _random_hf_model(cfg, device, tdtype, seed)
-        ours = build_model(cfg, torch.device(device), tdtype)
+        ours = build_model(Qwen2_5_VLModel, cfg, torch.device(device), tdtype)
         load_state(ours, hf.state_dict().items())  # same device and dtype: one copy each
         return hf, _engine_for_preset(ours, device, tdtype, engine_options)
     model_dir = Path(model_config)
@@ -73,7 +73,7 @@ def make_engine(model_config: str | Path, device: str = "cuda", dtype: str | tor
     if not is_preset(model_config):
         return Engine.from_pretrained(Path(model_config), device=device, dtype=_dtype_name(tdtype), **engine_options)
     cfg = preset_config(model_config)
-    ours = build_model(cfg, torch.device(device), tdtype)
+    ours = build_model(Qwen2_5_VLModel, cfg, torch.device(device), tdtype)
     _random_init(ours, cfg, seed)
     return _engine_for_preset(ours, device, tdtype, engine_options)
 

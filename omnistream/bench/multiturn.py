@@ -120,15 +120,15 @@ def engine_row(engine, res, vision_before: int, probe: VisionProbe, ttft_has_med
     ttft_has_media: the metrics' TTFT includes the media's decode and preprocessing (generate
     counts from the request's arrival; Session.ask from the question, media came at add_*)."""
     m = res.metrics
-    tps = m["decode_tokens_per_s"]
+    tps = m.decode_tokens_per_s
     return {
-        "ttft_s": m["ttft_s"] - (m["media_decode_s"] + m["preprocess_s"] if ttft_has_media else 0.0),
-        "preprocess_s": m["media_decode_s"] + m["preprocess_s"],
-        "vision_encode_s": m["vision_encode_s"],
-        "prefill_s": m["prefill_s"],
+        "ttft_s": m.ttft_s - (m.media_decode_s + m.preprocess_s if ttft_has_media else 0.0),
+        "preprocess_s": m.media_decode_s + m.preprocess_s,
+        "vision_encode_s": m.vision_encode_s,
+        "prefill_s": m.prefill_s,
         "decode_ms_per_token": 1000 / tps if tps else None,
-        "prompt_tokens": m["prompt_tokens"],
-        "cached_tokens": m.get("cached_tokens"),
+        "prompt_tokens": m.prompt_tokens,
+        "cached_tokens": m.cached_tokens,
         "vision_tokens_encoded": engine.stats()["vision_tokens_encoded"] - vision_before,
         "vision_calls": probe.take()["vision_calls"],
         "tokens": res.token_ids,

@@ -21,6 +21,7 @@ import torch
 from omnistream.bench.latency import environment, now
 from omnistream.bench.models import make_engine, resolve_dtype
 from omnistream.bench.workload import video_question, video_tokens
+from omnistream.engine.protocol import EngineRequest
 from omnistream.engine.sampling import SamplingParams
 from omnistream.models.prompt import build_prompt
 
@@ -85,13 +86,17 @@ def profile_request(engine, frames: int, size: int, new_tokens: int, seed: int) 
         t2 = time.perf_counter()
         prompt = build_prompt(engine.tokenizer, messages, items)
         media = [(r.offset, m) for r, m in zip(prompt.ranges, prompt.media)]
-        req = engine.llm.add_request(prompt.token_ids, media, SamplingParams(max_new_tokens=new_tokens, ignore_eos=True))
+        spec = EngineRequest(prompt.token_ids, media, SamplingParams(max_new_tokens=new_tokens, ignore_eos=True))
         t3 = time.perf_counter()
-        prefill_s, decode_steps = _run_steps(engine, req)
+        with torch.profiler.record_function("request"):
+            out = engine.submit(spec).result()
         vision = clock.totals()
     finally:
         clock.remove()
-    vision_total = req.metrics.vision_encode_s
+    m = out.metrics
+    # the prompt's steps end with the first token; each later token is one decode step
+    prefill_s, decode_steps = m.first_token_at - m.scheduled_at, m.inter_token_s
+    vision_total = m.vision_encode_s
     stages = {
         "frames (synthesis + load)": (t1 - t0) + sum(m.decode_s for m in items),
         "resize/patchify": sum(m.preprocess_s for m in items),
@@ -107,26 +112,8 @@ def profile_request(engine, frames: int, size: int, new_tokens: int, seed: int) 
         "decode_ms_per_token": 1000 * sum(decode_steps) / len(decode_steps) if decode_steps else None,
         "decode_steps_s": decode_steps,
         "prompt_tokens": len(prompt.token_ids),
-        "output_tokens": len(req.output_ids),
+        "output_tokens": len(out.token_ids),
     }
-
-
-def _run_steps(engine, req) -> tuple[float, list[float]]:
-    """Steps the engine until `req` finishes -> (seconds of prompt steps, seconds per decode step).
-    The last prompt step also samples the first token (it ends the TTFT)."""
-    dev = engine.device
-    prefill, decode = 0.0, []
-    while not req.finished:
-        in_prompt = req.num_computed_tokens < req.prompt_len
-        t0 = now(dev)
-        with torch.profiler.record_function("prefill step" if in_prompt else "decode step"):
-            engine.llm.step()
-        dt = now(dev) - t0
-        if in_prompt:
-            prefill += dt
-        else:
-            decode.append(dt)
-    return prefill, decode
 
 
 def export_trace(engine, path: str, frames: int, size: int, new_tokens: int, seed: int) -> None:

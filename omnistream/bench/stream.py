@@ -130,29 +130,30 @@ def measure_point(sessions: dict, cam: SceneFrames, fed: int, sampling: Sampling
         encoded = None
         for p, live in sessions.items():
             if encoded is not None:
-                live.engine.llm.runner.encoder_cache.discard(encoded)
+                live.engine.discard_encoder_entries([encoded])
             live.add_frames(frames, stamps)
             after[p].append(live.ask(QUESTIONS[2], sampling))
             newest = live.patches.get(max(live.patches, default=-1))
-            encoded = newest.hash if newest is not None and live.engine.llm.runner.encoder_cache is not None else None
+            encoded = newest.hash if newest is not None else None
     return {p: _point(live, quiet[p], after[p]) for p, live in sessions.items()}
 
 
 def _point(live, quiet: list, after: list) -> dict:
     stats = live.memory.stats()
-    q = sorted(quiet, key=lambda x: x.metrics["ttft_s"])[REPS // 2]
-    a = sorted(after, key=lambda x: x.metrics["ttft_s"])[REPS // 2]
+    q = sorted(quiet, key=lambda x: x.metrics.ttft_s)[REPS // 2]
+    a = sorted(after, key=lambda x: x.metrics.ttft_s)[REPS // 2]
     return {
-        "ttft_no_new_s": q.metrics["ttft_s"], "ttft_no_new_samples_s": [x.metrics["ttft_s"] for x in quiet],
-        "no_new_frames_encoded": max(x.metrics["frames_encoded"] for x in quiet),
-        "no_new_cached_tokens": q.metrics.get("cached_tokens"), "no_new_prompt_tokens": q.metrics["prompt_tokens"],
-        "ttft_after_new_s": a.metrics["ttft_s"], "ttft_after_new_samples_s": [x.metrics["ttft_s"] for x in after],
-        "after_new_samples": [{k: x.metrics.get(k) for k in ("ttft_s", "encoding_latency", "prefill_latency", "cached_tokens",
-                                                             "prompt_tokens", "frames_encoded")} for x in after],
-        "after_new_frames_encoded": a.metrics["frames_encoded"],
-        "after_new_encoding_s": a.metrics["encoding_latency"], "after_new_prefill_s": a.metrics["prefill_latency"],
-        "prompt_tokens": a.metrics["prompt_tokens"], "cached_tokens": a.metrics.get("cached_tokens"),
-        "visual_tokens": a.metrics["visual_tokens"], "kv_cache_length": a.metrics["kv_cache_length"],
+        "ttft_no_new_s": q.metrics.ttft_s, "ttft_no_new_samples_s": [x.metrics.ttft_s for x in quiet],
+        "no_new_frames_encoded": max(x.live.frames_encoded for x in quiet),
+        "no_new_cached_tokens": q.metrics.cached_tokens, "no_new_prompt_tokens": q.metrics.prompt_tokens,
+        "ttft_after_new_s": a.metrics.ttft_s, "ttft_after_new_samples_s": [x.metrics.ttft_s for x in after],
+        "after_new_samples": [{"ttft_s": x.metrics.ttft_s, "encoding_latency": x.live.encoding_latency,
+                               "prefill_latency": x.live.prefill_latency, "cached_tokens": x.metrics.cached_tokens,
+                               "prompt_tokens": x.metrics.prompt_tokens, "frames_encoded": x.live.frames_encoded} for x in after],
+        "after_new_frames_encoded": a.live.frames_encoded,
+        "after_new_encoding_s": a.live.encoding_latency, "after_new_prefill_s": a.live.prefill_latency,
+        "prompt_tokens": a.metrics.prompt_tokens, "cached_tokens": a.metrics.cached_tokens,
+        "visual_tokens": a.live.visual_tokens, "kv_cache_length": a.live.kv_cache_length,
         "star_size": stats.star_size, "stream_size": stats.stream_size,
         "frames_added": stats.frames_added, "compression_ratio": stats.compression_ratio,
     }

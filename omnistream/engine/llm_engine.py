@@ -1,14 +1,20 @@
-"""The engine loop: receive requests -> schedule a step -> run it -> process results.
+"""The engine's state machine: requests -> schedule a step -> run it -> results.
 
-Owns the scheduler, the block manager and the model runner; knows nothing about chat
-templates or media files (see api.py).
+Owns the scheduler, the block manager and the model runner. Only the engine loop
+(engine/core.py) calls `add`, `step`, `abort` and the KV operations; `make_request` is pure
+(positions, prefix-cache names, budget checks) and runs in the submitting thread. Knows nothing
+about chat templates or media files, and nothing of a concrete model: the model interface
+(models/interface.py) gives positions, stop ids and the context limit.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+import resource
 import time
+import uuid
+from dataclasses import dataclass, field
 
 import torch
 
@@ -16,70 +22,210 @@ from omnistream.cache.block_manager import BlockManager
 from omnistream.cache.prefix_hash import extend_hashes
 from omnistream.config import EngineConfig
 from omnistream.engine.model_runner import ModelRunner
-from omnistream.engine.request import KVHandle, Request
-from omnistream.engine.sampling import SamplingParams
-from omnistream.engine.scheduler import Scheduler
-from omnistream.media.item import MediaItem
-from omnistream.models.qwen2_5_vl import Qwen2_5_VLModel
+from omnistream.engine.protocol import EngineRequest
+from omnistream.engine.request import Request
+from omnistream.engine.scheduler import ScheduledChunk, Scheduler, SchedulerOutput
+from omnistream.errors import BudgetError, EngineError, UserInputError
+from omnistream.models.interface import MultimodalLM
 
 log = logging.getLogger(__name__)
 
 
+@dataclass
+class StepResult:
+    sampled: list[tuple[Request, int]] = field(default_factory=list)  # (request, new token) in batch order
+    finished: list[Request] = field(default_factory=list)  # ended normally (stop / length)
+    failed: list[Request] = field(default_factory=list)  # ended with req.error set
+    num_rows: int = 0  # tokens computed in the step
+    num_seqs: int = 0  # sequences in the step
+
+
+@dataclass
+class EngineCounters:
+    steps: int = 0
+    rows: int = 0  # tokens computed, all steps
+    seqs: int = 0  # sequences, summed over steps
+    decode_steps: int = 0  # steps that sampled for more than one sequence: shared forwards
+    max_seqs: int = 0  # most sequences in one step
+    failed_steps: int = 0  # steps whose batch raised (then re-run one request at a time)
+
+    def as_dict(self) -> dict:
+        return {**self.__dict__, "mean_seqs_per_step": self.seqs / self.steps if self.steps else 0.0}
+
+
 class LLMEngine:
-    def __init__(self, model: Qwen2_5_VLModel, cfg: EngineConfig, num_blocks: int, stop_ids: set[int]) -> None:
+    def __init__(self, model: MultimodalLM, cfg: EngineConfig, num_blocks: int) -> None:
         self.cfg = cfg
+        self.model = model
         self.device = torch.device(cfg.device)
-        self.stop_ids = stop_ids
-        self.tokens_per_second = model.cfg.vision.tokens_per_second
+        self.stop_ids = set(model.stop_token_ids)
+        self.max_context = model.max_context
         self.blocks = BlockManager(num_blocks, cfg.cache.block_size, cfg.cache.enable_prefix_caching)
         self.scheduler = Scheduler(cfg.scheduler, self.blocks)
         self.runner = ModelRunner(model, num_blocks, cfg.cache.block_size, self.device, cfg.torch_dtype)
+        self.requests: dict[str, Request] = {}  # every request not yet ended, by id
+        self.counters = EngineCounters()
         self._ids = itertools.count()
+        self._prefix = uuid.uuid4().hex[:6]
 
-    def add_request(self, prompt_ids: list[int], media: list[tuple[int, MediaItem]], sampling: SamplingParams, request_id: str | None = None, cache_salt: str | None = None, known_hashes: list[bytes] | None = None, kv: KVHandle | None = None) -> Request:
-        req = Request(request_id or f"req-{next(self._ids)}", prompt_ids, media, sampling, self.tokens_per_second, self.stop_ids, cache_salt, kv)
-        if kv is not None:  # continues an owned KV sequence: no prefix-cache names
-            self.scheduler.add(req)
-            return req
-        full = req.prompt_len // self.blocks.block_size
-        req.block_hashes = list(known_hashes[:full]) if known_hashes else []  # a session's earlier turns
-        # name the prompt's full blocks now, off the scheduling loop
-        extend_hashes(req.block_hashes, req.token_ids, media, self.blocks.block_size, req.prompt_len // self.blocks.block_size, cache_salt)
-        self.scheduler.add(req)
+    # ------------------------------------------------------------------ submitting thread
+    def make_request(self, spec: EngineRequest) -> Request:
+        """A Request ready for `add` (any thread; touches no engine state). Raises
+        BudgetError for a request that can never run, UserInputError for a malformed one."""
+        if not spec.token_ids:
+            raise UserInputError("empty prompt")
+        if spec.kv is not None:
+            positions, next_pos = spec.kv.positions, spec.kv.next_pos
+        else:
+            try:
+                positions, next_pos = self.model.positions(len(spec.token_ids), spec.media)
+            except ValueError as e:
+                raise UserInputError(f"malformed media placeholders: {e}") from None
+        total = len(spec.token_ids) + spec.sampling.max_new_tokens
+        if total > self.max_context:
+            raise BudgetError(f"prompt {len(spec.token_ids)} + max_new_tokens {spec.sampling.max_new_tokens} "
+                              f"exceeds the model's context of {self.max_context} tokens")
+        rid = spec.request_id or f"req-{self._prefix}-{next(self._ids)}"
+        req = Request(rid, spec, positions, next_pos, self.stop_ids)
+        self.scheduler.check(req)
+        if spec.kv is None:  # name the prompt's full blocks now, off the loop
+            bs = self.blocks.block_size
+            full = req.prompt_len // bs
+            req.block_hashes = list(spec.known_hashes[:full]) if spec.known_hashes else []
+            extend_hashes(req.block_hashes, req.token_ids, req.media, bs, full, req.cache_salt)
         return req
 
-    def step(self) -> list[Request]:
-        """One scheduling step; returns the requests that finished in it."""
+    # ------------------------------------------------------------------ loop only
+    def add(self, req: Request) -> None:
+        if req.request_id in self.requests:
+            raise UserInputError(f"request id {req.request_id!r} is already running")
+        self.requests[req.request_id] = req
+        self.scheduler.add(req)
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    def abort(self, request_id: str) -> Request | None:
+        """Ends a waiting or running request now (finish_reason "abort"), freeing its blocks."""
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return None
+        self.scheduler.remove(req)
+        req.finish_reason = "abort"
+        self._ended(req)
+        return req
+
+    def step(self) -> StepResult:
+        """One scheduling step. A failing batch is re-run one request at a time, so an error
+        fails the request that causes it and no other."""
         out = self.scheduler.schedule()
+        result = StepResult()
+        for req, err in out.rejected:
+            self._fail(req, err, result)
         if not out.chunks:
-            if self.scheduler.has_work():
-                raise RuntimeError("scheduler made no progress (KV pool too small for any waiting request)")
-            return []
+            return result
         t0 = time.perf_counter()
-        results = self.runner.execute(out)
+        try:
+            sampled = self.runner.execute(out)
+        except Exception as e:  # noqa: BLE001 - isolated below, the loop must survive
+            self.counters.failed_steps += 1
+            log.warning("step of %d requests failed (%s); re-running them one at a time", len(out.chunks), e)
+            sampled = self._isolate(out, result)
         now = self.runner._now()
+        self._count(out, sampled)
+        result.num_rows, result.num_seqs = out.num_tokens, len(out.chunks)
+        vision_s = self.runner.last_vision_s
         for c in out.chunks:
             req = c.request
+            if req.finished:  # failed in isolation
+                continue
+            if req.metrics.scheduled_at is None:
+                req.metrics.scheduled_at = t0
             if c.start < req.prompt_len:  # vision encoding is reported on its own
-                req.metrics.prefill_s += now - t0 - self.runner.last_vision_s
+                req.metrics.prefill_s += now - t0 - vision_s
             req.num_computed_tokens += c.num_tokens
             self.blocks.register_computed(req)
-        finished = []
-        for c, token in results:
+        for c, token in sampled:
             req = c.request
+            if req.finished:
+                continue
             if req.metrics.first_token_at is None:
                 req.metrics.first_token_at = now
+            req.metrics.token_times.append(now)
             req.append_token(token)
+            result.sampled.append((req, req.token_ids[-1]))  # a forced token replaces the sample
             if req.finished:
-                req.metrics.finished_at = now
-                req.mm_embeds = [None] * len(req.media)
-                self.scheduler.finish(req)
-                finished.append(req)
-        return finished
+                self._finish(req)
+                result.finished.append(req)
+        return result
 
-    def run(self, requests: list[Request]) -> None:
-        """Steps until every given request has finished."""
-        pending = {r.request_id for r in requests}
-        while pending:
-            for req in self.step():
-                pending.discard(req.request_id)
+    # ------------------------------------------------------------------ internals
+    def _isolate(self, out: SchedulerOutput, result: StepResult) -> list[tuple[ScheduledChunk, int]]:
+        sampled = []
+        for c in out.chunks:
+            try:
+                sampled += self.runner.execute(SchedulerOutput([c], c.num_tokens, []))
+            except Exception as e:  # noqa: BLE001
+                self._fail(c.request, e, result)
+        return sampled
+
+    def _fail(self, req: Request, err: BaseException, result: StepResult) -> None:
+        if not isinstance(err, (UserInputError, EngineError)):
+            wrapped = EngineError(f"request {req.request_id} failed in the engine: {type(err).__name__}: {err}")
+            wrapped.__cause__ = err
+            err = wrapped
+        log.warning("request %s failed: %s", req.request_id, err)
+        self.scheduler.remove(req)
+        req.finish_reason, req.error = "error", err
+        self.requests.pop(req.request_id, None)
+        self._ended(req)
+        result.failed.append(req)
+
+    def _finish(self, req: Request) -> None:
+        if req.retain is not None:
+            self._apply_retain(req)
+        self.scheduler.finish(req)
+        self.requests.pop(req.request_id, None)
+        self._ended(req)
+
+    def _ended(self, req: Request) -> None:
+        req.metrics.finished_at = time.perf_counter()
+        req.mm_embeds = [None] * len(req.media)
+        if self.device.type == "cuda":
+            req.metrics.peak_memory_bytes = torch.cuda.max_memory_allocated(self.device)
+        else:
+            req.metrics.peak_memory_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        self.runner.release(req)
+
+    def _apply_retain(self, req: Request) -> None:
+        """The owner keeps the cached blocks of the request's computed tokens (up to its budget):
+        the next turn's prompt starts with them and finds them by name."""
+        bs = self.blocks.block_size
+        full = req.num_computed_tokens // bs  # the last sampled token has no K/V yet
+        if req.retain.max_tokens is not None:
+            full = min(full, req.retain.max_tokens // bs)
+        extend_hashes(req.block_hashes, req.token_ids, req.media, bs, full, req.cache_salt)
+        self.blocks.retain(req.retain.owner, self.blocks.cached_prefix(req.block_hashes[:full]))
+
+    def _count(self, out: SchedulerOutput, sampled) -> None:
+        c = self.counters
+        c.steps += 1
+        c.rows += out.num_tokens
+        c.seqs += len(out.chunks)
+        c.max_seqs = max(c.max_seqs, len(out.chunks))
+        if len(sampled) > 1:
+            c.decode_steps += 1
+
+    # ------------------------------------------------------------------ KV operations (loop only)
+    def move_kv(self, owner: str, start: int, end: int, shift: int) -> None:
+        """K/V of tokens [start, end) of `owner`'s sequence to [start + shift, end + shift)."""
+        if end <= start or not shift:
+            return
+        table = torch.tensor(self.blocks.owned_blocks(owner), dtype=torch.long)
+        bs = self.blocks.block_size
+
+        def slots(a: int, b: int) -> torch.Tensor:
+            idx = torch.arange(a, b)
+            return table[idx // bs] * bs + idx % bs
+
+        self.runner.move_kv(slots(start, end), slots(start + shift, end + shift))

@@ -97,6 +97,12 @@ class ModelRunner:
             d, f = dst[s : s + chunk].to(self.device), src[s : s + chunk].to(self.device)
             flat[:, :, d] = flat[:, :, f]
 
+    def release(self, req) -> None:
+        """A request ended: its encoder-cache entries are no longer held for it."""
+        held = self._cache_holds.pop(id(req), None)
+        if held is not None and self.encoder_cache is not None:
+            self.encoder_cache.release(held[1])
+
     @staticmethod
     def kv_bytes_per_token(model: Qwen2_5_VLModel, dtype: torch.dtype) -> int:
         t = model.cfg.text
@@ -257,8 +263,8 @@ class ModelRunner:
             return []
         logits = logits.float()
         reqs = [c.request for c in chunks]
-        if self.keep_logits:
-            for r, row in zip(reqs, logits):
+        for r, row in zip(reqs, logits):
+            if self.keep_logits or getattr(r, "want_logits", False):
                 r.logits = (r.logits or []) + [row.cpu()]
         tokens = sample(logits, [r.sampling for r in reqs], [r.generator for r in reqs])
         return list(zip(chunks, tokens))

@@ -4,12 +4,22 @@ Each step hands out at most `max_num_batched_tokens` tokens. Running requests go
 decode asks for 1 token, an unfinished prompt for its next chunk), then waiting requests are
 admitted while the budget, the sequence limit and free KV blocks allow. When blocks run out
 the newest running request is preempted (its blocks freed, recomputed later: still exact).
+
+Admission (the policy for requests that fit the pool but not the free blocks now):
+- a request is admitted only when its whole prompt fits the free blocks, after dropping idle
+  retained session KV (least recently used first) if that is what it takes;
+- a waiting request that does not fit may be bypassed by later, smaller ones (FCFS with
+  bounded bypass), but only `max_bypass` times: after that nothing behind it is admitted until
+  it fits, which happens as running requests finish (it is known to fit an empty pool);
+- a request that does not fit although nothing runs and nothing is retained (the pool is held
+  by live sessions' owned KV) fails with a BudgetError instead of waiting forever.
+Requests that can never fit are refused before they reach the scheduler (engine/llm_engine.py).
 """
 
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from omnistream.cache.block_manager import BlockManager
 from omnistream.config import SchedulerConfig
@@ -34,6 +44,7 @@ class SchedulerOutput:
     chunks: list[ScheduledChunk]  # in batch order; decodes and prefill chunks mixed
     num_tokens: int  # sum of chunk sizes
     preempted: list[Request]  # requests sent back to waiting in this step
+    rejected: list[tuple[Request, Exception]] = field(default_factory=list)  # failed at admission
 
 
 class Scheduler:
@@ -43,8 +54,10 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
 
-    def add(self, req: Request) -> None:
-        # a request that cannot fit even alone is refused now, not left to starve
+    MAX_BYPASS = 32  # later requests admitted ahead of a waiting one before it blocks the queue
+
+    def check(self, req: Request) -> None:
+        """Raises BudgetError for a request that can never run (called before add())."""
         need = self.blocks.blocks_for(req.prompt_len + req.sampling.max_new_tokens)
         if need > self.blocks.num_blocks:
             raise BudgetError(
@@ -57,7 +70,21 @@ class Scheduler:
                 f"prompt of {req.prompt_len} tokens exceeds max_num_batched_tokens "
                 f"{self.cfg.max_num_batched_tokens} and chunked prefill is off"
             )
+
+    def add(self, req: Request) -> None:
         self.waiting.append(req)
+
+    def remove(self, req: Request) -> bool:
+        """Takes `req` out (abort or failure), freeing its blocks; False if it is not here."""
+        if req in self.running:
+            self.running.remove(req)
+        elif req in self.waiting:
+            self.waiting.remove(req)
+        else:
+            return False
+        self.blocks.free_request(req)
+        req.status = RequestStatus.FINISHED
+        return True
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -85,19 +112,27 @@ class Scheduler:
             self.blocks.grow(req, req.num_computed_tokens + n)
             chunks.append(ScheduledChunk(req, req.num_computed_tokens, n))
             budget -= n
-        self._admit(chunks, budget, preempted)
-        return SchedulerOutput(chunks, sum(c.num_tokens for c in chunks), preempted)
+        rejected = self._admit(chunks, budget, preempted)
+        return SchedulerOutput(chunks, sum(c.num_tokens for c in chunks), preempted, rejected)
 
-    def _admit(self, chunks: list[ScheduledChunk], budget: int, preempted: list[Request]) -> None:
-        while self.waiting and budget > 0 and len(self.running) < self.cfg.max_num_seqs:
-            req = self.waiting[0]
+    def _admit(self, chunks: list[ScheduledChunk], budget: int, preempted: list[Request]) -> list[tuple[Request, Exception]]:
+        rejected: list[tuple[Request, Exception]] = []
+        blocked: list[Request] = []  # waiting requests this step could not admit, in order
+        for req in list(self.waiting):
+            if budget <= 0 or len(self.running) >= self.cfg.max_num_seqs:
+                break
             if req in preempted:
                 break  # do not re-admit in the step that preempted it
-            hits = req.kv.blocks if req.kv is not None else self.blocks.match_prefix(req)
-            # admit only when the whole prompt fits the free blocks, so admitted work can finish
-            need = self.blocks.blocks_for(req.num_tokens) - len(hits)
-            if need > self.blocks.free_after_acquiring(hits):
-                break
+            if any(b.num_bypassed >= self.MAX_BYPASS for b in blocked):
+                break  # an older request has waited long enough: nothing passes it any more
+            hits = self._fit(req)
+            if hits is None:
+                if not self.running and not self.blocks.retained:
+                    rejected.append((req, self._held_by_owned(req)))
+                    self.waiting.remove(req)
+                    continue
+                blocked.append(req)
+                continue
             if req.kv is not None:
                 self.blocks.take_kv(req)
             else:
@@ -107,12 +142,38 @@ class Scheduler:
                 self.blocks.free_request(req)
                 req.num_computed_tokens = 0
                 break
-            self.waiting.popleft()
+            self.waiting.remove(req)
             self.blocks.grow(req, req.num_computed_tokens + n)
             req.status = RequestStatus.RUNNING
             self.running.append(req)
             chunks.append(ScheduledChunk(req, req.num_computed_tokens, n))
             budget -= n
+            for b in blocked:
+                b.num_bypassed += 1
+        return rejected
+
+    def _fit(self, req: Request) -> list[int] | None:
+        """The cached blocks `req` starts from when its whole prompt fits the free blocks now
+        (dropping idle retained KV if needed), else None."""
+        hits = self.blocks.owned_blocks(req.kv.owner) if req.kv is not None else self.blocks.match_prefix(req)
+        need = self.blocks.blocks_for(req.num_tokens) - len(hits)
+        if need <= self.blocks.free_after_acquiring(hits):
+            return hits
+        if not self.blocks.retained:
+            return None
+        # hits may sit in a retention about to be dropped: they stay named, so look again
+        self.blocks.evict_retained(need + len(hits), keep=set(hits))
+        if req.kv is None:
+            hits = self.blocks.match_prefix(req)
+        need = self.blocks.blocks_for(req.num_tokens) - len(hits)
+        return hits if need <= self.blocks.free_after_acquiring(hits) else None
+
+    def _held_by_owned(self, req: Request) -> BudgetError:
+        held = sum(len(t) for t in self.blocks.owned.values()) * self.blocks.block_size
+        return BudgetError(
+            f"request needs {self.blocks.blocks_for(req.num_tokens) * self.blocks.block_size} KV tokens but only "
+            f"{self.blocks.num_free * self.blocks.block_size} are free: {held} are held by live sessions' own KV"
+        )
 
     def _chunk_size(self, req: Request, budget: int) -> int:
         remaining = req.num_tokens - req.num_computed_tokens
@@ -129,8 +190,9 @@ class Scheduler:
 
     def finish(self, req: Request) -> None:
         self.running.remove(req)
-        if req.kv is not None and req.kv.keep_blocks:  # the owner takes over the references
-            req.kept_blocks, req.block_table = req.block_table, []
+        if req.kv is not None and req.kv.keep:  # the owner takes over the references
+            self.blocks.set_owned(req.kv.owner, req.block_table)
+            req.block_table = []
         else:
             self.blocks.free_request(req)
         req.status = RequestStatus.FINISHED

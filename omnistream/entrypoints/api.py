@@ -17,11 +17,8 @@ import dataclasses
 import gc
 import logging
 import threading
-import uuid
-import resource
 import time
-from contextlib import contextmanager
-from dataclasses import dataclass
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -30,19 +27,21 @@ import torch
 from omnistream.cache.budget import kv_pool_tokens
 from omnistream.cache.encoder_cache import EncoderCache
 from omnistream.config import EngineConfig
+from omnistream.engine.core import EngineCore
+from omnistream.engine.handle import RequestHandle
 from omnistream.engine.llm_engine import LLMEngine
-from omnistream.engine.model_runner import ModelRunner
+from omnistream.engine.protocol import EngineRequest, RequestMetrics, RequestOutput, TokenLogprob
 from omnistream.engine.sampling import SamplingParams
 from omnistream.errors import ConfigError, UnknownSessionError, UserInputError
 from omnistream.media.item import MediaItem
 from omnistream.media.processor import MediaProcessor
 from omnistream.models.demo import ensure_demo_model, is_random_weights
-from omnistream.models.hf_config import QwenVLConfig
+from omnistream.models.interface import MultimodalLM
 from omnistream.models.loader import load_weights
-from omnistream.models.qwen2_5_vl import Qwen2_5_VLModel
 from omnistream.models.prompt import build_prompt
-from omnistream.sessions.session import Session
+from omnistream.models.registry import resolve
 from omnistream.models.tokenizer import Tokenizer
+from omnistream.sessions.session import Session
 
 log = logging.getLogger(__name__)
 
@@ -50,42 +49,27 @@ MAX_VISION_PATCHES = 16384
 LIVE_ENCODER_CACHE_BYTES = 256 << 20  # per vision forward; longer videos are encoded in slices (lossless)
 
 
-@dataclass
-class GenerationResult:
-    text: str
-    token_ids: list[int]
-    finish_reason: str
-    metrics: dict[str, Any]
-    logits: list[torch.Tensor] | None = None  # (vocab,) per generated token, when asked
+GenerationResult = RequestOutput  # what generate(), run() and sessions return
 
 
-def build_model(mcfg: QwenVLConfig, device: torch.device, dtype: torch.dtype) -> Qwen2_5_VLModel:
+def build_model(model_class: type, mcfg, device: torch.device, dtype: torch.dtype) -> MultimodalLM:
     """Allocates the model directly on `device` in `dtype` (weights uninitialised until loaded)."""
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            model = Qwen2_5_VLModel(mcfg)
+            model = model_class(mcfg)
     finally:
         torch.set_default_dtype(previous)
     return model.eval().requires_grad_(False)
 
 
-
-@contextmanager
-def _collector_paused():
-    """No garbage collection inside an engine run: a full collection stalled prefills by 10-25 ms
-    (measured on the H100 host, bench stream). What the run leaves is collected after it."""
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
-
 class Engine:
-    def __init__(self, cfg: EngineConfig, model_dir: Path, model: Qwen2_5_VLModel, tokenizer: Tokenizer) -> None:
+    """The Python API: media -> prompt -> the engine core (one loop shared by every caller,
+    engine/core.py) -> results. Thread-safe: generate(), submit(), sessions and live sessions
+    may be used from any number of threads at once; their requests batch together."""
+
+    def __init__(self, cfg: EngineConfig, model_dir: Path, model: MultimodalLM, tokenizer: Tokenizer) -> None:
         self.cfg = cfg
         self.model_dir = model_dir
         self.model = model
@@ -94,28 +78,31 @@ class Engine:
         self.device = torch.device(cfg.device)
         self.random_weights = is_random_weights(model_dir)
         self._sessions: dict[str, Session] = {}
-        self._lock = threading.RLock()  # one engine loop at a time (live ingestion runs in threads)
+        self._sessions_lock = threading.Lock()
         offload = None
         if cfg.offload_vision and self.device.type == "cuda":  # before sizing the KV pool
             from omnistream.engine.vision_offload import VisionOffloader
 
-            offload = VisionOffloader(model.visual, self.device)
-        per_token = ModelRunner.kv_bytes_per_token(model, cfg.torch_dtype)
+            offload = VisionOffloader(model.media_encoder("video"), self.device)
+        per_token = model.kv_spec.bytes_per_token(cfg.torch_dtype)
         tokens = kv_pool_tokens(model.cfg, cfg, self.device, per_token, MAX_VISION_PATCHES, offload.bytes if offload else 0)
         num_blocks = tokens // cfg.cache.block_size
-        stop = {model.cfg.eos_token_id, model.cfg.im_end_token_id}
-        self.llm = LLMEngine(model, cfg, num_blocks, stop)
-        self.llm.runner.max_vision_patches = MAX_VISION_PATCHES
-        self.llm.runner.vision_offload = offload
+        llm = LLMEngine(model, cfg, num_blocks)
+        llm.runner.max_vision_patches = MAX_VISION_PATCHES
+        llm.runner.vision_offload = offload
         if cfg.cache.encoder_cache_bytes > 0:
-            self.llm.runner.encoder_cache = EncoderCache(cfg.cache.encoder_cache_bytes, cfg.cache.encoder_cache_cpu_bytes)
+            llm.runner.encoder_cache = EncoderCache(cfg.cache.encoder_cache_bytes, cfg.cache.encoder_cache_cpu_bytes)
         if self.device.type == "cuda" and cfg.cuda_graphs:
-            self.llm.runner.enable_cuda_graphs(max_context=32768)
+            llm.runner.enable_cuda_graphs(max_context=32768)
+        self.block_size = cfg.cache.block_size
+        self.kv_blocks_total = num_blocks
         # long-lived objects (weights, tokenizer tables) out of the collector's way: a full
         # collection during a follow-up question would cost more than the question
         gc.collect()
         gc.freeze()
         log.info("KV pool: %d blocks of %d tokens (%.2f GiB)", num_blocks, cfg.cache.block_size, num_blocks * cfg.cache.block_size * per_token / 2**30)
+        self.core = EngineCore(llm, tokenizer.decode)
+        self.llm = llm  # for tests and tools that inspect state; only the core's loop mutates it
 
     @classmethod
     def from_pretrained(cls, model: str | Path = "demo", *, device: str = "cpu", dtype: str = "auto", **options) -> "Engine":
@@ -123,13 +110,51 @@ class Engine:
         if not (model_dir / "config.json").is_file():
             raise ConfigError(f"{model_dir}: not a checkpoint directory (no config.json)")
         cfg = EngineConfig.from_kwargs(str(model_dir), device=device, dtype=dtype, **options)
-        mcfg = QwenVLConfig.from_dir(model_dir)
-        net = build_model(mcfg, torch.device(device), cfg.torch_dtype)
+        entry = resolve(model_dir)
+        net = build_model(entry.model_class, entry.read_config(model_dir), torch.device(device), cfg.torch_dtype)
         load_weights(net, model_dir)
         engine = cls(cfg, model_dir, net, Tokenizer(model_dir))
         if engine.random_weights:
             log.warning("%s holds RANDOM weights: outputs are meaningless text", model_dir)
         return engine
+
+    # ------------------------------------------------------------------ core
+    def submit(self, request: EngineRequest) -> RequestHandle:
+        """Queues one request on the engine loop; the handle streams its output (iterate it, or
+        `async for`), `result()` waits for the end. Raises BudgetError at once for a request
+        that can never fit."""
+        return self.core.submit(request)
+
+    def abort(self, request_id: str) -> None:
+        self.core.abort(request_id)
+
+    def run(self, requests: list[EngineRequest]) -> list[GenerationResult]:
+        """Submits every request (they batch together) and waits for all of them. If one
+        fails, the others still run to the end; then its error is raised."""
+        handles, error = [], None
+        for r in requests:
+            handles.append(self.submit(r))
+        results = []
+        for h in handles:
+            try:
+                results.append(h.result())
+            except Exception as e:  # noqa: BLE001 - raised once every other request is done
+                error = error or e
+        if error is not None:
+            raise error
+        return results
+
+    def close(self) -> None:
+        """Ends every session and stops the engine loop (requests in flight end with an error)."""
+        for s in list(self._sessions.values()):
+            s.close()
+        self.core.close()
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     # ------------------------------------------------------------------ inputs
     def load_media(self, messages: list[dict]) -> list[MediaItem]:
@@ -159,107 +184,107 @@ class Engine:
         return items
 
     # ------------------------------------------------------------------ generate
-    def generate(self, conversations, sampling: SamplingParams | None = None, *, return_logits: bool = False, tenant: str | None = None) -> list[GenerationResult]:
+    def generate(self, conversations, sampling: SamplingParams | None = None, *, return_logits: bool = False,
+                 tenant: str | None = None, logprobs: int | None = None) -> list[GenerationResult]:
         """Runs every conversation to completion, batched by the scheduler."""
         if conversations and isinstance(conversations[0], dict):
             conversations = [conversations]
-        prompts = []
-        for messages in conversations:
-            arrival = time.perf_counter()
-            items = self.load_media(messages)
-            prompt = build_prompt(self.tokenizer, messages, items)
-            media = [(r.offset, m) for r, m in zip(prompt.ranges, prompt.media)]
-            costs = (sum(m.decode_s for m in items), sum(m.preprocess_s + m.hash_s for m in items))
-            prompts.append((prompt.token_ids, media, costs, arrival))
-        return self.run_prompts(prompts, sampling, return_logits=return_logits, cache_salt=tenant)
+        return self.run([self.request_for(m, sampling, return_logits=return_logits, tenant=tenant, logprobs=logprobs)
+                         for m in conversations])
 
-    def run_prompts(self, prompts, sampling: SamplingParams | None = None, *, return_logits: bool = False,
-                    cache_salt: str | None = None, known_hashes: list[bytes] | None = None, kv=None) -> list[GenerationResult]:
-        """prompts: (token_ids, [(offset, MediaItem)], (decode_s, preprocess_s)[, arrival]).
-        known_hashes: prefix-cache names already computed for a prefix of every prompt.
-        kv: a KVHandle (engine/request.py) the one prompt continues (live policy `fast`)."""
-        if kv is not None and len(prompts) != 1:
-            raise ValueError("a KV handle continues exactly one prompt")
-        with self._lock, _collector_paused():
-            return self._run_prompts(prompts, sampling or SamplingParams(), return_logits, cache_salt, known_hashes, kv)
+    def request_for(self, messages: list[dict], sampling: SamplingParams | None = None, *, return_logits: bool = False,
+                    tenant: str | None = None, logprobs: int | None = None) -> EngineRequest:
+        """Decodes and preprocesses the conversation's media (this thread) -> an EngineRequest."""
+        arrival = time.perf_counter()
+        items = self.load_media(messages)
+        prompt = build_prompt(self.tokenizer, messages, items)
+        return EngineRequest(
+            token_ids=prompt.token_ids, media=[(r.offset, m) for r, m in zip(prompt.ranges, prompt.media)],
+            sampling=sampling or SamplingParams(), cache_salt=tenant, return_logits=return_logits, logprobs=logprobs,
+            arrival=arrival, media_decode_s=sum(m.decode_s for m in items),
+            preprocess_s=sum(m.preprocess_s + m.hash_s for m in items),
+        )
 
-    def _run_prompts(self, prompts, sampling: SamplingParams, return_logits: bool, cache_salt: str | None, known_hashes, kv=None) -> list[GenerationResult]:
-        self.llm.runner.keep_logits = return_logits
+    def reset_peak_memory(self) -> None:
         if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-        requests = []
-        for p in prompts:
-            ids, media, (decode_s, preprocess_s) = p[0], p[1], p[2]
-            arrival = p[3] if len(p) > 3 else time.perf_counter() - decode_s - preprocess_s
-            req = self.llm.add_request(ids, media, sampling, cache_salt=cache_salt, known_hashes=known_hashes, kv=kv)
-            req.metrics.arrival = arrival
-            req.metrics.media_decode_s, req.metrics.preprocess_s = decode_s, preprocess_s
-            requests.append(req)
-        self.llm.run(requests)
-        peak = self._peak_memory()
-        results = []
-        for req in requests:
-            req.metrics.peak_memory_bytes = peak
-            if kv is not None:
-                kv.kept = req.kept_blocks
-            results.append(GenerationResult(
-                text=self.tokenizer.decode(req.output_ids),
-                token_ids=req.output_ids,
-                finish_reason=req.finish_reason,
-                metrics=req.metrics.as_dict(),
-                logits=req.logits,
-            ))
-        return results
+            self.core.call(lambda llm: torch.cuda.reset_peak_memory_stats(self.device))
 
     # ------------------------------------------------------------------ sessions
     def session(self, system: str | None = None, tenant: str | None = None, kv_budget_tokens: int | None = None) -> Session:
-        """A new multi-turn session (see session.py); `tenant` keeps its cache apart."""
-        sid = f"s-{uuid.uuid4().hex[:12]}"
+        """A new multi-turn session (see sessions/session.py); `tenant` keeps its cache apart."""
         budget = kv_budget_tokens if kv_budget_tokens is not None else self.cfg.cache.session_kv_budget_tokens
-        s = Session(self, sid, system, tenant, budget)
-        self._sessions[sid] = s
-        return s
+        return self._register(Session(self, f"s-{uuid.uuid4().hex[:12]}", system, tenant, budget))
 
     def live_session(self, system: str | None = None, tenant: str | None = None, *, memory=None,
                      min_pixels: int | None = None, max_pixels: int | None = None,
                      prefill_on_arrival: bool = True, kv_budget_tokens: int | None = None, policy: str = "exact"):
-        """A session fed frame by frame (see live.py). Needs the encoder cache: one of
+        """A session fed frame by frame (see sessions/live.py). Needs the encoder cache: one of
         LIVE_ENCODER_CACHE_BYTES is created if the engine has none."""
-        from omnistream.sessions.live import LiveSession
         from omnistream.media.frame_memory import FrameMemoryConfig
+        from omnistream.sessions.live import LiveSession
 
-        runner = self.llm.runner
-        if runner.encoder_cache is None:
-            log.warning("live session: no encoder cache configured, creating %d MiB", LIVE_ENCODER_CACHE_BYTES >> 20)
-            runner.encoder_cache = EncoderCache(LIVE_ENCODER_CACHE_BYTES)
-        sid = f"live-{uuid.uuid4().hex[:12]}"
-        s = LiveSession(self, sid, system, tenant, kv_budget_tokens, memory or FrameMemoryConfig(),
+        def ensure_encoder_cache(llm: LLMEngine) -> None:
+            if llm.runner.encoder_cache is None:
+                log.warning("live session: no encoder cache configured, creating %d MiB", LIVE_ENCODER_CACHE_BYTES >> 20)
+                llm.runner.encoder_cache = EncoderCache(LIVE_ENCODER_CACHE_BYTES)
+
+        self.core.call(ensure_encoder_cache)
+        s = LiveSession(self, f"live-{uuid.uuid4().hex[:12]}", system, tenant, kv_budget_tokens, memory or FrameMemoryConfig(),
                         min_pixels, max_pixels, prefill_on_arrival, policy)
-        self._sessions[sid] = s
+        return self._register(s)
+
+    def _register(self, s: Session) -> Session:
+        with self._sessions_lock:
+            self._sessions[s.id] = s
         return s
 
+    def _forget(self, session_id: str) -> None:
+        """A session closed: it leaves the registry and the engine drops its KV."""
+        with self._sessions_lock:
+            self._sessions.pop(session_id, None)
+
     def get_session(self, session_id: str) -> Session:
-        try:
-            return self._sessions[session_id]
-        except KeyError:
-            raise UnknownSessionError(f"unknown session {session_id!r}") from None
+        with self._sessions_lock:
+            s = self._sessions.get(session_id)
+        if s is None:
+            raise UnknownSessionError(f"unknown session {session_id!r}")
+        return s
+
+    @property
+    def vision_tokens_encoded(self) -> int:
+        """Tokens the vision tower has produced so far (cache hits excluded)."""
+        return self.llm.runner.vision_tokens_encoded
+
+    def discard_encoder_entries(self, keys: list[str]) -> None:
+        """Drops cached media embeddings (benchmarks use it to make the next use encode again)."""
+        def discard(llm: LLMEngine) -> None:
+            if llm.runner.encoder_cache is not None:
+                for k in keys:
+                    llm.runner.encoder_cache.discard(k)
+
+        self.core.call(discard)
 
     def stats(self) -> dict[str, Any]:
-        runner = self.llm.runner
-        enc = runner.encoder_cache
-        return {
-            "prefix_cache": self.llm.blocks.stats.as_dict(),
-            "encoder_cache": dataclasses.asdict(enc.stats) if enc is not None else None,
-            "vision_tokens_encoded": runner.vision_tokens_encoded,
-            "kv_blocks_free": self.llm.blocks.num_free,
-            "kv_blocks_total": self.llm.blocks.num_blocks,
-            "sessions": len(self._sessions),
-            "vision_offload": None if runner.vision_offload is None else {
-                "loads": runner.vision_offload.loads, "load_s": runner.vision_offload.load_s,
-                "bytes": runner.vision_offload.bytes},
-        }
+        """A consistent snapshot, taken by the engine loop between steps."""
+        def snapshot(llm: LLMEngine) -> dict[str, Any]:
+            runner, enc = llm.runner, llm.runner.encoder_cache
+            return {
+                "prefix_cache": llm.blocks.stats.as_dict(),
+                "encoder_cache": dataclasses.asdict(enc.stats) if enc is not None else None,
+                "vision_tokens_encoded": runner.vision_tokens_encoded,
+                "kv_blocks_free": llm.blocks.num_free,
+                "kv_blocks_total": llm.blocks.num_blocks,
+                "kv_blocks_retained": sum(len(b) for b in llm.blocks.retained.values()),
+                "kv_blocks_owned": sum(len(b) for b in llm.blocks.owned.values()),
+                "requests_running": len(llm.scheduler.running),
+                "requests_waiting": len(llm.scheduler.waiting),
+                "engine": llm.counters.as_dict(),
+                "vision_offload": None if runner.vision_offload is None else {
+                    "loads": runner.vision_offload.loads, "load_s": runner.vision_offload.load_s,
+                    "bytes": runner.vision_offload.bytes},
+            }
 
-    def _peak_memory(self) -> int:
-        if self.device.type == "cuda":
-            return torch.cuda.max_memory_allocated(self.device)
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        out = self.core.call(snapshot)
+        with self._sessions_lock:
+            out["sessions"] = len(self._sessions)
+        return out

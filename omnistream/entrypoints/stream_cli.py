@@ -41,11 +41,12 @@ def parse_ask(text: str) -> tuple[float, str]:
     return t, question.strip()
 
 
-def print_live_metrics(metrics: dict, out=None) -> None:
+def print_live_metrics(res, out=None) -> None:
+    """One answer's live metrics (res.live) and request metrics (res.metrics), one per row."""
     out = out or sys.stdout
     print(f"  {'metric':<20}{'value':>12}", file=out)
     for key, unit in METRIC_ROWS:
-        v = metrics.get(key)
+        v = getattr(res.live, key, None) if hasattr(res.live, key) else getattr(res.metrics, key, None)
         text = "-" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v))
         print(f"  {key:<20}{text:>12} {unit}", file=out)
 
@@ -131,7 +132,7 @@ def _play(args, engine, live, hf, frames, stamps, asks, sampling) -> None:
         exact = live.prompt_for(question) if hf is not None else None
         res = live.ask(question, sampling)
         print(f"A: {res.text}")
-        print_live_metrics(res.metrics)
+        print_live_metrics(res)
         if hf is not None:
             _compare(engine, live, hf, frames[:fed], stamps[:fed], question, exact, res, sampling.max_new_tokens)
 
@@ -150,9 +151,9 @@ def _compare(engine, live, hf, frames, stamps, question, exact, res, new_tokens)
     retained = native_answer(hf, ids, media, new_tokens, tps)
     n_retained = 2 * media[0][1].grid_thw[0]
     m = res.metrics
-    ours = {"ttft_s": m.get("ttft_s"), "total_s": m.get("total_latency")}
+    ours = {"ttft_s": m.ttft_s, "total_s": res.live.total_latency}
     print_compare([
-        (f"omnistream (live, {live.policy})", n_retained, m["prompt_tokens"], ours, "-"),
+        (f"omnistream (live, {live.policy})", n_retained, m.prompt_tokens, ours, "-"),
         ("transformers, retained frames", n_retained, retained["prompt_tokens"], retained, token_agreement(res.token_ids, retained["tokens"])),
         ("transformers, all frames so far", len(frames), all_frames["prompt_tokens"], all_frames, token_agreement(res.token_ids, all_frames["tokens"])),
     ])

@@ -208,6 +208,18 @@ class FramePairer:
         (first, t0), self._pending = self._pending, None
         return self._emit((first, frame.copy()), (t0, timestamp))
 
+    def pending_frame(self) -> tuple[np.ndarray, float] | None:
+        """The first frame of the next patch (waiting for its pair), with its timestamp."""
+        return self._pending
+
+    def padded_patch(self) -> TemporalPatch | None:
+        """The half-filled patch closed by repeating its frame (as Qwen pads odd frame counts),
+        under the id its real patch will get; the pairer keeps waiting for the pair."""
+        if self._pending is None:
+            return None
+        frame, ts = self._pending
+        return TemporalPatch.from_frames(self._next_id, (frame, frame), (ts, ts), self.config)
+
     def flush(self) -> TemporalPatch | None:
         """Close a half-filled patch by repeating its frame (as Qwen pads odd frame counts)."""
         if self._pending is None:

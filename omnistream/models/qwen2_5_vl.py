@@ -17,7 +17,11 @@ from omnistream.layers.linear import MergedLinear, SwiGLU
 from omnistream.layers.norm import RMSNorm
 from omnistream.layers.fused import rope_qk
 from omnistream.layers.rotary import MRotaryEmbedding
+from omnistream.media.item import MediaItem
+from omnistream.media.patchify import normalize_rows
 from omnistream.models.hf_config import QwenVLConfig, TextConfig
+from omnistream.models.interface import KVSpec
+from omnistream.models.mrope import media_positions, mrope_positions
 from omnistream.models.qwen2_5_vl_vision import VisionTransformer
 
 
@@ -84,7 +88,8 @@ class TextModel(nn.Module):
 
 
 class Qwen2_5_VLModel(nn.Module):
-    """Top level: `model` (decoder), `visual` (vision tower), `lm_head`."""
+    """Top level: `model` (decoder), `visual` (vision tower), `lm_head`. Implements
+    models/interface.MultimodalLM."""
 
     packed_modules_mapping = {
         "q_proj": ("qkv_proj", 0),
@@ -102,6 +107,27 @@ class Qwen2_5_VLModel(nn.Module):
         self.lm_head = nn.Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
         if cfg.text.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        t = cfg.text
+        self.kv_spec = KVSpec(t.num_hidden_layers, t.num_key_value_heads, t.head_dim)
+        self.hidden_size, self.vocab_size = t.hidden_size, t.vocab_size
+        self.stop_token_ids = frozenset({cfg.eos_token_id, cfg.im_end_token_id})
+        self.max_context = t.max_position_embeddings
+        self.tokens_per_second = cfg.vision.tokens_per_second
+
+    # ---------------------------------------------------------------- interface
+    def positions(self, num_tokens: int, media, start: int = 0) -> tuple[torch.Tensor, int]:
+        """M-RoPE (3, num_tokens) by the original Qwen rule (models/mrope.py)."""
+        return mrope_positions(num_tokens, media, self.tokens_per_second, start)
+
+    def media_positions(self, item: MediaItem, start: int) -> torch.Tensor:
+        return media_positions(item, start, self.tokens_per_second)
+
+    def media_encoder(self, kind: str) -> nn.Module | None:
+        return self.visual if kind in ("image", "video") else None
+
+    def prepare_pixels(self, rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """CLIP normalisation of raw uint8 rows on their device (float rows pass), then cast."""
+        return normalize_rows(rows).to(dtype)
 
     def embed(self, input_ids: torch.Tensor, mm_rows: torch.Tensor | None, mm_embeds: torch.Tensor | None) -> torch.Tensor:
         """input_ids: (N,); mm_rows: (M,) rows of the batch that are media placeholders, filled

@@ -7,11 +7,14 @@
 Data flow of a frame (worker thread): resize once to the session's size -> pair into a
 temporal patch (2 frames, the unit the vision tower encodes) -> frame memory decides (Star of
 important patches + Stream window of recent ones, near-duplicates dropped) -> a retained patch
-is patchified and hashed once -> the context prefix (system + video block) is prefilled under
-the engine lock, so a later question costs only its own tokens. While more frames are queued the
-prefill waits (one prefill per burst, not per frame), and a question skips it entirely: a
-question waits for the frames added before it to pass the frame memory, then builds its context
-once.
+is patchified and hashed once -> the context prefix (system + video block) is prefilled (a
+request to the engine core, like any other), so a later question costs only its own tokens.
+While more frames are queued the prefill waits (one prefill per burst, not per frame), and a
+question skips it entirely: a question waits for the frames added before it to pass the frame
+memory, then builds its context once. A frame is checked in add_frame() (decodable, timestamp
+not before the previous one): a bad one is refused for that call alone. A trailing odd frame
+is part of the next answer, padded by repeating it as Qwen pads an odd frame count; when its
+pair arrives, the real patch replaces it.
 
 Context = system, one user turn holding the retained patches as one video block in time order
 (temporal positions follow the patches' real timestamps), the conversation history (answer ids
@@ -27,6 +30,7 @@ positions kept, nothing recomputed; see live_kv.py); answers diverge from `exact
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import threading
 import time
@@ -36,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from omnistream.engine.protocol import EngineRequest, RequestOutput, Retain
 from omnistream.engine.sampling import SamplingParams
 from omnistream.errors import ConfigError, MediaError, UserInputError
 from omnistream.sessions.live_kv import LiveKV
@@ -49,11 +54,32 @@ from omnistream.models.prompt import expand_placeholders
 from omnistream.sessions.session import Session
 
 if TYPE_CHECKING:
-    from omnistream.entrypoints.api import Engine, GenerationResult
+    from omnistream.entrypoints.api import Engine
 
 log = logging.getLogger(__name__)
 
 POLICIES = ("exact", "fast")
+_STOP = object()  # queue sentinel: the worker ends
+_PREFILL = SamplingParams(max_new_tokens=1, ignore_eos=True)  # a forward that only fills the KV
+
+
+@dataclass
+class LiveMetrics:
+    """Seed 004's per-question metrics. Encoding and prefill count the work this question
+    caused (frames that arrived since the last prefill), not the whole context."""
+
+    total_latency: float
+    encoding_latency: float
+    prefill_latency: float
+    generation_latency: float
+    frames_encoded: int
+    frames_in_context: int  # retained frames the answer saw (a padded trailing frame counts once)
+    visual_tokens: int
+    kv_cache_length: int
+    policy: str
+    star_size: int
+    stream_size: int
+    compression_ratio: float
 
 
 @dataclass
@@ -62,6 +88,7 @@ class LivePatch:
     needs it: under a fast backlog most patches leave the Stream before that and cost nothing."""
 
     patch: TemporalPatch
+    padded: bool = False  # a trailing odd frame repeated (not in the frame memory)
     rows: torch.Tensor | None = None  # (gh * gw, 3 * 2 * 14 * 14) uint8 raw, checkpoint row layout
     hash: str | None = None  # patch hash (encoder-cache key)
 
@@ -74,7 +101,7 @@ class LiveSession(Session):
             raise ConfigError(f"unknown live KV policy {policy!r}; choose one of {', '.join(POLICIES)}")
         super().__init__(engine, session_id, system, tenant, kv_budget_tokens)
         self.policy = policy
-        self.kv = LiveKV(engine, tenant) if policy == "fast" else None
+        self.kv = LiveKV(engine, session_id, tenant) if policy == "fast" else None
         self.memory = FrameMemory(memory)
         self.pairer = FramePairer(memory)
         self.max_pixels = max_pixels or VIDEO_MAX_PIXELS
@@ -86,7 +113,11 @@ class LiveSession(Session):
         self._state = threading.Lock()  # guards memory/patches between worker and ask
         self._queue: queue.Queue = queue.Queue()
         self._worker: threading.Thread | None = None
-        self._error: Exception | None = None
+        self._error: Exception | None = None  # a worker fault, raised once by the next flush/ask
+        self._intake = threading.Lock()  # add_frame callers: timestamps checked in arrival order
+        self._last_ts = -math.inf
+        self._padded: LivePatch | None = None  # the trailing odd frame, repeated (replaced by its pair)
+        self._stopping = False  # close() has begun
         self._item: tuple[tuple[int, ...], MediaItem] | None = None  # last video block built
         self._prefix_cache: tuple[MediaItem, tuple] | None = None  # its prefix tokens
         self.frames_received = 0
@@ -99,15 +130,23 @@ class LiveSession(Session):
 
     # ------------------------------------------------------------------ ingestion
     def add_frame(self, frame, timestamp: float) -> None:
-        """Queues one frame (PIL, numpy HWC, tensor); never waits for a running answer."""
+        """Queues one frame (PIL, numpy HWC, tensor); never waits for a running answer. A frame
+        that cannot be used, or a timestamp before the previous one, raises MediaError for this
+        call alone: the session goes on with the frames it has."""
         self._check_open()
-        if self._error is not None:
-            raise self._error
-        self.frames_received += 1
-        self._queue.put((frame, float(timestamp)))
-        if self._worker is None:
-            self._worker = threading.Thread(target=self._work, name=f"live-{self.id}", daemon=True)
-            self._worker.start()
+        if self._stopping:
+            raise UserInputError(f"session {self.id} is closed")
+        img = load_image(frame)  # (H, W, 3) uint8; raises MediaError
+        ts = float(timestamp)
+        with self._intake:
+            if not math.isfinite(ts) or ts < self._last_ts:
+                raise MediaError(f"timestamp {timestamp} must be finite and not before the previous one ({self._last_ts})")
+            self._last_ts = ts
+            self.frames_received += 1
+            self._queue.put((img, ts))
+            if self._worker is None:
+                self._worker = threading.Thread(target=self._work, name=f"live-{self.id}", daemon=True)
+                self._worker.start()
 
     def add_frames(self, frames, timestamps) -> None:
         if len(frames) != len(timestamps):
@@ -122,8 +161,12 @@ class LiveSession(Session):
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError("live ingestion did not catch up in time")
             time.sleep(0.002)
-        if self._error is not None:
-            raise self._error
+        self._raise_worker_error()
+
+    def _raise_worker_error(self) -> None:
+        err, self._error = self._error, None
+        if err is not None:
+            raise err
 
     def _work(self) -> None:
         dirty = False  # retained patches changed since the last prefill
@@ -134,23 +177,27 @@ class LiveSession(Session):
                     batch.append(self._queue.get_nowait())
                 except queue.Empty:
                     break
+            stop = any(x is _STOP for x in batch)
             try:
-                dirty = any([self._ingest(f, t) for f, t in batch]) or dirty
+                if not stop:
+                    dirty = any([self._ingest(f, t) for f, t in batch]) or dirty
                 # prefill once the burst is over, and never ahead of a waiting question (it
                 # builds the same context itself; the worker would only delay it)
-                if (dirty and self.prefill_on_arrival and not self.closed and self._queue.empty() and not self._asking
-                        and self._context.acquire(blocking=False)):
+                if (dirty and not stop and self.prefill_on_arrival and not self._stopping and self._queue.empty()
+                        and not self._asking and self._context.acquire(blocking=False)):
                     try:
                         dirty = False
                         self._prefill_prefix()
                     finally:
                         self._context.release()
-            except Exception as e:  # surfaced to the caller at the next add_frame/flush/ask
-                log.exception("live ingestion failed")
+            except Exception as e:  # noqa: BLE001 - reported once to the next caller; the session goes on
+                log.warning("live session %s: ingestion failed: %s", self.id, e)
                 self._error = e if isinstance(e, UserInputError) else MediaError(f"live ingestion failed: {e}")
             finally:
                 for _ in batch:
                     self._queue.task_done()
+            if stop:
+                return
 
     def _ingest(self, frame, timestamp: float) -> bool:
         """One frame through resize -> pairing -> frame memory; True when retained patches changed."""
@@ -162,6 +209,7 @@ class LiveSession(Session):
         if patch is None:
             return False
         with self._state:
+            self._padded = None  # its pair arrived: the real patch replaces it
             result = self.memory.add_patch(patch)
             for pid in result.removed:
                 self.patches.pop(pid, None)
@@ -182,9 +230,9 @@ class LiveSession(Session):
 
     # ------------------------------------------------------------------ context
     def video_item(self) -> MediaItem | None:
-        """The retained patches as one video block (time order, real timestamps)."""
-        with self._state:
-            live = [self.patches[p.patch_id] for p in self.memory.retained() if p.patch_id in self.patches]
+        """The retained patches as one video block (time order, real timestamps), the trailing
+        odd frame included (padded)."""
+        live = self._context_patches()
         key = tuple(lp.patch.patch_id for lp in live)
         cached = self._item
         if cached is not None and cached[0] == key:  # unchanged since the last context: no copy
@@ -194,6 +242,17 @@ class LiveSession(Session):
         item = self._item_of(live)
         self._item = (key, item)
         return item
+
+    def _context_patches(self) -> list[LivePatch]:
+        """The patches an answer sees now: the retained ones, then the padded odd frame."""
+        with self._state:
+            live = [self.patches[p.patch_id] for p in self.memory.retained() if p.patch_id in self.patches]
+            pending = self.pairer.pending_frame()
+            if pending is not None:
+                if self._padded is None or self._padded.patch.timestamps[0] != pending[1]:
+                    self._padded = LivePatch(self.pairer.padded_patch(), padded=True)
+                live.append(self._padded)
+        return live
 
     def _item_of(self, live: list[LivePatch]) -> MediaItem:
         """Retained patches (time order) as one video item: real timestamps, per-patch hashes."""
@@ -232,12 +291,13 @@ class LiveSession(Session):
         if item is None:
             return
         ids, media = self._prefix(item)
-        self.engine.run_prompts([(ids, media, (0.0, 0.0))], SamplingParams(max_new_tokens=1, ignore_eos=True), cache_salt=self.tenant)
+        self.engine.submit(EngineRequest(ids, media, _PREFILL, cache_salt=self.tenant,
+                                         retain=Retain(self.id, self.kv_budget_tokens))).result()
         self.token_ids, self.media, self._names = ids, media, []
-        self._repin()
 
     # ------------------------------------------------------------------ asking
-    def ask(self, question: str, sampling: SamplingParams | None = None, *, return_logits: bool = False) -> "GenerationResult":
+    def ask(self, question: str, sampling: SamplingParams | None = None, *, return_logits: bool = False,
+            logprobs: int | None = None) -> RequestOutput:
         """Answers over every frame added before this call (waits for them to pass the frame
         memory; TTFT counts from here). Frames added meanwhile do not change this answer."""
         self._check_open()
@@ -248,23 +308,26 @@ class LiveSession(Session):
         finally:
             self._asking -= 1
         with self._context:
+            self._check_open()
+            sampling = sampling or SamplingParams()
             if self.kv is not None:
-                return self._ask_fast(question, sampling or SamplingParams(), return_logits, asked)
-            return self._ask_exact(question, sampling or SamplingParams(), return_logits, asked)
+                return self._ask_fast(question, sampling, return_logits, logprobs, asked)
+            return self._ask_exact(question, sampling, return_logits, logprobs, asked)
 
-    def _ask_exact(self, question: str, sampling: SamplingParams, return_logits: bool, asked: float) -> "GenerationResult":
+    def _ask_exact(self, question: str, sampling: SamplingParams, return_logits: bool, logprobs: int | None, asked: float) -> RequestOutput:
         item = self.video_item()  # snapshot: frames ingested later do not change this answer
         if item is None:
-            raise UserInputError("no frames ingested yet: add frames before asking")
+            raise UserInputError("no frames added yet: add frames before asking")
         prompt, media = self.prompt_for(question, item)
-        before = self.engine.llm.runner.vision_tokens_encoded
-        [res] = self.engine.run_prompts([(prompt, media, (0.0, 0.0), asked)], sampling, return_logits=return_logits, cache_salt=self.tenant)
+        before = self.engine.vision_tokens_encoded
+        res = self.engine.submit(EngineRequest(
+            prompt, media, sampling, cache_salt=self.tenant, retain=Retain(self.id, self.kv_budget_tokens),
+            return_logits=return_logits, logprobs=logprobs, arrival=asked)).result()
         self.history_ids = prompt[len(self._prefix(item)[0]):] + res.token_ids + self._end_of_turn(res.token_ids)
         self.messages = self.messages + [{"role": "user", "content": question}, {"role": "assistant", "content": res.text}]
         self.token_ids, self.media, self._names = prompt + res.token_ids, media, []
-        self._repin()
-        encoded = self.engine.llm.runner.vision_tokens_encoded - before
-        res.metrics.update(self._metrics(res, asked, encoded, item.num_tokens, res.metrics["prompt_tokens"] + res.metrics["output_tokens"]))
+        encoded = self.engine.vision_tokens_encoded - before
+        res.live = self._metrics(res, asked, encoded, item, res.metrics.prompt_tokens + res.metrics.output_tokens)
         return res
 
     def prompt_for(self, question: str, item: MediaItem | None = None):
@@ -283,71 +346,82 @@ class LiveSession(Session):
 
     # ------------------------------------------------------------------ policy fast
     def _sync_kv(self) -> None:
-        """Brings the owned KV to the retained patches: evicted ones removed, new ones computed
-        at the end of the video block (policy fast)."""
-        with self._state:
-            live = [self.patches[p.patch_id] for p in self.memory.retained() if p.patch_id in self.patches]
+        """Brings the owned KV to the context's patches: evicted ones (and a padded frame whose
+        pair arrived) removed, new ones computed at the end of the video block (policy fast)."""
+        live = self._context_patches()
         if not live:
             return
         try:
             if not self.kv.built:
                 item = self.video_item()
                 ids, media = self._prefix(item)
-                self.kv.build(ids, media[0], [lp.patch.patch_id for lp in live])
+                self.kv.build(ids, media[0], [_kv_key(lp) for lp in live])
                 return
-            keep = {lp.patch.patch_id for lp in live}
-            for pid in [p for p in self.kv.spans if p not in keep]:
-                self.kv.remove(pid)
-            self.kv.insert([(lp.patch.patch_id, self._patch_item(lp)) for lp in live if lp.patch.patch_id not in self.kv.spans])
+            keep = {_kv_key(lp) for lp in live}
+            for key in [k for k in self.kv.spans if k not in keep]:
+                self.kv.remove(key)
+            self.kv.insert([(_kv_key(lp), self._patch_item(lp)) for lp in live if _kv_key(lp) not in self.kv.spans])
         except Exception:
             # an edit failed half-way (e.g. the KV pool is full): give the owned KV back; the
             # next question rebuilds it from the retained frames (its history is not kept)
             self.kv.close()
-            self.kv = LiveKV(self.engine, self.tenant)
+            self.kv = LiveKV(self.engine, self.id, self.tenant)
             raise
 
     def _patch_item(self, lp: LivePatch) -> MediaItem:
         """One retained patch as a 1-patch video item (its own timestamps and hash)."""
         return self._item_of([lp])
 
-    def _ask_fast(self, question: str, sampling: SamplingParams, return_logits: bool, asked: float) -> "GenerationResult":
-        before = self.engine.llm.runner.vision_tokens_encoded
+    def _ask_fast(self, question: str, sampling: SamplingParams, return_logits: bool, logprobs: int | None, asked: float) -> RequestOutput:
+        before = self.engine.vision_tokens_encoded
         edits = (self.kv.edit_vision_s, self.kv.edit_prefill_s)
         self._sync_kv()  # the new frames this question waited for: encoded and computed into place
         if not self.kv.built:
-            raise UserInputError("no frames ingested yet: add frames before asking")
+            raise UserInputError("no frames added yet: add frames before asking")
         edit_vision, edit_prefill = self.kv.edit_vision_s - edits[0], self.kv.edit_prefill_s - edits[1]
-        res = self.kv.ask(self._question_ids(question), self._end_of_turn, sampling, return_logits=return_logits, arrival=asked)
-        res.metrics["vision_encode_s"] += edit_vision
-        res.metrics["prefill_s"] += edit_prefill
+        res = self.kv.ask(self._question_ids(question), self._end_of_turn, sampling, return_logits=return_logits,
+                          logprobs=logprobs, arrival=asked)
+        res.metrics.vision_encode_s += edit_vision
+        res.metrics.prefill_s += edit_prefill
         self.messages = self.messages + [{"role": "user", "content": question}, {"role": "assistant", "content": res.text}]
-        encoded = self.engine.llm.runner.vision_tokens_encoded - before
-        res.metrics.update(self._metrics(res, asked, encoded, self.kv.visual_tokens, len(self.kv.ids)))
+        encoded = self.engine.vision_tokens_encoded - before
+        res.live = self._metrics(res, asked, encoded, None, len(self.kv.ids))
         return res
 
-    def _metrics(self, res, asked: float, vision_tokens: int, visual_tokens: int, kv_length: int) -> dict:
-        """Seed 004's per-question metrics. Encoding and prefill count the work this question
-        caused (frames that arrived since the last prefill), not the whole context."""
+    def _metrics(self, res: RequestOutput, asked: float, vision_tokens: int, item: MediaItem | None, kv_length: int) -> LiveMetrics:
         m = res.metrics
         stats = self.memory.stats()
         per_patch = (self.size[0] // 28) * (self.size[1] // 28)
+        visual = item.num_tokens if item is not None else self.kv.visual_tokens
         now = time.perf_counter()
-        return {
-            "total_latency": now - asked,
-            "encoding_latency": m["vision_encode_s"],
-            "prefill_latency": m["prefill_s"],
-            "generation_latency": max(0.0, now - asked - (m["ttft_s"] or 0.0)),
-            "frames_encoded": 2 * vision_tokens // per_patch,
-            "visual_tokens": visual_tokens,
-            "kv_cache_length": kv_length,
-            "policy": self.policy,
-            "star_size": stats.star_size,
-            "stream_size": stats.stream_size,
-            "compression_ratio": stats.compression_ratio,
-        }
+        return LiveMetrics(
+            total_latency=now - asked, encoding_latency=m.vision_encode_s, prefill_latency=m.prefill_s,
+            generation_latency=max(0.0, now - asked - (m.ttft_s or 0.0)), frames_encoded=2 * vision_tokens // per_patch,
+            frames_in_context=2 * (visual // per_patch) - (1 if self._padded is not None else 0), visual_tokens=visual,
+            kv_cache_length=kv_length, policy=self.policy, star_size=stats.star_size, stream_size=stats.stream_size,
+            compression_ratio=stats.compression_ratio,
+        )
 
     def close(self) -> None:
-        with self._context:  # not in the middle of the worker's prefill
-            if self.kv is not None and not self.closed:
+        """Stops the worker (its queued frames are dropped), frees the frames and the KV."""
+        if self.closed or self._stopping:
+            return
+        self._stopping = True  # the worker stops prefilling; add_frame/ask refuse from now on
+        if self._worker is not None:
+            self._queue.put(_STOP)
+            if threading.current_thread() is not self._worker:
+                self._worker.join()
+        with self._context:  # not in the middle of a question
+            if self.kv is not None:
                 self.kv.close()
+            with self._state:
+                self.patches.clear()
+                self._padded, self._item, self._prefix_cache = None, None, None
             super().close()
+
+
+def _kv_key(lp: LivePatch) -> float:
+    """Key of a patch in the fast policy's KV: its id; a padded odd frame sits between the
+    newest patch and the id its real patch will get (inserted after every real patch, removed
+    when its pair arrives)."""
+    return lp.patch.patch_id - 0.5 if lp.padded else lp.patch.patch_id

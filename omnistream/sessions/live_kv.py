@@ -20,8 +20,10 @@ after an evicted patch keep K/V computed while it was visible, and the history n
 patches that arrived after it. What it buys: adding or evicting a patch costs one patch of
 compute, whatever the length of the context.
 
-All references to the blocks in `blocks` are held by this object; every method runs under the
-engine lock (block counts and the KV pool are shared with every other session).
+The blocks belong to the engine: this object keeps the sequence's token ids, positions and
+patch spans, and asks the engine loop to edit the KV (operations of engine/llm_engine.py: grow,
+move, trim, release the sequence owned by `owner`; requests with an OwnedKV that compute into
+it). Operations and requests run in the loop in the order they are sent.
 """
 
 from __future__ import annotations
@@ -31,23 +33,21 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from omnistream.engine.request import KVHandle
+from omnistream.engine.protocol import EngineRequest, OwnedKV, RequestOutput
 from omnistream.engine.sampling import SamplingParams
-from omnistream.errors import BudgetError
 from omnistream.media.item import MediaItem
-from omnistream.models.mrope import media_positions, mrope_positions
 
 if TYPE_CHECKING:
-    from omnistream.entrypoints.api import Engine, GenerationResult
+    from omnistream.entrypoints.api import Engine
 
 _ONE = SamplingParams(max_new_tokens=1, ignore_eos=True)  # a forward that only fills the KV
 
 
 class LiveKV:
-    def __init__(self, engine: "Engine", tenant: str | None = None) -> None:
+    def __init__(self, engine: "Engine", owner: str, tenant: str | None = None) -> None:
         self.engine = engine
+        self.owner = owner  # the engine's name of the sequence (the session id)
         self.tenant = tenant
-        self.blocks: list[int] = []  # block table; this object holds one reference on each
         self.ids: list[int] = []  # token ids in KV order; ids[:computed] have K/V
         self.pos = torch.zeros(3, 0, dtype=torch.long)  # (3, len(ids)) positions
         self.computed = 0
@@ -56,10 +56,17 @@ class LiveKV:
         self.video_end = 0  # token index after the last patch
         self.video_start = 0  # s: M-RoPE position of the video block's first token
         self.t0 = 0.0  # time of the block's first patch when built (temporal origin)
-        self.tokens_per_second = engine.model.cfg.vision.tokens_per_second
+        self.model = engine.model  # positions follow the model's rule (interface.media_positions)
+        self.tokens_per_second = engine.model.tokens_per_second
         self.video_token_id = engine.tokenizer.video_token_id
         self.edit_vision_s = 0.0  # cumulative vision / prefill seconds of build + insert
         self.edit_prefill_s = 0.0
+
+    @property
+    def blocks(self) -> list[int]:
+        """The sequence's block table now (a copy, read by the loop)."""
+        owner = self.owner
+        return self.engine.core.call(lambda llm: list(llm.blocks.owned_blocks(owner)))
 
     @property
     def built(self) -> bool:
@@ -73,10 +80,9 @@ class LiveKV:
     def build(self, ids: list[int], video: tuple[int, MediaItem], patch_ids: list[int]) -> None:
         """Computes system + the video turn exactly (one ordinary forward), keeping its KV."""
         off, item = video
-        positions, next_pos = mrope_positions(len(ids), [video], self.tokens_per_second)
-        handle = KVHandle(blocks=[], computed=0, positions=positions, next_pos=next_pos, keep_blocks=True)
-        self._run(ids, [video], handle, _ONE)
-        self.blocks, self.ids, self.pos = handle.kept, list(ids), positions
+        positions, next_pos = self.model.positions(len(ids), [video])
+        self._run(ids, [video], OwnedKV(self.owner, 0, positions, next_pos), _ONE)
+        self.ids, self.pos = list(ids), positions
         self.computed, self.next_pos = len(ids), next_pos
         per = item.tokens_per_temporal_patch
         self.spans = {pid: [off + k * per, per] for k, pid in enumerate(patch_ids)}
@@ -87,17 +93,21 @@ class LiveKV:
     # ------------------------------------------------------------------ edits
     def remove(self, patch_id: int) -> None:
         """Drop one patch's K/V; later tokens keep theirs (closed up, positions kept)."""
-        with self.engine._lock:
-            a, n = self.spans.pop(patch_id)
-            self._move(a + n, self.computed, -n)
-            del self.ids[a : a + n]
-            self.pos = torch.cat([self.pos[:, :a], self.pos[:, a + n :]], dim=1)
-            self.computed -= n
-            self.video_end -= n
-            for span in self.spans.values():
-                if span[0] > a:
-                    span[0] -= n
-            self._trim()
+        a, n = self.spans.pop(patch_id)
+        owner, computed = self.owner, self.computed
+
+        def close_gap(llm) -> None:
+            llm.move_kv(owner, a + n, computed, -n)
+            llm.blocks.trim_owned(owner, computed - n)
+
+        self.engine.core.call(close_gap)
+        del self.ids[a : a + n]
+        self.pos = torch.cat([self.pos[:, :a], self.pos[:, a + n :]], dim=1)
+        self.computed -= n
+        self.video_end -= n
+        for span in self.spans.values():
+            if span[0] > a:
+                span[0] -= n
 
     def insert(self, patches: list[tuple[int, MediaItem]]) -> None:
         """Adds new patches (each a 1-patch video item, newer than every patch held) at the end
@@ -107,92 +117,69 @@ class LiveKV:
         newest = max(self.spans, default=-1)
         if any(pid <= newest for pid, _ in patches):
             raise ValueError("live KV: patches must be inserted in time order, after the newest held")
-        with self.engine._lock:
-            a = self.video_end
-            n = sum(item.num_tokens for _, item in patches)
-            self._grow(self.computed + n)
-            self._move(a, self.computed, n)
-            new_pos = torch.cat([self._patch_positions(item) for _, item in patches], dim=1)
-            self.ids[a:a] = [self.video_token_id] * n
-            self.pos = torch.cat([self.pos[:, :a], new_pos, self.pos[:, a:]], dim=1)
-            for span in self.spans.values():
-                if span[0] >= a:
-                    span[0] += n
-            media, cursor = [], a
-            for pid, item in patches:
-                self.spans[pid] = [cursor, item.num_tokens]
-                media.append((cursor, item))
-                cursor += item.num_tokens
-            self.video_end += n
-            handle = KVHandle(blocks=self.blocks, computed=a, positions=self.pos[:, : a + n], next_pos=0)
-            self._run(self.ids[: a + n], media, handle, _ONE)
-            self.computed += n
-            self.next_pos = max(self.next_pos, int(new_pos.max()) + 1)
+        a = self.video_end
+        n = sum(item.num_tokens for _, item in patches)
+        owner, computed = self.owner, self.computed
+
+        def open_gap(llm) -> None:
+            llm.blocks.grow_owned(owner, computed + n)  # BudgetError when the pool is full
+            llm.move_kv(owner, a, computed, n)
+
+        self.engine.core.call(open_gap)
+        new_pos = torch.cat([self._patch_positions(item) for _, item in patches], dim=1)
+        self.ids[a:a] = [self.video_token_id] * n
+        self.pos = torch.cat([self.pos[:, :a], new_pos, self.pos[:, a:]], dim=1)
+        for span in self.spans.values():
+            if span[0] >= a:
+                span[0] += n
+        media, cursor = [], a
+        for pid, item in patches:
+            self.spans[pid] = [cursor, item.num_tokens]
+            media.append((cursor, item))
+            cursor += item.num_tokens
+        self.video_end += n
+        self._run(self.ids[: a + n], media, OwnedKV(owner, a, self.pos[:, : a + n], 0), _ONE)
+        self.computed += n
+        self.next_pos = max(self.next_pos, int(new_pos.max()) + 1)
 
     def _patch_positions(self, item: MediaItem) -> torch.Tensor:
         """(3, item.num_tokens): the block's rule with its original start and temporal origin."""
-        pos = media_positions(item, self.video_start, self.tokens_per_second)  # t row = s here
+        pos = self.model.media_positions(item, self.video_start)  # t row = s here
         pos[0] += math.floor((item.patch_times[0] - self.t0) * self.tokens_per_second)
         return pos
 
     # ------------------------------------------------------------------ questions
     def ask(self, question_ids: list[int], end_of_turn, sampling: SamplingParams, *, return_logits: bool = False,
-            arrival: float | None = None) -> "GenerationResult":
+            logprobs: int | None = None, arrival: float | None = None) -> RequestOutput:
         """Appends a question (template tokens of the user turn + assistant header) and answers;
         the answer and `end_of_turn(answer)` tokens join the sequence."""
-        with self.engine._lock:
-            q = len(question_ids)
-            prompt = self.ids + list(question_ids)
-            qpos = torch.arange(self.next_pos, self.next_pos + q).expand(3, -1)
-            handle = KVHandle(blocks=self.blocks, computed=self.computed, positions=torch.cat([self.pos, qpos], dim=1),
-                              next_pos=self.next_pos + q, keep_blocks=True)
-            res = self._run(prompt, [], handle, sampling, return_logits=return_logits, arrival=arrival)
-            old, self.blocks = self.blocks, handle.kept
-            self.engine.llm.blocks.unpin(old)  # the request's references replace ours
-            tail = res.token_ids + end_of_turn(res.token_ids)
-            self.ids = prompt + tail
-            start = self.next_pos + q
-            self.pos = torch.cat([self.pos, qpos, torch.arange(start, start + len(tail)).expand(3, -1)], dim=1)
-            self.next_pos = start + len(tail)
-            self.computed = len(prompt) + max(0, len(res.token_ids) - 1)  # the last sampled token is not in the KV
-            return res
-
-    def close(self) -> None:
-        with self.engine._lock:
-            self.engine.llm.blocks.unpin(self.blocks)
-            self.blocks, self.ids, self.spans, self.computed = [], [], {}, 0
-
-    # ------------------------------------------------------------------ internals
-    def _run(self, ids, media, handle: KVHandle, sampling: SamplingParams, *, return_logits: bool = False,
-             arrival: float | None = None) -> "GenerationResult":
-        prompt = (ids, media, (0.0, 0.0)) if arrival is None else (ids, media, (0.0, 0.0), arrival)
-        [res] = self.engine.run_prompts([prompt], sampling, return_logits=return_logits, cache_salt=self.tenant, kv=handle)
-        if media:  # build / insert: the work a later question may be charged with
-            self.edit_vision_s += res.metrics["vision_encode_s"]
-            self.edit_prefill_s += res.metrics["prefill_s"]
+        q = len(question_ids)
+        prompt = self.ids + list(question_ids)
+        qpos = torch.arange(self.next_pos, self.next_pos + q).expand(3, -1)
+        kv = OwnedKV(self.owner, self.computed, torch.cat([self.pos, qpos], dim=1), self.next_pos + q)
+        res = self._run(prompt, [], kv, sampling, return_logits=return_logits, logprobs=logprobs, arrival=arrival)
+        tail = res.token_ids + end_of_turn(res.token_ids)
+        self.ids = prompt + tail
+        start = self.next_pos + q
+        self.pos = torch.cat([self.pos, qpos, torch.arange(start, start + len(tail)).expand(3, -1)], dim=1)
+        self.next_pos = start + len(tail)
+        self.computed = len(prompt) + max(0, len(res.token_ids) - 1)  # the last sampled token is not in the KV
         return res
 
-    def _slots(self, start: int, end: int) -> torch.Tensor:
-        bs = self.engine.llm.blocks.block_size
-        idx = torch.arange(start, end)
-        return torch.tensor(self.blocks, dtype=torch.long)[idx // bs] * bs + idx % bs
+    def close(self) -> None:
+        owner = self.owner
+        try:
+            self.engine.core.call(lambda llm: llm.blocks.release_owned(owner))
+        except Exception:  # noqa: BLE001 - the engine is closed: nothing to release
+            pass
+        self.ids, self.spans, self.computed = [], {}, 0
 
-    def _move(self, start: int, end: int, shift: int) -> None:
-        """K/V of tokens [start, end) to [start + shift, end + shift)."""
-        if end > start and shift:
-            self.engine.llm.runner.move_kv(self._slots(start, end), self._slots(start + shift, end + shift))
-
-    def _grow(self, tokens: int) -> None:
-        bm = self.engine.llm.blocks
-        need = bm.blocks_for(tokens) - len(self.blocks)
-        if need > bm.num_free:
-            raise BudgetError(f"live KV needs {need} more blocks of {bm.block_size} tokens, {bm.num_free} are free")
-        if need > 0:
-            self.blocks = self.blocks + bm.allocate(need)
-
-    def _trim(self) -> None:
-        bm = self.engine.llm.blocks
-        keep = bm.blocks_for(max(self.computed, 1))
-        if len(self.blocks) > keep:
-            bm.unpin(self.blocks[keep:])
-            self.blocks = self.blocks[:keep]
+    # ------------------------------------------------------------------ internals
+    def _run(self, ids, media, kv: OwnedKV, sampling: SamplingParams, *, return_logits: bool = False,
+             logprobs: int | None = None, arrival: float | None = None) -> RequestOutput:
+        res = self.engine.submit(EngineRequest(ids, media, sampling, cache_salt=self.tenant, kv=kv,
+                                               return_logits=return_logits, logprobs=logprobs, arrival=arrival)).result()
+        if media:  # build / insert: the work a later question may be charged with
+            self.edit_vision_s += res.metrics.vision_encode_s
+            self.edit_prefill_s += res.metrics.prefill_s
+        return res

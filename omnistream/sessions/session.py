@@ -8,25 +8,30 @@
 The session's context is exactly the chat-template token sequence of its conversation: every
 answer joins the history as the generated token ids followed by the template's end-of-turn
 tokens ("<|im_end|>\\n"), never re-tokenised text. Each turn is an ordinary request whose
-prompt is the whole sequence; the prefix cache serves the part already computed, and the
-session pins those blocks (up to its KV budget) so other traffic cannot evict them. Blocks
-beyond the budget may be evicted and are recomputed on demand: answers stay exact.
+prompt is the whole sequence; the prefix cache serves the part already computed. The request
+tells the engine to retain the conversation's KV when it ends (up to the session's KV budget):
+the engine loop applies it atomically. Retained KV is idle between turns: when other users need
+the space the engine may drop it (least recently used first), and the next question recomputes
+what is gone, exactly. A session is a client of the engine core: it never touches blocks,
+locks or the runner.
 """
 
 from __future__ import annotations
 
+import threading
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 from omnistream.cache.prefix_hash import extend_hashes
+from omnistream.engine.handle import RequestHandle
+from omnistream.engine.protocol import EngineRequest, OutputDelta, RequestOutput, Retain
 from omnistream.engine.sampling import SamplingParams
 from omnistream.errors import UserInputError
 from omnistream.media.item import MediaItem
 from omnistream.models.prompt import expand_placeholders
 
 if TYPE_CHECKING:
-    from omnistream.entrypoints.api import Engine, GenerationResult
-
+    from omnistream.entrypoints.api import Engine
 
 
 class Session:
@@ -40,8 +45,8 @@ class Session:
         self.media: list[tuple[int, MediaItem]] = []  # (offset in token_ids, item)
         self._pending_parts: list[dict[str, Any]] = []  # user content not yet asked about
         self._pending_items: list[MediaItem] = []
-        self._pinned: list[int] = []
         self._names: list[bytes] = []  # prefix-cache names of token_ids' full blocks (grow with it)
+        self._turn = threading.Lock()  # one question at a time: a conversation is sequential
         self.closed = False
 
     # ------------------------------------------------------------------ inputs
@@ -65,22 +70,50 @@ class Session:
         return item
 
     # ------------------------------------------------------------------ asking
-    def ask(self, question: str, sampling: SamplingParams | None = None, *, return_logits: bool = False) -> "GenerationResult":
+    def ask(self, question: str, sampling: SamplingParams | None = None, *, return_logits: bool = False,
+            logprobs: int | None = None) -> RequestOutput:
+        """Answers `question` over the conversation so far (waits for the answer)."""
+        with self._turn:
+            turn, handle = self._submit(question, sampling, return_logits, logprobs)
+            return self._commit(turn, handle)
+
+    def ask_stream(self, question: str, sampling: SamplingParams | None = None, *, logprobs: int | None = None) -> Iterator[OutputDelta]:
+        """Like ask(), yielding deltas as tokens are produced; the turn joins the conversation
+        when the answer ends (an abandoned stream aborts the request and keeps nothing)."""
+        with self._turn:
+            turn, handle = self._submit(question, sampling, False, logprobs)
+            try:
+                yield from handle
+            finally:
+                if not handle.done:
+                    handle.abort()
+            self._commit(turn, handle)
+
+    def _submit(self, question: str, sampling: SamplingParams | None, return_logits: bool, logprobs: int | None) -> tuple[tuple, RequestHandle]:
         self._check_open()
         asked = time.perf_counter()  # TTFT counts from the question; media was ingested at add_*()
-        sampling = sampling or SamplingParams()
         user = {"role": "user", "content": self._pending_parts + [{"type": "text", "text": question}]}
         new_ids, new_media = self._render_turn(user)
+        decode_s, preprocess_s = self._pending_costs()
+        spec = EngineRequest(
+            token_ids=self.token_ids + new_ids, media=self.media + new_media, sampling=sampling or SamplingParams(),
+            cache_salt=self.tenant, known_hashes=self._names, retain=Retain(self.id, self.kv_budget_tokens),
+            return_logits=return_logits, logprobs=logprobs, arrival=asked, media_decode_s=decode_s, preprocess_s=preprocess_s,
+        )
+        return (user, new_ids, new_media), self.engine.submit(spec)
+
+    def _commit(self, turn: tuple, handle: RequestHandle) -> RequestOutput:
+        """The answer joins the conversation: its ids, then the template's end of turn."""
+        user, new_ids, new_media = turn
+        result = handle.result()
         prompt = self.token_ids + new_ids
-        media = self.media + new_media
-        [result] = self.engine.run_prompts([(prompt, media, self._pending_costs(), asked)], sampling, return_logits=return_logits,
-                                           cache_salt=self.tenant, known_hashes=self._names)
-        # commit the turn: the answer's ids, then the template's end of turn
         self.token_ids = prompt + result.token_ids + self._end_of_turn(result.token_ids)
-        self.media = media
+        self.media = self.media + new_media
         self.messages += [user, {"role": "assistant", "content": result.text}]
         self._pending_parts, self._pending_items = [], []
-        self._repin()
+        bs = self.engine.block_size
+        # token_ids only grow between turns, so the names of earlier blocks stay valid
+        extend_hashes(self._names, self.token_ids, self.media, bs, len(self.token_ids) // bs, self.tenant)
         return result
 
     def prompt_for(self, question: str) -> tuple[list[int], list[tuple[int, MediaItem]]]:
@@ -105,7 +138,7 @@ class Session:
         return ids, [(base + r.offset, item) for r, item in zip(ranges, self._pending_items)]
 
     def _end_of_turn(self, answer: list[int]) -> list[int]:
-        im_end = self.engine.model.cfg.im_end_token_id
+        im_end = self.engine.tokenizer.im_end_token_id
         newline = self.engine.tokenizer.encode("\n")
         return newline if answer and answer[-1] == im_end else [im_end] + newline
 
@@ -113,50 +146,46 @@ class Session:
         """(decode, preprocess + hash) seconds of the media added since the last question."""
         return (sum(m.decode_s for m in self._pending_items), sum(m.preprocess_s + m.hash_s for m in self._pending_items))
 
-    # ------------------------------------------------------------------ KV pinning
-    def _repin(self) -> None:
-        """Pin the cached blocks of this conversation's prefix, up to the session budget."""
-        with self.engine._lock:  # block refcounts are shared with other threads' sessions
-            self._repin_locked()
-
-    def _repin_locked(self) -> None:
-        blocks = self.engine.llm.blocks
-        budget = self.kv_budget_tokens
-        full = len(self.token_ids) // blocks.block_size
-        if budget is not None:
-            full = min(full, budget // blocks.block_size)
-        # token_ids only grow between turns, so the names of earlier blocks stay valid
-        extend_hashes(self._names, self.token_ids, self.media, blocks.block_size, len(self.token_ids) // blocks.block_size, self.tenant)
-        found = blocks.cached_prefix(self._names[:full])
-        blocks.pin(found)  # pin the new set before releasing the old one (they overlap)
-        blocks.unpin(self._pinned)
-        self._pinned = found
-
+    # ------------------------------------------------------------------ retained KV
     @property
     def pinned_tokens(self) -> int:
-        return len(self._pinned) * self.engine.llm.blocks.block_size
+        """Tokens of this conversation's KV the engine retains now (may shrink under pressure)."""
+        sid = self.id
+        return self.engine.core.call(lambda llm: llm.blocks.retained_tokens(sid))
+
+    def retained_blocks(self) -> list[int]:
+        """The KV blocks the engine retains for this conversation now, in sequence order."""
+        sid = self.id
+        return self.engine.core.call(lambda llm: list(llm.blocks.retained.get(sid, [])))
 
     # ------------------------------------------------------------------ lifecycle
     def fork(self) -> "Session":
-        """A new session with this one's history (sharing its KV blocks)."""
+        """A new session with this one's history (sharing its retained KV blocks)."""
         self._check_open()
         other = self.engine.session(tenant=self.tenant, kv_budget_tokens=self.kv_budget_tokens)
         other.messages = list(self.messages)  # messages are never mutated, only appended
         other.token_ids, other.media = list(self.token_ids), list(self.media)
         other._pending_parts, other._pending_items = list(self._pending_parts), list(self._pending_items)
-        with self.engine._lock:
-            self.engine.llm.blocks.pin(self._pinned)
-        other._pinned = list(self._pinned)
+        other._names = list(self._names)
+        src, dst = self.id, other.id
+        self.engine.core.call(lambda llm: llm.blocks.retain(dst, list(llm.blocks.retained.get(src, []))))
         return other
 
     def close(self) -> None:
+        """Ends the session: the engine drops its KV (idempotent)."""
         if self.closed:
             return
-        with self.engine._lock:
-            self.engine.llm.blocks.unpin(self._pinned)
-        self._pinned = []
         self.closed = True
-        self.engine._sessions.pop(self.id, None)
+        self.engine._forget(self.id)
+        self._release_kv()
+
+    def _release_kv(self) -> None:
+        sid = self.id
+        if not self.engine.core.is_loop_thread:
+            try:
+                self.engine.core.call(lambda llm: llm.blocks.release_retained(sid))
+            except Exception:  # noqa: BLE001 - the engine is closed: nothing to release
+                pass
 
     def _check_open(self) -> None:
         if self.closed:

@@ -1,0 +1,146 @@
+"""The client's end of a submitted request: output deltas as tokens arrive, then one final output.
+
+    h = core.submit(EngineRequest(...))
+    for delta in h:            # or: async for delta in h
+        print(delta.text, end="")
+    out = h.result()           # RequestOutput (raises the request's error, if it failed)
+    h.abort()
+
+The engine loop pushes tokens (`_push`) and the end (`_end`); any number of threads or asyncio
+tasks may wait. Text is decoded here, in the reader's thread, never in the loop: each delta is
+the new suffix of the decoded output, held back while it ends inside a multi-byte character, so
+the deltas concatenate to the final text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Callable
+
+from omnistream.engine.protocol import OutputDelta, RequestOutput, TokenLogprob
+
+
+class RequestHandle:
+    def __init__(self, request_id: str, decode: Callable[[list[int]], str], abort: Callable[[str], None]) -> None:
+        self.request_id = request_id
+        self._decode = decode
+        self._abort = abort
+        self._cond = threading.Condition()
+        self._tokens: list[int] = []  # every token pushed so far
+        self._logprobs: list[TokenLogprob] = []
+        self._final: RequestOutput | None = None
+        self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
+
+    # ------------------------------------------------------------------ loop side
+    def _push(self, token: int, logprob: TokenLogprob | None) -> None:
+        with self._cond:
+            self._tokens.append(token)
+            if logprob is not None:
+                self._logprobs.append(logprob)
+            self._cond.notify_all()
+            self._wake()
+
+    def _end(self, out: RequestOutput) -> None:
+        with self._cond:
+            self._final = out
+            self._cond.notify_all()
+            self._wake()
+
+    def _wake(self) -> None:
+        for loop, event in self._waiters:
+            loop.call_soon_threadsafe(event.set)
+
+    # ------------------------------------------------------------------ reader side
+    @property
+    def done(self) -> bool:
+        return self._final is not None
+
+    def abort(self) -> None:
+        self._abort(self.request_id)
+
+    def result(self, timeout: float | None = None) -> RequestOutput:
+        """Waits for the end; raises the request's error if it failed."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._final is not None, timeout):
+                raise TimeoutError(f"request {self.request_id} did not finish in {timeout} s")
+        return self._checked()
+
+    async def aresult(self) -> RequestOutput:
+        async for _ in self:
+            pass
+        return self._checked()
+
+    def __iter__(self):
+        reader = _DeltaReader(self)
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: len(self._tokens) > reader.seen or self._final is not None)
+                ended = self._final is not None
+                tokens, logprobs = list(self._tokens), list(self._logprobs)
+            delta = reader.delta(tokens, logprobs, ended)
+            if delta is not None:
+                yield delta
+            if ended:
+                self._checked()
+                return
+
+    async def __aiter__(self):
+        loop = asyncio.get_running_loop()
+        event = asyncio.Event()
+        waiter = (loop, event)
+        with self._cond:
+            self._waiters.append(waiter)
+        reader = _DeltaReader(self)
+        try:
+            while True:
+                with self._cond:
+                    event.clear()
+                    ended = self._final is not None
+                    tokens, logprobs = list(self._tokens), list(self._logprobs)
+                if len(tokens) > reader.seen or ended:
+                    delta = reader.delta(tokens, logprobs, ended)
+                    if delta is not None:
+                        yield delta
+                    if ended:
+                        self._checked()
+                        return
+                    continue
+                await event.wait()
+        finally:
+            with self._cond:
+                self._waiters.remove(waiter)
+
+    def _checked(self) -> RequestOutput:
+        out = self._final
+        if out.error is not None:
+            raise out.error
+        if out.text is None:  # decoded once, by the first reader
+            out.text = self._decode(out.token_ids)
+        return out
+
+
+class _DeltaReader:
+    """Turns the growing token list into deltas of new tokens and new text."""
+
+    def __init__(self, handle: RequestHandle) -> None:
+        self.handle = handle
+        self.seen = 0  # tokens already delivered
+        self.text = ""  # text already delivered
+        self.pending: list[int] = []  # tokens whose text is held back
+
+    def delta(self, tokens: list[int], logprobs: list[TokenLogprob], ended: bool) -> OutputDelta | None:
+        new, lps = tokens[self.seen :], logprobs[self.seen :] if logprobs else None
+        self.seen = len(tokens)
+        text = ""
+        if ended and self.handle._final.error is None:
+            full = self.handle._checked().text
+        else:
+            full = self.handle._decode(tokens)
+        if ended or not full.endswith("\ufffd"):  # not inside a multi-byte character
+            if full.startswith(self.text):
+                text = full[len(self.text) :]
+                self.text = full
+        if not new and not text:
+            return None
+        return OutputDelta(self.handle.request_id, new, text, lps or None)
