@@ -233,7 +233,7 @@ class LiveSession(Session):
         """The retained patches as one video block (time order, real timestamps), the trailing
         odd frame included (padded)."""
         live = self._context_patches()
-        key = tuple(lp.patch.patch_id for lp in live)
+        key = tuple(_kv_key(lp) for lp in live)  # a padded frame differs from its real patch
         cached = self._item
         if cached is not None and cached[0] == key:  # unchanged since the last context: no copy
             return cached[1]
