@@ -128,3 +128,20 @@ def test_request_blocked_by_owned_kv_fails_instead_of_waiting_forever():
     assert not out.chunks and [r for r, _ in out.rejected] == [req]
     assert isinstance(out.rejected[0][1], BudgetError) and "live sessions" in str(out.rejected[0][1])
     assert not sched.has_work()
+
+
+def test_prefill_is_capped_while_others_decode():
+    sched = Scheduler(SchedulerConfig(max_num_batched_tokens=100, max_prefill_tokens_while_decoding=8), BlockManager(64, 4))
+    a = make_request(6, max_new=20, rid="a")
+    sched.add(a)
+    out = sched.schedule()
+    assert [(c.request.request_id, c.num_tokens) for c in out.chunks] == [("a", 6)]  # nobody decodes: full budget
+    advance(sched, out)
+    b, c = make_request(30, rid="b"), make_request(5, rid="c")
+    sched.add(b)
+    sched.add(c)
+    out = sched.schedule()  # a decodes: b's and c's prompts share 8 prefill tokens
+    assert [(x.request.request_id, x.num_tokens) for x in out.chunks] == [("a", 1), ("b", 8)]
+    advance(sched, out)
+    out = sched.schedule()
+    assert sum(x.num_tokens for x in out.chunks if x.request is not a) == 8

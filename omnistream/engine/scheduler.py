@@ -53,6 +53,7 @@ class Scheduler:
         self.blocks = blocks
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
+        self._prefill_left = cfg.max_num_batched_tokens  # prefill tokens left in the step being built
 
     MAX_BYPASS = 32  # later requests admitted ahead of a waiting one before it blocks the queue
 
@@ -91,6 +92,9 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         budget = self.cfg.max_num_batched_tokens
+        # prefill tokens of this step: capped while someone decodes (see SchedulerConfig)
+        decoding = self.cfg.enable_chunked_prefill and any(r.num_computed_tokens >= r.prompt_len for r in self.running)
+        self._prefill_left = min(budget, self.cfg.max_prefill_tokens_while_decoding) if decoding else budget
         chunks: list[ScheduledChunk] = []
         preempted: list[Request] = []
         for req in list(self.running):
@@ -112,6 +116,7 @@ class Scheduler:
             self.blocks.grow(req, req.num_computed_tokens + n)
             chunks.append(ScheduledChunk(req, req.num_computed_tokens, n))
             budget -= n
+            self._charge(req, n)
         rejected = self._admit(chunks, budget, preempted)
         return SchedulerOutput(chunks, sum(c.num_tokens for c in chunks), preempted, rejected)
 
@@ -148,6 +153,7 @@ class Scheduler:
             self.running.append(req)
             chunks.append(ScheduledChunk(req, req.num_computed_tokens, n))
             budget -= n
+            self._charge(req, n)
             for b in blocked:
                 b.num_bypassed += 1
         return rejected
@@ -177,9 +183,15 @@ class Scheduler:
 
     def _chunk_size(self, req: Request, budget: int) -> int:
         remaining = req.num_tokens - req.num_computed_tokens
+        if req.num_computed_tokens < req.prompt_len:  # a prompt chunk: the prefill cap applies
+            budget = min(budget, self._prefill_left)
         if remaining <= budget:
             return remaining
-        return budget if self.cfg.enable_chunked_prefill else 0
+        return budget if self.cfg.enable_chunked_prefill and budget > 0 else 0
+
+    def _charge(self, req: Request, n: int) -> None:
+        if req.num_computed_tokens < req.prompt_len:
+            self._prefill_left -= n
 
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)
