@@ -55,5 +55,5 @@ def test_padded_vision_intermediate_is_exact(tiny_config):
     pixels = torch.randn(2 * 8 * 12, 1176)
     with torch.no_grad():
         ref = hf.model.visual(pixels, grid_thw=torch.tensor(grids)).pooler_output
-        out = ours.encode_vision(pixels, grids)
+        out = ours.encode_media(pixels, grids)
     assert ((ref - out).norm() / ref.norm()).item() < 1e-5

@@ -16,6 +16,7 @@ block that no sequence owns.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from omnistream.engine.scheduler import SchedulerOutput
@@ -37,7 +38,7 @@ class DecodeGraphs:
         self.buckets = [b for b in BUCKETS if b <= max_rows] or [1]
         n, dev = self.buckets[-1], runner.device
         self.input_ids = torch.zeros(n, dtype=torch.long, device=dev)
-        self.media = torch.zeros(n, self.model.cfg.text.hidden_size, dtype=runner.dtype, device=dev)  # media rows' embeddings
+        self.media = torch.zeros(n, self.model.hidden_size, dtype=runner.dtype, device=dev)  # media rows' embeddings
         self.is_media = torch.zeros(n, 1, dtype=torch.bool, device=dev)
         self._media_set = False  # is_media holds True rows from the last step
         self.positions = torch.zeros(3, n, dtype=torch.long, device=dev)
@@ -70,7 +71,7 @@ class DecodeGraphs:
 
     def _capture(self) -> None:
         self.hidden = torch.empty_like(self.media)
-        self.logits = torch.empty(min(LOGITS_ROWS, self.buckets[-1]), self.model.cfg.text.vocab_size,
+        self.logits = torch.empty(min(LOGITS_ROWS, self.buckets[-1]), self.model.vocab_size,
                                   dtype=self.media.dtype, device=self.media.device)
 
         def step(b: int) -> None:
@@ -99,24 +100,9 @@ class DecodeGraphs:
         """-> (logits of the rows that sample, their chunks)."""
         rows = out.num_tokens
         g = next(x for x in self.buckets if x >= rows)
-        bs = self.runner.block_size
-        ids, pos, slots, lens, last_rows, sampling = [], [], [], [], [], []
-        tables = torch.full((g, self.max_blocks), self.scratch, dtype=torch.int32)
-        for c in out.chunks:
-            r, s, n = c.request, c.start, c.num_tokens
-            table = torch.tensor(r.block_table, dtype=torch.int32)
-            tables[len(ids) : len(ids) + n, : len(table)] = table
-            idx = torch.arange(s, s + n)
-            ids.extend(r.token_ids[s : s + n])
-            pos.append(r.positions_for(s, s + n))
-            slots.append(table[idx // bs].long() * bs + idx % bs)
-            lens.append(idx + 1)
-            if c.samples:
-                last_rows.append(len(ids) - 1)
-                sampling.append(c)
-        pad = g - rows
+        ids, pos, slots, lens, tables, last_rows, sampling = self._host_rows(out, g)
         dev = self.media.device
-        self.input_ids[:g].copy_(torch.tensor(ids + [0] * pad), non_blocking=True)
+        self.input_ids[:g].copy_(torch.from_numpy(ids), non_blocking=True)
         mm_rows, mm_embeds = self.runner.media_rows(out.chunks)
         if mm_rows is not None:
             mask = torch.zeros(g, 1, dtype=torch.bool)
@@ -129,10 +115,12 @@ class DecodeGraphs:
         elif self._media_set:  # text only: clear the mask once
             self.is_media.zero_()
             self._media_set = False
-        self.positions[:, :g].copy_(torch.cat(pos + [torch.zeros(3, pad, dtype=torch.long)], dim=1), non_blocking=True)
-        self.slots[:g].copy_(torch.cat(slots + [torch.full((pad,), self.scratch * bs)]), non_blocking=True)
-        self.lens[:g].copy_(torch.cat(lens + [torch.ones(pad, dtype=torch.long)]).int(), non_blocking=True)
-        self.tables[:g].copy_(tables, non_blocking=True)
+        self.positions[:, :g].copy_(torch.from_numpy(pos), non_blocking=True)
+        self.slots[:g].copy_(torch.from_numpy(slots), non_blocking=True)
+        self.lens[:g].copy_(torch.from_numpy(lens), non_blocking=True)
+        # only the columns some row uses: a row reads its table up to its length, and the
+        # padding rows (length 1) only column 0
+        self.tables[:g, : tables.shape[1]].copy_(torch.from_numpy(tables), non_blocking=True)
         if self.use_graphs:
             self.graphs[g].replay()
             hidden, logits = self.hidden, (self.logits if g <= LOGITS_ROWS else None)
@@ -143,6 +131,40 @@ class DecodeGraphs:
         if logits is not None:  # computed in the graph
             return _rows(logits, last_rows), sampling
         return self.model.compute_logits(_rows(hidden, last_rows)), sampling
+
+    def _host_rows(self, out: SchedulerOutput, g: int):
+        """The step's rows as host arrays padded to bucket g: ids (g,), positions (3, g), slots
+        (g,), lengths (g,) int32, tables (g, widest table) int32; plus the rows that sample and
+        their chunks. Decode rows take a scalar path (no tensor ops: ~10 us each otherwise)."""
+        bs, scratch = self.runner.block_size, self.scratch
+        ids = np.zeros(g, np.int64)
+        pos = np.zeros((3, g), np.int64)
+        slots = np.full(g, scratch * bs, np.int64)
+        lens = np.ones(g, np.int32)
+        tables = np.full((g, max(len(c.request.block_table) for c in out.chunks)), scratch, np.int32)
+        last_rows, sampling, row = [], [], 0
+        for c in out.chunks:
+            r, s, n = c.request, c.start, c.num_tokens
+            bt = r.block_table
+            if n == 1 and s >= r.prompt_len:  # a decode: position continues after the prompt
+                ids[row] = r.token_ids[s]
+                pos[:, row] = r.next_pos + s - r.prompt_len
+                slots[row] = bt[s // bs] * bs + s % bs
+                lens[row] = s + 1
+                tables[row, : len(bt)] = bt
+            else:
+                table = np.asarray(bt, np.int64)
+                idx = np.arange(s, s + n)
+                ids[row : row + n] = r.token_ids[s : s + n]
+                pos[:, row : row + n] = r.positions_for(s, s + n).numpy()
+                slots[row : row + n] = table[idx // bs] * bs + idx % bs
+                lens[row : row + n] = idx + 1
+                tables[row : row + n, : len(bt)] = table
+            row += n
+            if c.samples:
+                last_rows.append(row - 1)
+                sampling.append(c)
+        return ids, pos, slots, lens, tables, last_rows, sampling
 
 
 def _rows(x: torch.Tensor, rows: list[int]) -> torch.Tensor:

@@ -31,6 +31,7 @@ class RequestHandle:
         self._logprobs: list[TokenLogprob] = []
         self._final: RequestOutput | None = None
         self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
+        self._streamers = 0  # threads iterating deltas: only they are woken per token
 
     # ------------------------------------------------------------------ loop side
     def _push(self, token: int, logprob: TokenLogprob | None) -> None:
@@ -38,7 +39,10 @@ class RequestHandle:
             self._tokens.append(token)
             if logprob is not None:
                 self._logprobs.append(logprob)
-            self._cond.notify_all()
+            # result() waiters sleep until the end: waking 64 of them per step would fight
+            # the engine loop for the interpreter lock
+            if self._streamers:
+                self._cond.notify_all()
             self._wake()
 
     def _end(self, out: RequestOutput) -> None:
@@ -75,7 +79,11 @@ class RequestHandle:
         reader = _DeltaReader(self)
         while True:
             with self._cond:
-                self._cond.wait_for(lambda: len(self._tokens) > reader.seen or self._final is not None)
+                self._streamers += 1
+                try:
+                    self._cond.wait_for(lambda: len(self._tokens) > reader.seen or self._final is not None)
+                finally:
+                    self._streamers -= 1
                 ended = self._final is not None
                 tokens, logprobs = list(self._tokens), list(self._logprobs)
             delta = reader.delta(tokens, logprobs, ended)

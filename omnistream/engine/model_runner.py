@@ -20,8 +20,7 @@ from omnistream.cache.encoder_cache import VisionPlan
 from omnistream.engine.sampling import sample
 from omnistream.engine.scheduler import ScheduledChunk, SchedulerOutput
 from omnistream.layers.attention import AttentionMetadata
-from omnistream.media.patchify import normalize_rows
-from omnistream.models.qwen2_5_vl import Qwen2_5_VLModel
+from omnistream.models.interface import MultimodalLM
 
 log = logging.getLogger(__name__)
 
@@ -38,18 +37,18 @@ class ForwardBatch:
 
 
 class ModelRunner:
-    def __init__(self, model: Qwen2_5_VLModel, num_blocks: int, block_size: int, device: torch.device, dtype: torch.dtype, max_vision_patches: int = 65536) -> None:
+    def __init__(self, model: MultimodalLM, num_blocks: int, block_size: int, device: torch.device, dtype: torch.dtype, max_vision_patches: int = 65536) -> None:
         self.model = model
         self.device, self.dtype = device, dtype
         self.block_size = block_size
         self.max_vision_patches = max_vision_patches
-        t = model.cfg.text
+        kv = model.kv_spec
         # one preallocated pool: (layers, 2, blocks + 1, block_size, kv_heads, head_dim); the
         # extra block is scratch space for the padding rows of CUDA-graph batches
         self.scratch_block = num_blocks
-        shape = (num_blocks + 1, block_size, t.num_key_value_heads, t.head_dim)
-        self.kv_pool = torch.zeros((t.num_hidden_layers, 2) + shape, dtype=dtype, device=device)
-        self.kv_caches = [(self.kv_pool[i, 0], self.kv_pool[i, 1]) for i in range(t.num_hidden_layers)]
+        shape = (num_blocks + 1, block_size, kv.num_kv_heads, kv.head_dim)
+        self.kv_pool = torch.zeros((kv.num_layers, 2) + shape, dtype=dtype, device=device)
+        self.kv_caches = [(self.kv_pool[i, 0], self.kv_pool[i, 1]) for i in range(kv.num_layers)]
         self.keep_logits = False
         self.vision_offload = None  # VisionOffloader when the tower lives on the host while idle
         self.last_vision_s = 0.0  # vision time of the last step (kept out of prefill time)
@@ -82,7 +81,7 @@ class ModelRunner:
         if use_graphs:
             from omnistream.engine.vision_graphs import VisionGraphs
 
-            self.vision_graphs = VisionGraphs(self.model.visual)
+            self.vision_graphs = VisionGraphs(self.model.media_encoder("video"))
 
     @torch.inference_mode()
     def move_kv(self, src: torch.Tensor, dst: torch.Tensor, chunk: int = 2048) -> None:
@@ -104,9 +103,8 @@ class ModelRunner:
             self.encoder_cache.release(held[1])
 
     @staticmethod
-    def kv_bytes_per_token(model: Qwen2_5_VLModel, dtype: torch.dtype) -> int:
-        t = model.cfg.text
-        return 2 * t.num_hidden_layers * t.num_key_value_heads * t.head_dim * torch.finfo(dtype).bits // 8
+    def kv_bytes_per_token(model: MultimodalLM, dtype: torch.dtype) -> int:
+        return model.kv_spec.bytes_per_token(dtype)
 
     # ---------------------------------------------------------------- media
     def encode_media(self, chunks: list[ScheduledChunk]) -> None:
@@ -175,13 +173,13 @@ class ModelRunner:
         pixels = rows[0] if len(rows) == 1 else torch.cat(rows)  # (P, 1176) float32 or uint8 on the host
         # copy as they are, normalise (raw uint8 rows) and cast on the device: the host never
         # touches the pixels twice
-        pixels = normalize_rows(pixels.to(self.device, non_blocking=True)).to(self.dtype)
+        pixels = self.model.prepare_pixels(pixels.to(self.device, non_blocking=True), self.dtype)
         grids = [it.grid_thw for it in items]
         emb = None
         if self.vision_graphs is not None and self.vision_offload is None:  # offload moves the weights
             emb = self.vision_graphs.run(pixels, grids)
         if emb is None:
-            emb = self.model.encode_vision(pixels, grids)
+            emb = self.model.encode_media(pixels, grids)
         return list(emb.split([it.num_tokens for it in items]))
 
     # ---------------------------------------------------------------- batch
@@ -264,10 +262,27 @@ class ModelRunner:
         logits = logits.float()
         reqs = [c.request for c in chunks]
         for r, row in zip(reqs, logits):
-            if self.keep_logits or getattr(r, "want_logits", False):
+            if self.keep_logits or r.want_logits:
                 r.logits = (r.logits or []) + [row.cpu()]
         tokens = sample(logits, [r.sampling for r in reqs], [r.generator for r in reqs])
+        self._record_logprobs(reqs, logits, tokens)
         return list(zip(chunks, tokens))
+
+    @staticmethod
+    def _record_logprobs(reqs, logits: torch.Tensor, tokens: list[int]) -> None:
+        """For the rows that ask: the sampled token's logprob and the top-k alternatives, from
+        the raw logits (before temperature / top-p), one log_softmax over those rows."""
+        rows = [i for i, r in enumerate(reqs) if r.top_logprobs is not None]
+        if not rows:
+            return
+        lp = torch.log_softmax(logits[rows], dim=-1)  # (R, vocab) float32
+        k = max(reqs[i].top_logprobs for i in rows)
+        top_v, top_i = lp.topk(k, dim=-1) if k else (lp[:, :0], lp[:, :0].long())
+        chosen = lp.gather(1, torch.tensor([tokens[i] for i in rows], device=lp.device)[:, None])[:, 0]
+        chosen, top_v, top_i = chosen.tolist(), top_v.tolist(), top_i.tolist()
+        for j, i in enumerate(rows):
+            n = reqs[i].top_logprobs
+            reqs[i].logprobs.append((chosen[j], list(zip(top_i[j][:n], top_v[j][:n]))))
 
     def _now(self) -> float:
         if self.device.type == "cuda":
