@@ -26,6 +26,8 @@ class CacheConfig:
             raise ConfigError(f"block_size must be a power of two, got {self.block_size}")
         if self.encoder_cache_bytes < 0 or self.encoder_cache_cpu_bytes < 0:
             raise ConfigError("encoder_cache_bytes and encoder_cache_cpu_bytes must be >= 0")
+        if self.memory_budget_bytes is not None and not self.memory_budget_bytes > 0:
+            raise ConfigError(f"memory_budget_bytes must be positive (or None: derived from the device), got {self.memory_budget_bytes}")
         if self.kv_cache_tokens is not None and self.kv_cache_tokens < self.block_size:
             raise ConfigError(f"kv_cache_tokens must hold at least one block, got {self.kv_cache_tokens}")
 
@@ -44,6 +46,22 @@ class SchedulerConfig:
             raise ConfigError("max_num_batched_tokens, max_num_seqs and max_prefill_tokens_while_decoding must be positive")
 
 
+def _check_device(device: str) -> None:
+    """The device must exist here: otherwise the first allocation on it fails deep inside torch
+    (a CPU-only build raises a bare AssertionError) after the checkpoint has been read."""
+    kind, sep, index = device.partition(":") if isinstance(device, str) else ("", "", "")
+    if not (device == "cpu" or (kind == "cuda" and (not sep or index.isdigit()))):
+        raise ConfigError(f"device must be cpu or cuda[:i], got {device!r}")
+    if kind != "cuda":
+        return
+    if not torch.cuda.is_available():
+        build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}, no GPU visible"
+        raise ConfigError(f"device {device!r}: CUDA is not available (torch {torch.__version__}, {build}); use device cpu")
+    count = torch.cuda.device_count()
+    if sep and int(index) >= count:
+        raise ConfigError(f"device {device!r}: no such GPU; this machine has {count} (cuda:0 .. cuda:{count - 1})")
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     model: str  # checkpoint directory, or "demo" for the built-in random-weight model
@@ -57,8 +75,7 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.dtype != "auto" and self.dtype not in _DTYPES:
             raise ConfigError(f"dtype must be one of {sorted(_DTYPES)} or auto, got {self.dtype!r}")
-        if not (self.device == "cpu" or self.device.startswith("cuda")):
-            raise ConfigError(f"device must be cpu or cuda[:i], got {self.device!r}")
+        _check_device(self.device)
 
     @property
     def torch_dtype(self) -> torch.dtype:

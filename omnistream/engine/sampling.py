@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -20,12 +22,45 @@ class SamplingParams:
     ignore_eos: bool = False
 
     def __post_init__(self) -> None:
-        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0 or self.max_new_tokens < 1:
-            raise UserInputError(f"invalid sampling parameters: {self}")
+        if isinstance(self.stop_token_ids, list):  # a JSON / CLI list: kept hashable, as declared
+            object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        problems = _problems(self)
+        if problems:  # every bad field at once, by name, so one correction fixes the request
+            raise UserInputError("invalid sampling parameters: " + "; ".join(problems))
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _problems(p: SamplingParams) -> list[str]:
+    """One 'field must ..., got value' line per bad field (type checks first: a string
+    compared with a number would raise a bare TypeError instead)."""
+    out = []
+    if not (_is_number(p.temperature) and p.temperature >= 0):
+        out.append(f"temperature must be a number >= 0 (0: greedy), got {p.temperature!r}")
+    if not (_is_number(p.top_p) and 0 < p.top_p <= 1):
+        out.append(f"top_p must be a number in (0, 1], got {p.top_p!r}")
+    if not (_is_int(p.top_k) and p.top_k >= 0):
+        out.append(f"top_k must be an integer >= 0 (0: off), got {p.top_k!r}")
+    if not (_is_int(p.max_new_tokens) and p.max_new_tokens >= 1):
+        out.append(f"max_new_tokens must be an integer >= 1, got {p.max_new_tokens!r}")
+    if p.seed is not None and not _is_int(p.seed):
+        out.append(f"seed must be an integer or None, got {p.seed!r}")
+    ids = p.stop_token_ids
+    if not (isinstance(ids, tuple) and all(_is_int(t) and t >= 0 for t in ids)):
+        out.append(f"stop_token_ids must be a sequence of token ids (integers >= 0), got {ids!r}")
+    if not isinstance(p.ignore_eos, bool):
+        out.append(f"ignore_eos must be True or False, got {p.ignore_eos!r}")
+    return out
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]) -> list[int]:

@@ -1,18 +1,22 @@
 """Command line: omnistream ask | demo | stream | profile | bench.
 
-User-input errors print one line (`error: ...`) and exit 2; nothing else prints a traceback
-unless --debug is given.
+User-input errors print one line (`error: ...`) and exit 2; Ctrl-C prints `interrupted` and
+exits 130; nothing else prints a traceback unless --debug is given.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 from omnistream.errors import OmnistreamError
+
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a program ended by Ctrl-C
 
 VIDEO_SUFFIXES = {".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v", ".flv", ".ts", ".mpg", ".mpeg", ".ogv", ".3gp", ".gif"}
 
@@ -41,9 +45,37 @@ def media_part(path: str, fps: float | None, nframes: int | None, max_pixels: in
         part = {"type": "image", "image": path}
     else:  # unknown extension: let the video decoder decide and explain
         part = {"type": "video", "video": path, "fps": fps, "nframes": nframes}
-    if max_pixels:
+    if max_pixels is not None:  # 0 is a (bad) request, not "unset": the processor refuses it
         part["max_pixels"] = max_pixels
     return part
+
+
+class _DropRandomWeightsWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "RANDOM weights" not in record.getMessage()
+
+
+@contextmanager
+def _without_random_weights_warning():
+    """Engine.from_pretrained logs a RANDOM-weights warning for library users; the CLI prints
+    its own note instead (one notice, not two)."""
+    logger, drop = logging.getLogger("omnistream.entrypoints.api"), _DropRandomWeightsWarning()
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
+
+
+def load_engine(model: str, device: str, dtype: str):
+    """Engine.from_pretrained, plus the one notice that a random-weight model answers nonsense."""
+    from omnistream.entrypoints.api import Engine
+
+    with _without_random_weights_warning():
+        engine = Engine.from_pretrained(model, device=device, dtype=dtype)
+    if engine.random_weights:
+        print(f"note: {engine.model_dir} holds RANDOM weights: answers are meaningless text", file=sys.stderr)
+    return engine
 
 
 def print_metrics(metrics: dict, out=None) -> None:
@@ -67,14 +99,16 @@ def print_metrics(metrics: dict, out=None) -> None:
 
 
 def cmd_ask(args) -> int:
-    from omnistream.entrypoints.api import Engine
     from omnistream.engine.sampling import SamplingParams
+    from omnistream.media.processor import check_pixel_count
 
-    engine = Engine.from_pretrained(args.model, device=_default_device(args.device), dtype=args.dtype)
-    if engine.random_weights:
-        print(f"note: {engine.model_dir} has random weights; the answer is meaningless text", file=sys.stderr)
+    # arguments first: a bad value is reported before a model is loaded
+    check_pixel_count("--max-pixels", args.max_pixels)
+    sampling = SamplingParams(max_new_tokens=args.max_new_tokens)
     messages = [{"role": "user", "content": [media_part(args.media, args.fps, args.nframes, args.max_pixels), {"type": "text", "text": args.question}]}]
-    [res] = engine.generate([messages], SamplingParams(max_new_tokens=args.max_new_tokens))
+    # closed before the process exits: a running loop thread aborted the interpreter at shutdown
+    with load_engine(args.model, _default_device(args.device), args.dtype) as engine:
+        [res] = engine.generate([messages], sampling)
     print(f"answer: {res.text}")
     print_metrics(res.metrics)
     return 0
@@ -83,12 +117,12 @@ def cmd_ask(args) -> int:
 def cmd_demo(args) -> int:
     from omnistream.media.samples import write_sample_video
 
-    work = Path(tempfile.mkdtemp(prefix="omnistream-demo-"))
-    video = work / "sample.mp4"
-    write_sample_video(video)
-    print(f"demo: generated sample video {video}")
-    args.media, args.question, args.fps, args.nframes, args.max_pixels = str(video), "What happens in this video?", 2.0, None, None
-    return cmd_ask(args)
+    # the sample lives as long as the run: removed on any exit, error and Ctrl-C included
+    with tempfile.TemporaryDirectory(prefix="omnistream-demo-") as work:
+        video = write_sample_video(Path(work) / "sample.mp4")
+        print(f"demo: generated sample video {video.name} (4 s, 320x240; removed after the run)")
+        args.media, args.question, args.fps, args.nframes, args.max_pixels = str(video), "What happens in this video?", 2.0, None, None
+        return cmd_ask(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -116,16 +150,39 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+def _compile_cache_out_of_tmp() -> None:
+    """Importing torch._dynamo creates torch's compile cache, torchinductor_<user>, in the
+    temp folder, so a run left a folder there; the CLI keeps it with omnistream's cache. An
+    explicit TORCHINDUCTOR_CACHE_DIR wins; an unwritable cache folder leaves torch's default."""
+    if "TORCHINDUCTOR_CACHE_DIR" in os.environ:
+        return
+    from omnistream.models.demo import default_cache_dir
+
+    cache = default_cache_dir() / "torchinductor"
     try:
+        cache.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = None
+    try:
+        _compile_cache_out_of_tmp()
+        args = build_parser().parse_args(argv)
+        logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
         return args.func(args)
     except OmnistreamError as e:
-        if args.debug:
+        if args is not None and args.debug:
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # the user's own stop, not a fault: no traceback
+        if args is not None and args.debug:
+            raise
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -64,6 +64,7 @@ def print_compare(rows: list[tuple[str, int, int, dict, str]], out=None) -> None
 
 
 def cmd_stream(args) -> int:
+    from omnistream.media.processor import check_pixel_count
     from omnistream.media.video import decode_video
 
     asks = sorted((parse_ask(a) for a in args.ask), key=lambda x: x[0])
@@ -73,6 +74,9 @@ def cmd_stream(args) -> int:
         raise ConfigError(f"--speed is 1 (real time) or max, got {args.speed!r}")
     if args.max_new_tokens < 1:
         raise ConfigError("--max-new-tokens must be >= 1")
+    check_pixel_count("--max-pixels", args.max_pixels)  # the live session would take 0 for "default"
+    if Path(args.video).is_dir():
+        raise UserInputError(f"{args.video} is a directory, not a video file")
     if not Path(args.video).is_file():
         raise UserInputError(f"no such video file: {args.video}")
     clip = decode_video(args.video, fps=args.fps, min_frames=2, max_frames=10**7)  # MediaError on a bad file
@@ -82,8 +86,8 @@ def cmd_stream(args) -> int:
 
     import torch
 
-    from omnistream.entrypoints.api import Engine
     from omnistream.bench.models import resolve_dtype
+    from omnistream.entrypoints.cli import load_engine
     from omnistream.engine.sampling import SamplingParams
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -97,15 +101,12 @@ def cmd_stream(args) -> int:
         if not (model_dir / "config.json").is_file():
             raise ConfigError(f"{model_dir}: not a checkpoint directory (no config.json)")
         hf = load_native(model_dir, device, dtype)
-    engine = Engine.from_pretrained(args.model, device=device, dtype=str(dtype).replace("torch.", ""))
-    if engine.random_weights:
-        print(f"note: {engine.model_dir} has random weights; answers are meaningless text", file=sys.stderr)
-    live = engine.live_session(max_pixels=args.max_pixels, policy=args.policy)
     sampling = SamplingParams(max_new_tokens=args.max_new_tokens)
-    try:
+    # closing the engine closes the live session and stops the loop thread before the process
+    # exits (on Ctrl-C too): left running, it aborted the interpreter at shutdown
+    with load_engine(args.model, device, str(dtype).replace("torch.", "")) as engine:
+        live = engine.live_session(max_pixels=args.max_pixels, policy=args.policy)
         _play(args, engine, live, hf, frames, stamps, asks, sampling)
-    finally:
-        live.close()
     return 0
 
 

@@ -40,6 +40,8 @@ def load_image(src: ImageSource) -> np.ndarray:
 
 def _load_file(path: Path) -> np.ndarray:
     """Decode an image file to (H, W, 3) uint8, checking its size from the header first."""
+    if path.is_dir():  # "not found" would send the user looking for a file that is there
+        raise MediaError(f"{path} is a directory, not a media file")
     if not path.is_file():
         raise MediaError(f"image file not found: {path}")
     if path.stat().st_size == 0:

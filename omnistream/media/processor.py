@@ -28,6 +28,7 @@ from omnistream.media.resize import (
     FPS_MAX_FRAMES,
     FPS_MIN_FRAMES,
     FRAME_FACTOR,
+    IMAGE_FACTOR,
     IMAGE_MAX_PIXELS,
     IMAGE_MIN_PIXELS,
     VIDEO_MAX_PIXELS,
@@ -40,6 +41,16 @@ from omnistream.media.resize import (
 from omnistream.media.video import VideoClip, decode_video, frames_from_list, select_frames, smart_nframes
 
 VideoSource = str | os.PathLike | Sequence[ImageSource] | np.ndarray | torch.Tensor | VideoClip
+
+
+def check_pixel_count(name: str, value: int | float | None, factor: int = IMAGE_FACTOR) -> None:
+    """A requested min/max area (None: the default) must cover one factor x factor patch: a
+    smaller cap cannot be met (smart_resize keeps every side >= factor). The CLI checks its
+    --max-pixels with this before loading a model."""
+    area = factor**2
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and area <= value < math.inf
+    if value is not None and not ok:
+        raise ConfigError(f"{name} must be a number >= {area} (one {factor}px patch), got {value}")
 
 
 @dataclass(frozen=True)
@@ -190,11 +201,8 @@ class MediaProcessor:
     ) -> tuple[int, int]:
         """Validated (min_pixels, max_pixels) of a request. A max below the default min lowers
         the min with it (the explicit request wins); explicit contradicting values are an error."""
-        area = self.config.factor**2
         for name, value in (("min_pixels", min_pixels), ("max_pixels", max_pixels)):
-            if value is not None and not (isinstance(value, (int, float)) and area <= value < math.inf):
-                patch = f"one {self.config.factor}px patch"
-                raise ConfigError(f"{name} must be a number >= {area} ({patch}), got {value}")
+            check_pixel_count(name, value, self.config.factor)
         hi = default_max if max_pixels is None else max_pixels
         lo = min(default_min, hi) if min_pixels is None else min_pixels
         if lo > hi:

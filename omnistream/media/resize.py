@@ -64,6 +64,9 @@ def smart_resize(
     """
     if height <= 0 or width <= 0:
         raise MediaError(f"image size must be positive, got {height}x{width}")
+    if not 0 <= min_pixels <= max_pixels or max_pixels <= 0:
+        # unchecked, a zero or negative cap fails in sqrt or yields an image of any size
+        raise MediaError(f"need 0 <= min_pixels <= max_pixels and max_pixels > 0, got {min_pixels}, {max_pixels}")
     if max(height, width) / min(height, width) > MAX_RATIO:
         ratio = max(height, width) / min(height, width)
         raise MediaError(f"absolute aspect ratio must be smaller than {MAX_RATIO}, got {ratio:.1f}")

@@ -30,6 +30,13 @@ _ENCODERS: dict[str, tuple[str, str, dict[str, str]]] = {
 }
 # 4:2:0 needs even sides; these formats keep full chroma and accept any size.
 _ODD_SIZE_PIX_FMT = {"h264": "yuv444p", "hevc": "yuv444p", "mjpeg": "yuvj444p", "ffv1": "yuv444p"}
+# Same arguments, same bytes, on any machine: without these the muxers write the library
+# version, and Matroska a random segment UID and the date; and the encoders pick a thread
+# count from the CPUs available (x264 cuts each frame into one slice per thread), so the
+# bitstream depended on the machine and its load.
+_BITEXACT_CONTAINER = {"fflags": "+bitexact"}
+_BITEXACT_CODEC = {"flags": "+bitexact"}
+_ENCODER_THREADS = 1
 
 
 def sample_frame(index: int, num_frames: int, height: int, width: int) -> np.ndarray:
@@ -78,11 +85,12 @@ def write_sample_video(
         pix_fmt = _ODD_SIZE_PIX_FMT.get(codec, pix_fmt)
     num_frames = max(1, round(seconds * fps))
     rate = Fraction(fps).limit_denominator(1001)
-    container_options = {"movflags": "faststart"} if faststart else {}
+    container_options = {**_BITEXACT_CONTAINER, **({"movflags": "faststart"} if faststart else {})}
     rng = np.random.default_rng(0)
     with av.open(str(path), "w", options=container_options) as out:
-        stream = out.add_stream(encoder, rate=rate, options=dict(options))
+        stream = out.add_stream(encoder, rate=rate, options={**_BITEXACT_CODEC, **options})
         stream.width, stream.height, stream.pix_fmt = width, height, pix_fmt
+        stream.codec_context.thread_count = _ENCODER_THREADS
         # Millisecond ticks so jittered timestamps are representable.
         stream.codec_context.time_base = Fraction(1, 1000) if pts_jitter else 1 / rate
         for i in range(num_frames):

@@ -212,6 +212,8 @@ class _Sampling:
 
 
 def _check_file(path: Path) -> Path:
+    if path.is_dir():  # "not found" would send the user looking for a file that is there
+        raise MediaError(f"{path} is a directory, not a media file")
     if not path.is_file():
         raise MediaError(f"video file not found: {path}")
     if path.stat().st_size == 0:
