@@ -17,6 +17,7 @@ LLMEngine.step); a fault of the loop itself fails the requests in flight and the
 
 from __future__ import annotations
 
+import atexit
 import gc
 import logging
 import queue
@@ -50,6 +51,7 @@ class EngineCore:
         # is collected, and its loop ends within _IDLE_POLL_S
         self._thread = threading.Thread(target=_loop_main, args=(weakref.ref(self),), name="omnistream-engine", daemon=True)
         self._thread.start()
+        _OPEN.add(self)
 
     # ------------------------------------------------------------------ client API (any thread)
     def submit(self, spec: EngineRequest) -> RequestHandle:
@@ -190,6 +192,17 @@ class EngineCore:
             request_id=req.request_id, token_ids=req.output_ids, text=None, finish_reason=req.finish_reason,
             metrics=req.metrics, logits=req.logits, logprobs=req.logprobs, error=req.error,
         )
+
+
+_OPEN: "weakref.WeakSet[EngineCore]" = weakref.WeakSet()  # cores whose loop may still run
+
+
+@atexit.register
+def _close_open_cores() -> None:
+    """A loop thread still inside a torch op when the interpreter tears down aborts the
+    process ("terminate called without an active exception"): stop every loop first."""
+    for core in list(_OPEN):
+        core.close(timeout=5.0)
 
 
 def _loop_main(ref: "weakref.ref[EngineCore]") -> None:

@@ -78,19 +78,19 @@ def load_engine(model: str, device: str, dtype: str):
     return engine
 
 
-def print_metrics(metrics: dict, out=None) -> None:
+def print_metrics(metrics, out=None) -> None:
     out = out or sys.stdout
     rows = [
-        ("media decode", metrics["media_decode_s"], "s"),
-        ("resize/patchify", metrics["preprocess_s"], "s"),
-        ("vision encode", metrics["vision_encode_s"], "s"),
-        ("prefill", metrics["prefill_s"], "s"),
-        ("time to first token", metrics["ttft_s"], "s"),
-        ("decode", metrics["decode_tokens_per_s"], "tok/s"),
-        ("prompt tokens", metrics["prompt_tokens"], ""),
-        ("  of which media", metrics["media_tokens"], ""),
-        ("output tokens", metrics["output_tokens"], ""),
-        ("peak memory", metrics["peak_memory_bytes"] / 2**20, "MiB"),
+        ("media decode", metrics.media_decode_s, "s"),
+        ("resize/patchify", metrics.preprocess_s, "s"),
+        ("vision encode", metrics.vision_encode_s, "s"),
+        ("prefill", metrics.prefill_s, "s"),
+        ("time to first token", metrics.ttft_s, "s"),
+        ("decode", metrics.decode_tokens_per_s, "tok/s"),
+        ("prompt tokens", metrics.prompt_tokens, ""),
+        ("  of which media", metrics.media_tokens, ""),
+        ("output tokens", metrics.output_tokens, ""),
+        ("peak memory", metrics.peak_memory_bytes / 2**20, "MiB"),
     ]
     print("stage                    value", file=out)
     for name, value, unit in rows:
