@@ -121,3 +121,35 @@ def test_preemption_is_exact(tiny_model_dir, hf_tiny_model):
     sampling = SamplingParams(max_new_tokens=12, ignore_eos=True)
     results = _check(eng, hf_tiny_model, convs, sampling)
     assert all(len(r.token_ids) == 12 for r in results)
+
+
+def test_row_path_mixed_steps(tiny_model_dir, hf_tiny_model):
+    """Eager steps through the row path (torch_paged_decode on the CPU): decodes and short
+    chunks (cached prefixes included) as rows of one launch, long chunks through SDPA, in the
+    same step. Same greedy tokens as the reference path, logits as transformers'."""
+    def make():
+        e = Engine.from_pretrained(tiny_model_dir, device="cpu", kv_cache_tokens=16384, block_size=16, max_num_batched_tokens=128)
+        e.generate([CASES["multi_turn_text"]], SamplingParams(max_new_tokens=2))  # a cached prefix for later
+        return e
+
+    plain, rows = make(), make()
+    runner = rows.llm.runner
+    runner.set_row_backend(torch_paged_decode, max_query=32)
+    steps, prepare = [], runner.prepare
+
+    def spy(out):
+        batch = prepare(out)
+        ordered, _ = runner.batch_order(out.chunks)
+        steps.append([(c.start, c.num_tokens, i < batch.meta.num_row_seqs) for i, c in enumerate(ordered)])
+        return batch
+
+    runner.prepare = spy
+    convs = list(CASES.values())
+    sampling = SamplingParams(max_new_tokens=4, ignore_eos=True)
+    ours = _check(rows, hf_tiny_model, convs, sampling)
+    assert [r.token_ids for r in ours] == [r.token_ids for r in plain.generate(convs, sampling)]
+    mixed = [s for s in steps
+             if any(row and n == 1 for _, n, row in s)  # a decode
+             and any(row and n > 1 and start > 0 for start, n, row in s)  # a short chunk over a cached prefix
+             and any(not row for *_, row in s)]  # a long chunk
+    assert mixed, f"no step mixed decodes, short chunks and a long chunk: {steps}"

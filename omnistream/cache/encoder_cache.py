@@ -14,8 +14,9 @@ Policy:
     a referenced entry, nothing is inserted. Correctness never depends on the cache.
 
 `VisionPlan` turns a list of media items into the sub-items still to encode (runs of
-consecutive missing temporal patches) and reassembles per-item embeddings afterwards; the model
-runner calls it around its vision forward. Not thread-safe: the engine loop owns it.
+consecutive missing temporal patches) and reassembles per-item (or per-patch) embeddings
+afterwards; the model runner calls it around its vision forward, on the temporal slices
+(`temporal_slice`) of the items that the step's chunks cover. Not thread-safe: the engine loop owns it.
 """
 
 from __future__ import annotations
@@ -274,14 +275,7 @@ class VisionPlan:
             self.encoded_tokens.append(encoded)
 
     def _add_sub(self, item: MediaItem, k0: int, k1: int, keys: list[str] | None) -> int:
-        t, h, w = item.grid_thw
-        if (k0, k1) == (0, t):
-            sub = item
-        else:
-            hw = h * w
-            sub = MediaItem(kind=item.kind, pixel_values=item.pixel_values[k0 * hw : k1 * hw],
-                            grid_thw=(k1 - k0, h, w), merge_size=item.merge_size)
-        self.to_encode.append(sub)
+        self.to_encode.append(temporal_slice(item, k0, k1, with_hashes=False))
         self._sub_keys.append(list(keys) if keys is not None else None)
         self._sub_tpp.append(item.tokens_per_temporal_patch)
         return len(self.to_encode) - 1
@@ -289,23 +283,40 @@ class VisionPlan:
     def finish(self, outputs: list[torch.Tensor]) -> list[torch.Tensor]:
         """outputs: one (sub.num_tokens, hidden) tensor per sub-item, in order -> per-item
         embeddings (item.num_tokens, hidden); new patch embeddings are inserted in the cache."""
+        return [p[0] if len(p) == 1 else torch.cat(p) for p in self.finish_patches(outputs)]
+
+    def finish_patches(self, outputs: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+        """As `finish`, per item a list of its temporal patches' (tokens_per_temporal_patch,
+        hidden) embeddings: cache entries, or views of `outputs` for uncached sub-items."""
         assert len(outputs) == len(self.to_encode)
+        subs = []  # per sub-item, its patches; a new cache entry is shared with the request
         for out, keys, tpp in zip(outputs, self._sub_keys, self._sub_tpp):
-            if keys is None:
-                continue
-            for i, key in enumerate(keys):
-                self.cache.put(key, out[i * tpp : (i + 1) * tpp].clone())
+            patches = list(out.split(tpp))
+            if keys is not None:
+                patches = [p.clone() for p in patches]  # the cache owns entries that view nothing larger
+                for key, p in zip(keys, patches):
+                    self.cache.put(key, p)
+            subs.append(patches)
         result = []
         for parts in self._parts:
-            merged: list = []  # adjacent slices of one output are taken as one view (no copy)
+            patches: list[torch.Tensor] = []
             for p in parts:
-                last = merged[-1] if merged else None
-                if isinstance(p, tuple) and isinstance(last, tuple) and last[0] == p[0] and last[1] + last[2] == p[1]:
-                    merged[-1] = (p[0], last[1], last[2] + p[2])
+                if isinstance(p, torch.Tensor):
+                    patches.append(p)
                 else:
-                    merged.append(p)
-            tensors = [p if isinstance(p, torch.Tensor)
-                       else outputs[p[0]][p[1] * self._sub_tpp[p[0]] : (p[1] + p[2]) * self._sub_tpp[p[0]]]
-                       for p in merged]
-            result.append(tensors[0] if len(tensors) == 1 else torch.cat(tensors))
+                    sub, first, count = p
+                    patches += subs[sub][first : first + count]
+            result.append(patches)
         return result
+
+
+def temporal_slice(item: MediaItem, k0: int, k1: int, with_hashes: bool = True) -> MediaItem:
+    """Temporal patches [k0, k1) of an item as an item of its own: grid (k1 - k0, h, w), its
+    pixel rows (a view) and, with_hashes, its patch hashes. The whole item is returned as is."""
+    t, h, w = item.grid_thw
+    if (k0, k1) == (0, t):
+        return item
+    hw = h * w
+    keys = item.patch_hashes[k0:k1] if with_hashes and item.patch_hashes and len(item.patch_hashes) == t else None
+    return MediaItem(kind=item.kind, pixel_values=item.pixel_values[k0 * hw : k1 * hw],
+                     grid_thw=(k1 - k0, h, w), merge_size=item.merge_size, patch_hashes=keys)

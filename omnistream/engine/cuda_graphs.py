@@ -52,9 +52,9 @@ class DecodeGraphs:
 
     def _forward(self, b: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """-> hidden (b, hidden), logits (b, vocab) when b <= LOGITS_ROWS else None."""
-        meta = AttentionMetadata(
+        meta = AttentionMetadata(  # every token a row: no sequence takes the reference path
             slot_mapping=self.slots[:b], query_lens=[1] * b, context_lens=[1] * b, block_tables=[],
-            decode_block_tables=self.tables[:b], decode_context_lens=self.lens[:b],
+            row_block_tables=self.tables[:b], row_context_lens=self.lens[:b], num_row_seqs=b,
         )
         x = self.model.model.embed_tokens(self.input_ids[:b])
         x = torch.where(self.is_media[:b], self.media[:b], x)

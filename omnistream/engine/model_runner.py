@@ -1,11 +1,13 @@
 """Model runner: turns a SchedulerOutput into one forward pass and sampled tokens.
 
 Data flow of a step:
-  SchedulerOutput (chunks) -> encode media the chunks need (one vision forward)
+  SchedulerOutput (chunks) -> encode the temporal patches the chunks cover (one vision forward)
     -> ForwardBatch: flat token ids (N,), positions (3, N), media rows, cache slots, metadata
+       (short chunks first: their tokens are rows of one paged row-kernel launch)
     -> decoder forward over the paged KV cache -> logits of the rows that sample -> tokens
+       (+ per request: host logits, logprobs)
 
-Pure-decode steps on the GPU replay a CUDA graph captured per batch-size bucket.
+Steps of few tokens on the GPU replay a CUDA graph captured per row-count bucket.
 """
 
 from __future__ import annotations
@@ -16,13 +18,17 @@ from dataclasses import dataclass
 
 import torch
 
-from omnistream.cache.encoder_cache import VisionPlan
+from omnistream.cache.encoder_cache import VisionPlan, temporal_slice
 from omnistream.engine.sampling import sample
 from omnistream.engine.scheduler import ScheduledChunk, SchedulerOutput
-from omnistream.layers.attention import AttentionMetadata
+from omnistream.layers.attention import AttentionMetadata, row_layout
 from omnistream.models.interface import MultimodalLM
 
 log = logging.getLogger(__name__)
+
+# chunks of at most this many new tokens run as rows of the paged row kernel (one query token
+# each); longer ones through flash SDPA, whose one pass over the context beats R row passes
+ROW_MAX_QUERY = 128
 
 
 @dataclass
@@ -58,17 +64,22 @@ class ModelRunner:
         self._cache_holds: dict[int, tuple] = {}  # id(request) -> (request, encoder cache keys held)
         self.graphs = None  # DecodeGraphs, set by enable_cuda_graphs()
         self.vision_graphs = None  # VisionGraphs, set by enable_cuda_graphs() (capture needs CUDA)
-        self.decode_backend = None
+        self.row_backend = None  # paged row kernel (layers/attention.RowBackend); None: reference path
+        self.row_max_query = ROW_MAX_QUERY
         if device.type == "cuda":
             from omnistream.layers.triton_decode import triton_paged_decode
 
-            self.set_decode_backend(triton_paged_decode)
+            self.set_row_backend(triton_paged_decode)
 
-    def set_decode_backend(self, fn) -> None:
-        """Kernel for steps where every sequence adds one token (None: the reference path)."""
-        self.decode_backend = fn
+    def set_row_backend(self, fn, max_query: int = ROW_MAX_QUERY) -> None:
+        """Row kernel for the tokens of sequences of at most max_query new tokens (decodes and
+        short chunks; see batch_order). None: the reference path for every sequence (the CPU
+        default, which the exactness tests rely on)."""
+        self.row_backend, self.row_max_query = fn, max_query
         for layer in self.model.model.layers:
-            layer.self_attn.decode_backend = fn
+            layer.self_attn.row_backend = fn
+
+    set_decode_backend = set_row_backend  # the earlier name (decodes were the only rows)
 
     def enable_cuda_graphs(self, max_context: int, max_rows: int | None = None, use_graphs: bool = True) -> None:
         """Row-batch steps (decodes, chunks of up to max_rows tokens) through DecodeGraphs;
@@ -96,63 +107,103 @@ class ModelRunner:
             d, f = dst[s : s + chunk].to(self.device), src[s : s + chunk].to(self.device)
             flat[:, :, d] = flat[:, :, f]
 
-    def release(self, req) -> None:
-        """A request ended: its encoder-cache entries are no longer held for it."""
-        held = self._cache_holds.pop(id(req), None)
-        if held is not None and self.encoder_cache is not None:
-            self.encoder_cache.release(held[1])
-
     @staticmethod
     def kv_bytes_per_token(model: MultimodalLM, dtype: torch.dtype) -> int:
         return model.kv_spec.bytes_per_token(dtype)
 
     # ---------------------------------------------------------------- media
     def encode_media(self, chunks: list[ScheduledChunk]) -> None:
-        """Encode (in one vision forward, split at max_vision_patches) every media item that
-        this step's chunks overlap and that has no embeddings yet."""
+        """Encode (in one vision forward, split at max_vision_patches) the temporal patches
+        that this step's chunks cover and that have no embeddings yet. A chunk over tokens
+        [s, s + n) of a request needs, of each item it overlaps, only the patches holding those
+        tokens: a long video is encoded a few patches per step, as its prompt is computed
+        (lossless: the tower never attends across temporal patches; images are one patch).
+        Per request, req.mm_embeds[j] is then a list of per-patch (tpp, hidden) tensors (None:
+        not encoded yet), freed once the prompt is computed."""
         self.last_vision_s = 0.0
-        cache = self.encoder_cache
-        if cache is not None:  # a request references its cache entries until its prompt is computed
-            for key, (req, keys) in list(self._cache_holds.items()):
-                if req.finished or req.num_computed_tokens >= req.prompt_len:
-                    cache.release(keys)
-                    del self._cache_holds[key]
-        todo = []
+        self._sweep_holds()
+        todo = []  # (request, item index, first patch, temporal slice to encode)
         for c in chunks:
-            req = c.request
-            for j, (off, item) in enumerate(req.media):
-                if req.mm_embeds[j] is None and off < c.start + c.num_tokens and off + item.num_tokens > c.start:
-                    todo.append((req, j, item))
+            todo += self._missing_patches(c)
         if not todo:
             return
-        if cache is not None:
-            for req, _, item in todo:
-                if item.patch_hashes:
-                    cache.acquire(item.patch_hashes)
-                    self._cache_holds.setdefault(id(req), (req, []))[1].extend(item.patch_hashes)
         t0 = self._now()
-        embeds = self.run_vision([item for _, _, item in todo])
+        encoded_patches = self.run_vision_patches([sub for *_, sub in todo])
         encoded = self.last_encoded_tokens
         total = sum(encoded)
         elapsed = self._now() - t0 if total else 0.0  # only real encoding counts as vision time
         self.last_vision_s = elapsed
-        for (req, j, item), e, n in zip(todo, embeds, encoded):
-            req.mm_embeds[j] = e
+        for (req, j, k0, _), patches, n in zip(todo, encoded_patches, encoded):
+            req.mm_embeds[j][k0 : k0 + len(patches)] = patches
             if total:
                 req.metrics.vision_encode_s += elapsed * n / total
 
+    def _missing_patches(self, c: ScheduledChunk) -> list[tuple]:
+        """Runs of consecutive temporal patches that chunk c covers and that are not encoded
+        -> [(request, item index, first patch, temporal slice)]. An item's embeddings list is
+        made (and its cache entries acquired) when a chunk first reaches it."""
+        req, s, e = c.request, c.start, c.start + c.num_tokens
+        todo = []
+        for j, (off, item) in enumerate(req.media):
+            if off >= e or off + item.num_tokens <= s:
+                continue
+            if req.mm_embeds[j] is None:
+                req.mm_embeds[j] = [None] * item.grid_thw[0]
+                self._hold(req, item)
+            patches, tpp = req.mm_embeds[j], item.tokens_per_temporal_patch
+            k, k_end = (max(s, off) - off) // tpp, (min(e, off + item.num_tokens) - off - 1) // tpp + 1
+            while k < k_end:
+                if patches[k] is not None:
+                    k += 1
+                    continue
+                k1 = k + 1
+                while k1 < k_end and patches[k1] is None:
+                    k1 += 1
+                todo.append((req, j, k, temporal_slice(item, k, k1)))
+                k = k1
+        return todo
+
+    def _hold(self, req, item) -> None:
+        """A request references its items' cache entries until its prompt is computed, so its
+        own inserts (and others') never evict the patches it still needs."""
+        if self.encoder_cache is not None and item.patch_hashes:
+            self.encoder_cache.acquire(item.patch_hashes)
+            self._cache_holds.setdefault(id(req), (req, []))[1].extend(item.patch_hashes)
+
+    def release(self, req) -> None:
+        """The request's prompt is computed, or it ended: its media embeddings are dropped (a
+        preempted request recomputing its prompt encodes again, or hits the encoder cache) and
+        its encoder-cache entries are no longer held for it."""
+        if req.media:
+            req.mm_embeds = [None] * len(req.media)
+        held = self._cache_holds.pop(id(req), None)
+        if held is not None and self.encoder_cache is not None:
+            self.encoder_cache.release(held[1])
+
+    def _sweep_holds(self) -> None:
+        """Releases the requests that ended (or finished their prompt) without `release`."""
+        for req, _ in list(self._cache_holds.values()):
+            if req.finished or req.num_computed_tokens >= req.prompt_len:
+                self.release(req)
+
     @torch.inference_mode()
     def run_vision(self, items) -> list[torch.Tensor]:
+        """-> per item (num_tokens, hidden)."""
+        return [p[0] if len(p) == 1 else torch.cat(p) for p in self.run_vision_patches(items)]
+
+    @torch.inference_mode()
+    def run_vision_patches(self, items) -> list[list[torch.Tensor]]:
+        """-> per item, per temporal patch (tokens_per_temporal_patch, hidden)."""
         if self.vision_offload is None:
             return self._run_vision(items)
         with self.vision_offload.on_device():
             return self._run_vision(items)
 
-    def _run_vision(self, items) -> list[torch.Tensor]:
-        """-> per item (num_tokens, hidden). Items are grouped up to max_vision_patches patches
-        per forward (lossless: attention never crosses items or temporal slices). With an
-        encoder cache, only the temporal patches it misses are encoded (runs of consecutive
-        missing patches become sub-items) and the new ones are inserted."""
+    def _run_vision(self, items) -> list[list[torch.Tensor]]:
+        """Items are grouped up to max_vision_patches patches per forward (lossless: attention
+        never crosses items or temporal slices). With an encoder cache, only the temporal
+        patches it misses are encoded (runs of consecutive missing patches become sub-items)
+        and the new ones are inserted."""
         plan = VisionPlan(self.encoder_cache, items) if self.encoder_cache is not None else None
         out, group, count = [], [], 0
         for item in plan.to_encode if plan is not None else items:
@@ -166,7 +217,9 @@ class ModelRunner:
             out += self._vision_group(group)
         self.last_encoded_tokens = plan.encoded_tokens if plan is not None else [it.num_tokens for it in items]
         self.vision_tokens_encoded += sum(self.last_encoded_tokens)
-        return plan.finish(out) if plan is not None else out
+        if plan is not None:
+            return plan.finish_patches(out)
+        return [list(e.split(it.tokens_per_temporal_patch)) for e, it in zip(out, items)]
 
     def _vision_group(self, items) -> list[torch.Tensor]:
         rows = [it.pixel_values for it in items]
@@ -194,54 +247,63 @@ class ModelRunner:
                 lo, hi = max(off, s), min(off + item.num_tokens, s + n)
                 if lo < hi:
                     rows.append(torch.arange(row + lo - s, row + hi - s))
-                    embeds.append(req.mm_embeds[j][lo - off : hi - off])
+                    embeds += _patch_rows(req.mm_embeds[j], item.tokens_per_temporal_patch, lo - off, hi - off)
             row += n
         if not rows:
             return None, None
         return torch.cat(rows), (embeds[0] if len(embeds) == 1 else torch.cat(embeds))
 
+    def batch_order(self, chunks: list[ScheduledChunk]) -> tuple[list[ScheduledChunk], int]:
+        """-> (chunks in batch order, how many lead as rows). With a row backend the short
+        chunks (query <= row_max_query: decodes, follow-up questions, live patches) lead and
+        become rows of one kernel launch; the long ones follow, one flash SDPA call each
+        (few per step, and their GPU time hides the loop). Without one: as scheduled, no rows."""
+        if self.row_backend is None:
+            return chunks, 0
+        short = [c for c in chunks if c.num_tokens <= self.row_max_query]
+        if len(short) == len(chunks):
+            return chunks, len(chunks)
+        return short + [c for c in chunks if c.num_tokens > self.row_max_query], len(short)
+
     def prepare(self, out: SchedulerOutput) -> ForwardBatch:
-        ids, pos, slots, tables = [], [], [], []
-        qlens, ctxs, sample_rows, sample_chunks = [], [], [], []
-        row = 0
+        chunks, num_row_seqs = self.batch_order(out.chunks)
+        ids, pos, slots, qlens, ctxs, last_row = [], [], [], [], [], {}
         bs = self.block_size
-        for c in out.chunks:
+        width = max(len(c.request.block_table) for c in chunks)
+        tables = torch.full((len(chunks), width), self.scratch_block, dtype=torch.long)  # (B, W)
+        for i, c in enumerate(chunks):
             req, s, n = c.request, c.start, c.num_tokens
             ids.extend(req.token_ids[s : s + n])
             pos.append(req.positions_for(s, s + n))
             table = torch.tensor(req.block_table, dtype=torch.long)
+            tables[i, : len(table)] = table
             idx = torch.arange(s, s + n)
             slots.append(table[idx // bs] * bs + idx % bs)
-            tables.append(table)
             qlens.append(n)
             ctxs.append(s + n)
-            row += n
-            if c.samples:
-                sample_rows.append(row - 1)
-                sample_chunks.append(c)
+            last_row[id(c)] = len(ids) - 1
         dev = self.device
-        mm_rows, mm_embeds = self.media_rows(out.chunks)
+        mm_rows, mm_embeds = self.media_rows(chunks)
         meta = AttentionMetadata(
             slot_mapping=torch.cat(slots).to(dev),
             query_lens=qlens,
             context_lens=ctxs,
-            block_tables=[t.to(dev) for t in tables],
+            block_tables=list(tables.to(dev).unbind(0)),  # one copy, per-sequence views
         )
-        if self.decode_backend is not None and all(n == 1 for n in qlens):
-            width = max(len(t) for t in tables)
-            padded = torch.full((len(tables), width), self.scratch_block, dtype=torch.int32)
-            for i, t in enumerate(tables):
-                padded[i, : len(t)] = t
-            meta.decode_block_tables = padded.to(dev)
-            meta.decode_context_lens = torch.tensor(ctxs, dtype=torch.int32, device=dev)
+        if num_row_seqs:
+            starts = [c.start for c in chunks[:num_row_seqs]]
+            row_tables, row_lens = row_layout(tables[:num_row_seqs], starts, qlens[:num_row_seqs])
+            meta.row_block_tables, meta.row_context_lens = row_tables.to(dev), row_lens.to(dev)
+            meta.num_row_seqs = num_row_seqs
+        sampled = [c for c in out.chunks if c.samples]  # in scheduled order, whatever the batch order
         return ForwardBatch(
             input_ids=torch.tensor(ids, dtype=torch.long, device=dev),
             positions=torch.cat(pos, dim=1).to(dev),
             mm_rows=None if mm_rows is None else mm_rows.to(dev),
             mm_embeds=mm_embeds,
             meta=meta,
-            sample_rows=torch.tensor(sample_rows, dtype=torch.long, device=dev),
-            sample_chunks=sample_chunks,
+            sample_rows=torch.tensor([last_row[id(c)] for c in sampled], dtype=torch.long, device=dev),
+            sample_chunks=sampled,
         )
 
     # ---------------------------------------------------------------- step
@@ -257,34 +319,58 @@ class ModelRunner:
             hidden = self.model(embeds, batch.positions, self.kv_caches, batch.meta)
             logits = self.model.compute_logits(hidden[batch.sample_rows])
             chunks = batch.sample_chunks
+        for c in out.chunks:  # a prompt computed in this step needs its media no more
+            if c.request.media and c.start < c.request.prompt_len <= c.start + c.num_tokens:
+                self.release(c.request)
         if not chunks:
             return []
-        logits = logits.float()
+        logits = logits.float()  # (S, vocab)
         reqs = [c.request for c in chunks]
-        for r, row in zip(reqs, logits):
-            if self.keep_logits or r.want_logits:
-                r.logits = (r.logits or []) + [row.cpu()]
+        self._keep_logits(reqs, logits)
         tokens = sample(logits, [r.sampling for r in reqs], [r.generator for r in reqs])
-        self._record_logprobs(reqs, logits, tokens)
+        self._logprobs(reqs, logits, tokens)
         return list(zip(chunks, tokens))
 
-    @staticmethod
-    def _record_logprobs(reqs, logits: torch.Tensor, tokens: list[int]) -> None:
-        """For the rows that ask: the sampled token's logprob and the top-k alternatives, from
-        the raw logits (before temperature / top-p), one log_softmax over those rows."""
-        rows = [i for i, r in enumerate(reqs) if r.top_logprobs is not None]
-        if not rows:
+    def _keep_logits(self, reqs: list, logits: torch.Tensor) -> None:
+        """req.logits += the sampled row (vocab,) on the host, for the requests that want them
+        (req.want_logits, or every request while the runner-wide keep_logits is set)."""
+        keep = [i for i, r in enumerate(reqs) if self.keep_logits or getattr(r, "want_logits", False)]
+        if not keep:
             return
-        lp = torch.log_softmax(logits[rows], dim=-1)  # (R, vocab) float32
-        k = max(reqs[i].top_logprobs for i in rows)
-        top_v, top_i = lp.topk(k, dim=-1) if k else (lp[:, :0], lp[:, :0].long())
-        chosen = lp.gather(1, torch.tensor([tokens[i] for i in rows], device=lp.device)[:, None])[:, 0]
-        chosen, top_v, top_i = chosen.tolist(), top_v.tolist(), top_i.tolist()
-        for j, i in enumerate(rows):
-            n = reqs[i].top_logprobs
-            reqs[i].logprobs.append((chosen[j], list(zip(top_i[j][:n], top_v[j][:n]))))
+        host = logits[keep].cpu()  # one copy for the batch; each request keeps its own row
+        for row, i in zip(host, keep):
+            r = reqs[i]
+            if r.logits is None:
+                r.logits = []
+            r.logits.append(row.clone())
+
+    def _logprobs(self, reqs: list, logits: torch.Tensor, tokens: list[int]) -> None:
+        """req.logprobs += (logprob of the sampled token, [(id, logprob)] top k, highest first)
+        for requests with req.top_logprobs = k (None: none); from the float logits (S, vocab)
+        before temperature / top-k / top-p. One log_softmax + topk over the rows that ask."""
+        ask = [(i, r.top_logprobs) for i, r in enumerate(reqs) if getattr(r, "top_logprobs", None) is not None]
+        if not ask:
+            return
+        rows = torch.tensor([i for i, _ in ask], device=logits.device)
+        lp = torch.log_softmax(logits[rows], dim=-1)  # (A, vocab)
+        chosen = lp.gather(1, torch.tensor([tokens[i] for i, _ in ask], device=lp.device)[:, None])[:, 0].tolist()
+        kmax = min(max(k for _, k in ask), lp.shape[1])
+        top = lp.topk(kmax, dim=-1)  # sorted, highest first; k = 0 gives empty rows
+        top_lp, top_ids = top.values.tolist(), top.indices.tolist()
+        for a, (i, k) in enumerate(ask):
+            r = reqs[i]
+            if getattr(r, "logprobs", None) is None:
+                r.logprobs = []
+            r.logprobs.append((chosen[a], list(zip(top_ids[a][:k], top_lp[a][:k]))))
 
     def _now(self) -> float:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return time.perf_counter()
+
+
+def _patch_rows(patches: list[torch.Tensor], tpp: int, a: int, b: int) -> list[torch.Tensor]:
+    """Rows [a, b) of an item whose embeddings are per temporal patch (tpp, hidden) tensors
+    -> the slices (views) that cover them, in order."""
+    return [patches[k][max(a, k * tpp) - k * tpp : min(b, (k + 1) * tpp) - k * tpp]
+            for k in range(a // tpp, (b - 1) // tpp + 1)]

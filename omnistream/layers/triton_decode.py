@@ -1,6 +1,7 @@
 """Split-K paged decode attention in Triton (GPU only; imported lazily).
 
-One program per (sequence, kv head, partition of PARTITION tokens). It loads the GROUP query
+One program per (row, kv head, partition of PARTITION tokens); a row is one query token with
+its own block table and length (a decode, or one token of a short chunk). It loads the GROUP query
 heads that share the kv head (padded to 16 rows for tl.dot), walks its partition TILE tokens at
 a time, reading K/V rows straight from the blocks named by the block table, and keeps an
 online softmax. A second kernel merges the partitions with their log-sum-exp. Shapes are fixed
@@ -22,7 +23,8 @@ def partition_for(rows: int, max_tokens: int) -> int:
     """Tokens per program: PARTITION, grown (powers of 2) for many rows so that the partial
     results of rows x partitions stay under MAX_PARTIALS (rows bring their own parallelism)."""
     part = PARTITION
-    while rows * triton.cdiv(max_tokens, part) > MAX_PARTIALS:
+    # stop at one partition per row: more rows than MAX_PARTIALS then need rows x 1 partials
+    while part < max_tokens and rows * triton.cdiv(max_tokens, part) > MAX_PARTIALS:
         part *= 2
     return part
 
@@ -92,9 +94,9 @@ def _merge_kernel(part_ptr, lse_ptr, o_ptr, num_parts, H, D: tl.constexpr, P_PAD
     tl.store(o_ptr + (b * H + h) * D + d, out.to(o_ptr.dtype.element_ty))
 
 
-def triton_paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta, scale: float) -> torch.Tensor:
-    """q: (B, H, D) -> (B, H, D); k/v_cache: (num_blocks, block_size, KVH, D)."""
-    tables, lens = meta.decode_block_tables, meta.decode_context_lens
+def triton_paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor, lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """q: (B, H, D) rows, tables: (B, max_blocks) int32, lens: (B,) int32 -> (B, H, D);
+    k/v_cache: (num_blocks, block_size, KVH, D)."""
     B, H, D = q.shape
     kvh = k_cache.shape[2]
     group = H // kvh

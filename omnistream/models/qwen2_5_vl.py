@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from omnistream.layers.attention import AttentionMetadata, reference_attention, write_kv
+from omnistream.layers.attention import AttentionMetadata, paged_attention, write_kv
 from omnistream.layers.linear import MergedLinear, SwiGLU
 from omnistream.layers.norm import RMSNorm
 from omnistream.layers.fused import rope_qk
@@ -34,7 +34,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(q_size, cfg.hidden_size, bias=False)
         self.split = [q_size, kv_size, kv_size]
         self.scale = self.head_dim**-0.5
-        self.decode_backend = None  # set by the model runner on GPU (paged decode kernel)
+        self.row_backend = None  # paged row kernel, set by the model runner (GPU; CPU tests)
 
     def forward(self, x, cos, sin, kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
         n = x.shape[0]
@@ -43,10 +43,7 @@ class Attention(nn.Module):
         v = v.view(n, self.num_kv_heads, self.head_dim)
         k_cache, v_cache = kv_cache
         write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
-        if meta.is_decode and self.decode_backend is not None:
-            out = self.decode_backend(q, k_cache, v_cache, meta, self.scale)
-        else:
-            out = reference_attention(q, k, v, k_cache, v_cache, meta, self.scale)
+        out = paged_attention(q, k, v, k_cache, v_cache, meta, self.scale, self.row_backend)
         return self.o_proj(out.reshape(n, -1))
 
 
