@@ -72,6 +72,7 @@ def add_bench_commands(sub, add_model_args) -> None:
     acc.set_defaults(func=_run("accuracy"))
     _add_session_benches(bsub, add_model_args)
     _add_stream_bench(bsub, add_model_args)
+    _add_concurrency_bench(bsub, add_model_args)
 
 
 def _stream(args) -> int:
@@ -113,3 +114,38 @@ def _add_session_benches(bsub, add_model_args) -> None:
     _add_workload_args(sh, add_model_args, frames=64, size=448, new_tokens=16)
     sh.add_argument("--sessions", type=_positive, default=8, help="sessions, one after another")
     sh.set_defaults(func=_run("shared"))
+
+
+def _concurrency(args) -> int:
+    from omnistream.bench.concurrency import cmd_concurrency
+
+    return cmd_concurrency(args)
+
+
+def _add_concurrency_bench(bsub, add_model_args) -> None:
+    """W3 (concurrency): N clients at once, each its own session, vs transformers one at a time."""
+    cc = bsub.add_parser("concurrency", help="W3: N concurrent sessions: tok/s, TTFT/ITL percentiles, batch size vs the decode floor; "
+                                             "transformers one request at a time; encoder interference")
+    add_model_args(cc)
+    cc.add_argument("--model-config", choices=sorted(PRESETS), default=None,
+                    help="random-weight model of this architecture, built on the device (wins over --model)")
+    cc.add_argument("--clients", default="1,8,32,64", help="concurrent clients per configuration, comma separated")
+    cc.add_argument("--mix", default="text", help="workloads, comma separated, one configuration each: text, video8, video64 "
+                                                  "(a+b: the clients of one configuration alternate between a and b)")
+    cc.add_argument("--size", type=_positive, default=448, help="clip frame side in px (multiple of 28)")
+    cc.add_argument("--context-tokens", type=_positive, default=1024, help="cached text context of each text client (tokens)")
+    cc.add_argument("--new-tokens", type=int, default=64, help="greedy tokens per answer, EOS ignored (>= 2)")
+    cc.add_argument("--arrival", choices=("burst", "poisson"), default="burst", help="all questions at once, or Poisson arrivals at --rate")
+    cc.add_argument("--rate", type=float, default=None, help="requests/s of --arrival poisson")
+    cc.add_argument("--baseline-requests", type=int, default=4,
+                    help="transformers requests (one at a time) per mix, on the largest configuration's requests; 0: no baseline")
+    cc.add_argument("--interference-clients", type=int, default=16,
+                    help="text streams of the encoder-interference measurement; 0: skip it")
+    cc.add_argument("--interference-tokens", type=_positive, default=128, help="tokens of each interference text answer")
+    cc.add_argument("--interference-frames", type=_positive, default=64, help="frames of the interference clip")
+    cc.add_argument("--interference-only", action="store_true", help="run only the encoder-interference measurement")
+    cc.add_argument("--warmup-clients", type=_positive, default=4, help="clients of the untimed warm-up run of each mix")
+    cc.add_argument("--max-batched-tokens", type=_positive, default=None, help="engine token budget per step (default: the engine's)")
+    cc.add_argument("--seed", type=int, default=0, help="seed of the weights, contexts and clips")
+    cc.add_argument("--json", default=None, help="write all raw numbers and the environment to this file")
+    cc.set_defaults(func=_concurrency)
