@@ -37,13 +37,15 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 8192  # token budget of one forward (prefill chunks + decodes)
     max_num_seqs: int = 64  # sequences running at once
     enable_chunked_prefill: bool = True  # split long prompts across steps under the budget
-    # while any sequence is decoding, prefill (and so media encoding, done per chunk) gets at
-    # most this many tokens per step: one user's long clip does not stall everyone's tokens
-    max_prefill_tokens_while_decoding: int = 512
+    # while any sequence decodes, a step holds at most this many tokens (decodes + prefill
+    # chunks; prefill, and so media encoding, done per chunk, gets at least 16): steps of up to
+    # 256 tokens replay as CUDA graphs, larger ones launch ~1400 kernels eagerly (~50 ms of host
+    # time on the H200 host), so one user's long clip would stall every running answer
+    max_step_tokens_while_decoding: int = 256
 
     def __post_init__(self) -> None:
-        if self.max_num_batched_tokens < 1 or self.max_num_seqs < 1 or self.max_prefill_tokens_while_decoding < 1:
-            raise ConfigError("max_num_batched_tokens, max_num_seqs and max_prefill_tokens_while_decoding must be positive")
+        if self.max_num_batched_tokens < 1 or self.max_num_seqs < 1 or self.max_step_tokens_while_decoding < 1:
+            raise ConfigError("max_num_batched_tokens, max_num_seqs and max_step_tokens_while_decoding must be positive")
 
 
 def _check_device(device: str) -> None:

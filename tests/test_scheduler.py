@@ -131,7 +131,7 @@ def test_request_blocked_by_owned_kv_fails_instead_of_waiting_forever():
 
 
 def test_prefill_is_capped_while_others_decode():
-    sched = Scheduler(SchedulerConfig(max_num_batched_tokens=100, max_prefill_tokens_while_decoding=8), BlockManager(64, 4))
+    sched = Scheduler(SchedulerConfig(max_num_batched_tokens=100, max_step_tokens_while_decoding=21), BlockManager(64, 4))
     a = make_request(6, max_new=20, rid="a")
     sched.add(a)
     out = sched.schedule()
@@ -140,8 +140,15 @@ def test_prefill_is_capped_while_others_decode():
     b, c = make_request(30, rid="b"), make_request(5, rid="c")
     sched.add(b)
     sched.add(c)
-    out = sched.schedule()  # a decodes: b's and c's prompts share 8 prefill tokens
-    assert [(x.request.request_id, x.num_tokens) for x in out.chunks] == [("a", 1), ("b", 8)]
+    out = sched.schedule()  # a decodes: the step holds 21 tokens, b's and c's prompts share 20
+    assert [(x.request.request_id, x.num_tokens) for x in out.chunks] == [("a", 1), ("b", 20)]
     advance(sched, out)
     out = sched.schedule()
-    assert sum(x.num_tokens for x in out.chunks if x.request is not a) == 8
+    assert sum(x.num_tokens for x in out.chunks if x.request is not a) == 15  # b's last 10, c's 5
+    many = Scheduler(SchedulerConfig(max_num_batched_tokens=100, max_step_tokens_while_decoding=4), BlockManager(64, 4))
+    for i in range(6):  # 6 decoders > the cap: prefill still gets MIN_PREFILL_TOKENS
+        many.add(make_request(2, max_new=50, rid=f"d{i}"))
+    advance(many, many.schedule())
+    many.add(make_request(40, rid="p"))
+    out = many.schedule()
+    assert sum(x.num_tokens for x in out.chunks if x.request.request_id == "p") == 16

@@ -18,9 +18,9 @@ export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p $OUT
 run() { echo "### $*" | tee -a $OUT/log.txt; timeout -k 10 ${STEP_S:-540} python3 -m omnistream.entrypoints.cli "$@" 2>&1 | grep -v -i "warn" | tee -a $OUT/log.txt; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a $OUT/log.txt
-CC="bench concurrency --model-config 3b --size 448 --new-tokens 64"
-[ "${SKIP_TEXT:-0}" = 1 ] || run $CC --mix text --clients 1,8,32,64 --context-tokens 1024 --baseline-requests 4 --interference-clients 0 --json $OUT/concurrency_text.json
-[ "${SKIP_VIDEO:-0}" = 1 ] || run $CC --mix video8 --clients 32 --baseline-requests 4 --interference-clients 0 --json $OUT/concurrency_video8.json
-[ "${SKIP_INTERF:-0}" = 1 ] || run $CC --interference-only --interference-clients 16 --interference-tokens 128 --interference-frames 64 --json $OUT/concurrency_interference.json
+BENCH_CC="bench concurrency --model-config 3b --size 448 --new-tokens 64"
+[ "${SKIP_TEXT:-0}" = 1 ] || run $BENCH_CC --mix text --clients 1,8,32,64 --context-tokens 1024 --baseline-requests 4 --interference-clients 0 --json $OUT/concurrency_text.json
+[ "${SKIP_VIDEO:-0}" = 1 ] || run $BENCH_CC --mix video8 --clients 32 --baseline-requests 4 --interference-clients 0 --json $OUT/concurrency_video8.json
+[ "${SKIP_INTERF:-0}" = 1 ] || run $BENCH_CC --interference-only --interference-clients 16 --interference-tokens 128 --interference-frames 64 --json $OUT/concurrency_interference.json
 [ "${SKIP_LAT:-0}" = 1 ] || run bench latency --model-config 3b --frames 64 --size 448 --json $OUT/latency.json
 [ "${SKIP_MT:-0}" = 1 ] || run bench multiturn --model-config 3b --frames 64 --size 448 --turns 6 --json $OUT/multiturn.json

@@ -47,6 +47,9 @@ class SchedulerOutput:
     rejected: list[tuple[Request, Exception]] = field(default_factory=list)  # failed at admission
 
 
+MIN_PREFILL_TOKENS = 16  # prefill progress per step however many sequences decode
+
+
 class Scheduler:
     def __init__(self, cfg: SchedulerConfig, blocks: BlockManager) -> None:
         self.cfg = cfg
@@ -93,8 +96,11 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         budget = self.cfg.max_num_batched_tokens
         # prefill tokens of this step: capped while someone decodes (see SchedulerConfig)
-        decoding = self.cfg.enable_chunked_prefill and any(r.num_computed_tokens >= r.prompt_len for r in self.running)
-        self._prefill_left = min(budget, self.cfg.max_prefill_tokens_while_decoding) if decoding else budget
+        decoding = sum(1 for r in self.running if r.num_computed_tokens >= r.prompt_len)
+        if decoding and self.cfg.enable_chunked_prefill:
+            self._prefill_left = min(budget, max(MIN_PREFILL_TOKENS, self.cfg.max_step_tokens_while_decoding - decoding))
+        else:
+            self._prefill_left = budget
         chunks: list[ScheduledChunk] = []
         preempted: list[Request] = []
         for req in list(self.running):
