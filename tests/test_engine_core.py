@@ -269,3 +269,11 @@ def test_trailing_odd_frame_is_part_of_the_answer(tiny_model_dir, hf_tiny_model,
         assert live.video_item().timestamps[-2:] == [2.0, 2.5]
     live.close()
     eng.close()
+
+
+@pytest.mark.parametrize("opts", [{"max_pixels": 0}, {"max_pixels": -5}, {"min_pixels": 100_000, "max_pixels": 56 * 56}])
+def test_live_session_pixel_bounds_are_checked(tiny_model_dir, opts):
+    eng = _engine(tiny_model_dir, kv_cache_tokens=1024, encoder_cache_bytes=1 << 20)
+    with pytest.raises(UserInputError, match="pixels"):
+        eng.live_session(**opts)
+    eng.close()

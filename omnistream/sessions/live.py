@@ -49,6 +49,7 @@ from omnistream.media.hashing import compute_patch_hashes, item_hash
 from omnistream.media.image import load_image
 from omnistream.media.item import MediaItem
 from omnistream.media.patchify import patchify
+from omnistream.media.processor import check_pixel_count
 from omnistream.media.resize import VIDEO_MAX_PIXELS, VIDEO_MIN_PIXELS, resize_frames, smart_resize
 from omnistream.models.prompt import expand_placeholders
 from omnistream.sessions.session import Session
@@ -104,8 +105,12 @@ class LiveSession(Session):
         self.kv = LiveKV(engine, session_id, tenant) if policy == "fast" else None
         self.memory = FrameMemory(memory)
         self.pairer = FramePairer(memory)
-        self.max_pixels = max_pixels or VIDEO_MAX_PIXELS
-        self.min_pixels = min_pixels or min(VIDEO_MIN_PIXELS, self.max_pixels)
+        check_pixel_count("max_pixels", max_pixels)  # 0 or negative is an error, not "the default"
+        check_pixel_count("min_pixels", min_pixels)
+        self.max_pixels = VIDEO_MAX_PIXELS if max_pixels is None else max_pixels
+        self.min_pixels = min(VIDEO_MIN_PIXELS, self.max_pixels) if min_pixels is None else min_pixels
+        if self.min_pixels > self.max_pixels:
+            raise ConfigError(f"min_pixels {self.min_pixels} is above max_pixels {self.max_pixels}")
         self.prefill_on_arrival = prefill_on_arrival
         self.size: tuple[int, int] | None = None  # (h, w) every frame is resized to
         self.patches: dict[int, LivePatch] = {}  # retained patches by id
