@@ -88,7 +88,8 @@ def write_sample_video(
     container_options = {**_BITEXACT_CONTAINER, **({"movflags": "faststart"} if faststart else {})}
     rng = np.random.default_rng(0)
     with av.open(str(path), "w", options=container_options) as out:
-        stream = out.add_stream(encoder, rate=rate, options={**_BITEXACT_CODEC, **options})
+        single = {"threads": "1", "x264-params": "threads=1:lookahead-threads=1:sliced-threads=0"} if "264" in encoder else {"threads": "1"}
+        stream = out.add_stream(encoder, rate=rate, options={**_BITEXACT_CODEC, **single, **options})
         stream.width, stream.height, stream.pix_fmt = width, height, pix_fmt
         stream.codec_context.thread_count = _ENCODER_THREADS
         # Millisecond ticks so jittered timestamps are representable.
