@@ -178,11 +178,7 @@ class EngineCore:
             handle._end(self._output(req))
 
     def _fail_all(self, err: EngineError) -> None:
-        for req in list(self.llm.requests.values()):
-            self.llm.scheduler.remove(req)
-            self.llm.requests.pop(req.request_id, None)
-            req.finish_reason, req.error = "error", err
-            self.llm.runner.release(req)
+        for req in self.llm.fail_all(err):
             self._end(req)
 
     @staticmethod

@@ -84,8 +84,7 @@ class RequestHandle:
                     self._cond.wait_for(lambda: len(self._tokens) > reader.seen or self._final is not None)
                 finally:
                     self._streamers -= 1
-                ended = self._final is not None
-                tokens, logprobs = list(self._tokens), list(self._logprobs)
+                ended, tokens, logprobs = self._snapshot()
             delta = reader.delta(tokens, logprobs, ended)
             if delta is not None:
                 yield delta
@@ -104,8 +103,7 @@ class RequestHandle:
             while True:
                 with self._cond:
                     event.clear()
-                    ended = self._final is not None
-                    tokens, logprobs = list(self._tokens), list(self._logprobs)
+                    ended, tokens, logprobs = self._snapshot()
                 if len(tokens) > reader.seen or ended:
                     delta = reader.delta(tokens, logprobs, ended)
                     if delta is not None:
@@ -118,6 +116,10 @@ class RequestHandle:
         finally:
             with self._cond:
                 self._waiters.remove(waiter)
+
+    def _snapshot(self) -> tuple[bool, list[int], list[TokenLogprob]]:
+        """(ended, tokens, logprobs) now; called under self._cond."""
+        return self._final is not None, list(self._tokens), list(self._logprobs)
 
     def _checked(self) -> RequestOutput:
         out = self._final

@@ -159,6 +159,13 @@ class LLMEngine:
                 result.finished.append(req)
         return result
 
+    def fail_all(self, err: EngineError) -> list[Request]:
+        """Ends every request in flight with `err` (a loop fault, or close)."""
+        result = StepResult()
+        for req in list(self.requests.values()):
+            self._fail(req, err, result)
+        return result.failed
+
     # ------------------------------------------------------------------ internals
     def _isolate(self, out: SchedulerOutput, result: StepResult) -> list[tuple[ScheduledChunk, int]]:
         sampled = []

@@ -31,8 +31,7 @@ class Request:
         self.media: list[tuple[int, MediaItem]] = spec.media  # (offset in prompt, item), sorted
         self.mm_embeds: list[torch.Tensor | None] = [None] * len(spec.media)  # (item.num_tokens, hidden)
         self.sampling: SamplingParams = spec.sampling
-        sampling = spec.sampling
-        self.stop_ids = set() if sampling.ignore_eos else set(stop_ids) | set(sampling.stop_token_ids)
+        self.stop_ids = set() if spec.sampling.ignore_eos else set(stop_ids) | set(spec.sampling.stop_token_ids)
         self.kv: OwnedKV | None = spec.kv
         self.retain: Retain | None = spec.retain
         if positions.shape[1] != self.prompt_len:
@@ -49,7 +48,7 @@ class Request:
         self.num_named_blocks = 0  # blocks already offered to the prefix cache
         self.status = RequestStatus.WAITING
         self.finish_reason: str | None = None
-        self.generator = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
+        self.generator = torch.Generator().manual_seed(spec.sampling.seed) if spec.sampling.seed is not None else None
         self.metrics = RequestMetrics(prompt_tokens=self.prompt_len, media_tokens=sum(m.num_tokens for _, m in spec.media),
                                       media_decode_s=spec.media_decode_s, preprocess_s=spec.preprocess_s)
         if spec.arrival is not None:

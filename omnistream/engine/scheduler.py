@@ -129,12 +129,13 @@ class Scheduler:
     def _admit(self, chunks: list[ScheduledChunk], budget: int, preempted: list[Request]) -> list[tuple[Request, Exception]]:
         rejected: list[tuple[Request, Exception]] = []
         blocked: list[Request] = []  # waiting requests this step could not admit, in order
+        closed = False  # a blocked request has been passed MAX_BYPASS times: nothing passes it
         for req in list(self.waiting):
             if budget <= 0 or len(self.running) >= self.cfg.max_num_seqs:
                 break
             if req in preempted:
                 break  # do not re-admit in the step that preempted it
-            if any(b.num_bypassed >= self.MAX_BYPASS for b in blocked):
+            if closed:
                 break  # an older request has waited long enough: nothing passes it any more
             hits = self._fit(req)
             if hits is None:
@@ -143,6 +144,7 @@ class Scheduler:
                     self.waiting.remove(req)
                     continue
                 blocked.append(req)
+                closed = req.num_bypassed >= self.MAX_BYPASS
                 continue
             if req.kv is not None:
                 self.blocks.take_kv(req)
@@ -162,6 +164,7 @@ class Scheduler:
             self._charge(req, n)
             for b in blocked:
                 b.num_bypassed += 1
+                closed = closed or b.num_bypassed >= self.MAX_BYPASS
         return rejected
 
     def _fit(self, req: Request) -> list[int] | None:

@@ -95,7 +95,6 @@ class Engine:
         if self.device.type == "cuda" and cfg.cuda_graphs:
             llm.runner.enable_cuda_graphs(max_context=32768)
         self.block_size = cfg.cache.block_size
-        self.kv_blocks_total = num_blocks
         # long-lived objects (weights, tokenizer tables) out of the collector's way: a full
         # collection during a follow-up question would cost more than the question
         gc.collect()
@@ -204,10 +203,6 @@ class Engine:
             arrival=arrival, media_decode_s=sum(m.decode_s for m in items),
             preprocess_s=sum(m.preprocess_s + m.hash_s for m in items),
         )
-
-    def reset_peak_memory(self) -> None:
-        if self.device.type == "cuda":
-            self.core.call(lambda llm: torch.cuda.reset_peak_memory_stats(self.device))
 
     # ------------------------------------------------------------------ sessions
     def session(self, system: str | None = None, tenant: str | None = None, kv_budget_tokens: int | None = None) -> Session:
