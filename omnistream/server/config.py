@@ -1,0 +1,42 @@
+"""Typed server configuration: where it listens, who may call it, and the limits that turn a
+hostile or mistaken request into a clear 4xx instead of a stalled or crashed server."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from omnistream.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None  # Bearer key required on every route but /health; None: open
+    served_model_name: str | None = None  # the `model` clients send; None: the checkpoint folder's name
+    allowed_media_path: Path | None = None  # local files readable by image_url/video_url; None: none
+    allow_remote_media: bool = False  # http(s) media URLs; off by default (the server fetches nothing)
+    # limits (each answered with a 4xx that names it)
+    max_body_bytes: int = 64 << 20  # request body
+    max_image_pixels: int = 8192 * 8192  # decoded pixels of one image (checked from the header first)
+    max_video_frames: int = 768  # frames sampled from one video
+    max_video_seconds: float = 4 * 3600.0  # duration of one video
+    media_decode_timeout_s: float = 60.0  # wall time to decode one media item
+    max_sessions: int = 256  # open sessions + live sessions per server
+    session_ttl_s: float = 1800.0  # an idle session is closed after this
+    max_live_questions_in_flight: int = 1  # per live session
+    max_queued_requests: int = 1024  # requests waiting in the engine; beyond: 503
+
+    def __post_init__(self) -> None:
+        if not (0 <= self.port < 65536):
+            raise ConfigError(f"port must be 0..65535, got {self.port}")
+        for name in ("max_body_bytes", "max_image_pixels", "max_video_frames", "max_sessions",
+                     "max_live_questions_in_flight", "max_queued_requests"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("max_video_seconds", "media_decode_timeout_s", "session_ttl_s"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.allowed_media_path is not None and not Path(self.allowed_media_path).is_dir():
+            raise ConfigError(f"allowed_media_path {self.allowed_media_path}: not a directory")

@@ -1,0 +1,27 @@
+"""What every route shares: the engine, the config and the registries. One per app, at
+`app.state.omni`; routes reach it through `get_state(request)`."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from omnistream.server.config import ServerConfig
+
+if TYPE_CHECKING:
+    from omnistream.entrypoints.api import Engine
+
+
+@dataclass
+class ServerState:
+    engine: "Engine"
+    config: ServerConfig
+    model_name: str  # what /v1/models lists and requests must name
+    started_at: float = field(default_factory=time.time)
+    # filled by the modules that own them (sessions_api: the session registry, ops: metrics)
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+def get_state(request_or_ws) -> ServerState:
+    return request_or_ws.app.state.omni
