@@ -52,7 +52,7 @@ from omnistream.media.patchify import patchify
 from omnistream.media.processor import check_pixel_count
 from omnistream.media.resize import VIDEO_MAX_PIXELS, VIDEO_MIN_PIXELS, resize_frames, smart_resize
 from omnistream.models.prompt import expand_placeholders
-from omnistream.sessions.session import Session
+from omnistream.sessions.session import PendingAnswer, Session
 
 if TYPE_CHECKING:
     from omnistream.entrypoints.api import Engine
@@ -301,10 +301,12 @@ class LiveSession(Session):
         self.token_ids, self.media, self._names = ids, media, []
 
     # ------------------------------------------------------------------ asking
-    def ask(self, question: str, sampling: SamplingParams | None = None, *, return_logits: bool = False,
-            logprobs: int | None = None) -> RequestOutput:
+    def start(self, question: str, sampling: SamplingParams | None = None, *, return_logits: bool = False,
+              logprobs: int | None = None) -> PendingAnswer:
         """Answers over every frame added before this call (waits for them to pass the frame
-        memory; TTFT counts from here). Frames added meanwhile do not change this answer."""
+        memory; TTFT counts from here). Frames added meanwhile do not change this answer, and
+        keep being ingested while it streams. ask() / ask_stream() (Session's) are this; the
+        result's `.live` holds the LiveMetrics."""
         self._check_open()
         asked = time.perf_counter()
         self._asking += 1
@@ -312,28 +314,38 @@ class LiveSession(Session):
             self.flush()
         finally:
             self._asking -= 1
-        with self._context:
+        self._context.acquire()  # released by the answer's finish() / abort()
+        try:
             self._check_open()
             sampling = sampling or SamplingParams()
-            if self.kv is not None:
-                return self._ask_fast(question, sampling, return_logits, logprobs, asked)
-            return self._ask_exact(question, sampling, return_logits, logprobs, asked)
+            start = self._start_fast if self.kv is not None else self._start_exact
+            handle, commit = start(question, sampling, return_logits, logprobs, asked)
+        except BaseException:
+            self._context.release()
+            raise
+        return PendingAnswer(handle, commit, self._context.release)
 
-    def _ask_exact(self, question: str, sampling: SamplingParams, return_logits: bool, logprobs: int | None, asked: float) -> RequestOutput:
+    def _start_exact(self, question: str, sampling: SamplingParams, return_logits: bool, logprobs: int | None, asked: float):
         item = self.video_item()  # snapshot: frames ingested later do not change this answer
         if item is None:
             raise UserInputError("no frames added yet: add frames before asking")
         prompt, media = self.prompt_for(question, item)
+        prefix_len = len(self._prefix(item)[0])
+        memory = self._memory_snapshot()
         before = self.engine.vision_tokens_encoded
-        res = self.engine.submit(EngineRequest(
+        handle = self.engine.submit(EngineRequest(
             prompt, media, sampling, cache_salt=self.tenant, retain=Retain(self.id, self.kv_budget_tokens),
-            return_logits=return_logits, logprobs=logprobs, arrival=asked)).result()
-        self.history_ids = prompt[len(self._prefix(item)[0]):] + res.token_ids + self._end_of_turn(res.token_ids)
-        self.messages = self.messages + [{"role": "user", "content": question}, {"role": "assistant", "content": res.text}]
-        self.token_ids, self.media, self._names = prompt + res.token_ids, media, []
-        encoded = self.engine.vision_tokens_encoded - before
-        res.live = self._metrics(res, asked, encoded, item, res.metrics.prompt_tokens + res.metrics.output_tokens)
-        return res
+            return_logits=return_logits, logprobs=logprobs, arrival=asked))
+
+        def commit(res: RequestOutput) -> RequestOutput:
+            self.history_ids = prompt[prefix_len:] + res.token_ids + self._end_of_turn(res.token_ids)
+            self._add_turn(question, res.text)
+            self.token_ids, self.media, self._names = prompt + res.token_ids, media, []
+            encoded = self.engine.vision_tokens_encoded - before
+            res.live = self._metrics(res, asked, encoded, item, res.metrics.prompt_tokens + res.metrics.output_tokens, memory)
+            return res
+
+        return handle, commit
 
     def prompt_for(self, question: str, item: MediaItem | None = None):
         """(ids, media) of the `exact` context for `question`: system, video, history, question."""
@@ -377,32 +389,49 @@ class LiveSession(Session):
         """One retained patch as a 1-patch video item (its own timestamps and hash)."""
         return self._item_of([lp])
 
-    def _ask_fast(self, question: str, sampling: SamplingParams, return_logits: bool, logprobs: int | None, asked: float) -> RequestOutput:
+    def _start_fast(self, question: str, sampling: SamplingParams, return_logits: bool, logprobs: int | None, asked: float):
         before = self.engine.vision_tokens_encoded
         edits = (self.kv.edit_vision_s, self.kv.edit_prefill_s)
         self._sync_kv()  # the new frames this question waited for: encoded and computed into place
         if not self.kv.built:
             raise UserInputError("no frames added yet: add frames before asking")
         edit_vision, edit_prefill = self.kv.edit_vision_s - edits[0], self.kv.edit_prefill_s - edits[1]
-        res = self.kv.ask(self._question_ids(question), self._end_of_turn, sampling, return_logits=return_logits,
-                          logprobs=logprobs, arrival=asked)
-        res.metrics.vision_encode_s += edit_vision
-        res.metrics.prefill_s += edit_prefill
-        self.messages = self.messages + [{"role": "user", "content": question}, {"role": "assistant", "content": res.text}]
-        encoded = self.engine.vision_tokens_encoded - before
-        res.live = self._metrics(res, asked, encoded, None, len(self.kv.ids))
-        return res
+        memory = self._memory_snapshot()
+        handle, append = self.kv.start_ask(self._question_ids(question), self._end_of_turn, sampling,
+                                           return_logits=return_logits, logprobs=logprobs, arrival=asked)
 
-    def _metrics(self, res: RequestOutput, asked: float, vision_tokens: int, item: MediaItem | None, kv_length: int) -> LiveMetrics:
+        def commit(res: RequestOutput) -> RequestOutput:
+            append(res)
+            res.metrics.vision_encode_s += edit_vision
+            res.metrics.prefill_s += edit_prefill
+            self._add_turn(question, res.text)
+            encoded = self.engine.vision_tokens_encoded - before
+            res.live = self._metrics(res, asked, encoded, None, len(self.kv.ids), memory)
+            return res
+
+        return handle, commit
+
+    def _add_turn(self, question: str, answer: str) -> None:
+        self.messages = self.messages + [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+        self.turns += 1
+
+    def _memory_snapshot(self):
+        """(frame-memory stats, padded trailing frame?) as the answer sees them: frames that
+        arrive while it streams change the memory, not this answer's metrics."""
+        with self._state:
+            return self.memory.stats(), self._padded is not None
+
+    def _metrics(self, res: RequestOutput, asked: float, vision_tokens: int, item: MediaItem | None, kv_length: int,
+                 memory: tuple) -> LiveMetrics:
         m = res.metrics
-        stats = self.memory.stats()
+        stats, padded = memory
         per_patch = (self.size[0] // 28) * (self.size[1] // 28)
         visual = item.num_tokens if item is not None else self.kv.visual_tokens
         now = time.perf_counter()
         return LiveMetrics(
             total_latency=now - asked, encoding_latency=m.vision_encode_s, prefill_latency=m.prefill_s,
             generation_latency=max(0.0, now - asked - (m.ttft_s or 0.0)), frames_encoded=2 * vision_tokens // per_patch,
-            frames_in_context=2 * (visual // per_patch) - (1 if self._padded is not None else 0), visual_tokens=visual,
+            frames_in_context=2 * (visual // per_patch) - (1 if padded else 0), visual_tokens=visual,
             kv_cache_length=kv_length, policy=self.policy, star_size=stats.star_size, stream_size=stats.stream_size,
             compression_ratio=stats.compression_ratio,
         )

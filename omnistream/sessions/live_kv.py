@@ -153,18 +153,32 @@ class LiveKV:
             logprobs: int | None = None, arrival: float | None = None) -> RequestOutput:
         """Appends a question (template tokens of the user turn + assistant header) and answers;
         the answer and `end_of_turn(answer)` tokens join the sequence."""
+        handle, append = self.start_ask(question_ids, end_of_turn, sampling, return_logits=return_logits,
+                                        logprobs=logprobs, arrival=arrival)
+        return append(handle.result())
+
+    def start_ask(self, question_ids: list[int], end_of_turn, sampling: SamplingParams, *, return_logits: bool = False,
+                  logprobs: int | None = None, arrival: float | None = None):
+        """ask() without waiting: (handle, append); append(result) joins question and answer to
+        the sequence. An answer never appended (aborted) leaves the sequence as it was: its
+        tokens past `computed` are overwritten by the next request."""
         q = len(question_ids)
         prompt = self.ids + list(question_ids)
         qpos = torch.arange(self.next_pos, self.next_pos + q).expand(3, -1)
         kv = OwnedKV(self.owner, self.computed, torch.cat([self.pos, qpos], dim=1), self.next_pos + q)
-        res = self._run(prompt, [], kv, sampling, return_logits=return_logits, logprobs=logprobs, arrival=arrival)
-        tail = res.token_ids + end_of_turn(res.token_ids)
-        self.ids = prompt + tail
-        start = self.next_pos + q
-        self.pos = torch.cat([self.pos, qpos, torch.arange(start, start + len(tail)).expand(3, -1)], dim=1)
-        self.next_pos = start + len(tail)
-        self.computed = len(prompt) + max(0, len(res.token_ids) - 1)  # the last sampled token is not in the KV
-        return res
+        handle = self.engine.submit(EngineRequest(prompt, [], sampling, cache_salt=self.tenant, kv=kv,
+                                                  return_logits=return_logits, logprobs=logprobs, arrival=arrival))
+
+        def append(res: RequestOutput) -> RequestOutput:
+            tail = res.token_ids + end_of_turn(res.token_ids)
+            self.ids = prompt + tail
+            start = self.next_pos + q
+            self.pos = torch.cat([self.pos, qpos, torch.arange(start, start + len(tail)).expand(3, -1)], dim=1)
+            self.next_pos = start + len(tail)
+            self.computed = len(prompt) + max(0, len(res.token_ids) - 1)  # the last sampled token is not in the KV
+            return res
+
+        return handle, append
 
     def close(self) -> None:
         owner = self.owner

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from omnistream.cache.prefix_hash import extend_hashes
 from omnistream.engine.handle import RequestHandle
@@ -47,6 +47,7 @@ class Session:
         self._pending_items: list[MediaItem] = []
         self._names: list[bytes] = []  # prefix-cache names of token_ids' full blocks (grow with it)
         self._turn = threading.Lock()  # one question at a time: a conversation is sequential
+        self.turns = 0  # answered questions
         self.closed = False
 
     # ------------------------------------------------------------------ inputs
@@ -73,21 +74,32 @@ class Session:
     def ask(self, question: str, sampling: SamplingParams | None = None, *, return_logits: bool = False,
             logprobs: int | None = None) -> RequestOutput:
         """Answers `question` over the conversation so far (waits for the answer)."""
-        with self._turn:
-            turn, handle = self._submit(question, sampling, return_logits, logprobs)
-            return self._commit(turn, handle)
+        return self.start(question, sampling, return_logits=return_logits, logprobs=logprobs).finish()
 
     def ask_stream(self, question: str, sampling: SamplingParams | None = None, *, logprobs: int | None = None) -> Iterator[OutputDelta]:
         """Like ask(), yielding deltas as tokens are produced; the turn joins the conversation
-        when the answer ends (an abandoned stream aborts the request and keeps nothing)."""
-        with self._turn:
-            turn, handle = self._submit(question, sampling, False, logprobs)
-            try:
-                yield from handle
-            finally:
-                if not handle.done:
-                    handle.abort()
-            self._commit(turn, handle)
+        when the answer ends (an abandoned stream aborts the request and keeps nothing). The
+        generator's return value is the RequestOutput."""
+        answer = self.start(question, sampling, logprobs=logprobs)
+        try:
+            yield from answer.handle
+            return answer.finish()
+        finally:
+            answer.abort()  # no-op once finished
+
+    def start(self, question: str, sampling: SamplingParams | None = None, *, return_logits: bool = False,
+              logprobs: int | None = None) -> "PendingAnswer":
+        """Submits `question` and returns at once, holding the conversation's turn until the
+        answer is finished or aborted: read `answer.handle` (deltas, sync or `async for`), then
+        `answer.finish()` (the turn joins the conversation) or `answer.abort()` (nothing kept).
+        ask() and ask_stream() are this; a server uses it to stream without a thread."""
+        self._turn.acquire()
+        try:
+            turn, handle = self._submit(question, sampling, return_logits, logprobs)
+        except BaseException:
+            self._turn.release()
+            raise
+        return PendingAnswer(handle, lambda res: self._commit(turn, res), self._turn.release)
 
     def _submit(self, question: str, sampling: SamplingParams | None, return_logits: bool, logprobs: int | None) -> tuple[tuple, RequestHandle]:
         self._check_open()
@@ -102,10 +114,9 @@ class Session:
         )
         return (user, new_ids, new_media), self.engine.submit(spec)
 
-    def _commit(self, turn: tuple, handle: RequestHandle) -> RequestOutput:
+    def _commit(self, turn: tuple, result: RequestOutput) -> RequestOutput:
         """The answer joins the conversation: its ids, then the template's end of turn."""
         user, new_ids, new_media = turn
-        result = handle.result()
         prompt = self.token_ids + new_ids
         self.token_ids = prompt + result.token_ids + self._end_of_turn(result.token_ids)
         self.media = self.media + new_media
@@ -114,6 +125,7 @@ class Session:
         bs = self.engine.block_size
         # token_ids only grow between turns, so the names of earlier blocks stay valid
         extend_hashes(self._names, self.token_ids, self.media, bs, len(self.token_ids) // bs, self.tenant)
+        self.turns += 1
         return result
 
     def prompt_for(self, question: str) -> tuple[list[int], list[tuple[int, MediaItem]]]:
@@ -167,6 +179,7 @@ class Session:
         other.token_ids, other.media = list(self.token_ids), list(self.media)
         other._pending_parts, other._pending_items = list(self._pending_parts), list(self._pending_items)
         other._names = list(self._names)
+        other.turns = self.turns
         src, dst = self.id, other.id
         self.engine.core.call(lambda llm: llm.blocks.retain(dst, list(llm.blocks.retained.get(src, []))))
         return other
@@ -190,3 +203,38 @@ class Session:
     def _check_open(self) -> None:
         if self.closed:
             raise UserInputError(f"session {self.id} is closed")
+
+
+class PendingAnswer:
+    """A submitted question whose session turn is held until finish() or abort() (see
+    Session.start). Either may be called from any thread; the first one releases the turn."""
+
+    def __init__(self, handle: RequestHandle, commit: Callable[[RequestOutput], RequestOutput], release: Callable[[], None]) -> None:
+        self.handle = handle
+        self._commit = commit
+        self._release = release
+        self._once = threading.Lock()
+        self._released = False
+
+    def finish(self) -> RequestOutput:
+        """Waits for the end; the turn joins the conversation (an aborted answer keeps nothing)
+        and the session is free for the next question. Raises the request's error."""
+        try:
+            result = self.handle.result()
+            return result if result.finish_reason == "abort" else self._commit(result)
+        finally:
+            self._release_once()
+
+    def abort(self) -> None:
+        """Ends an unfinished answer (nothing joins the conversation) and frees the session;
+        a no-op after finish()."""
+        if not self._released and not self.handle.done:
+            self.handle.abort()
+        self._release_once()
+
+    def _release_once(self) -> None:
+        with self._once:
+            if self._released:
+                return
+            self._released = True
+        self._release()
