@@ -1,7 +1,9 @@
-"""Command line: omnistream ask | demo | stream | profile | bench.
+"""Command line: omnistream ask | demo | stream | serve | profile | bench.
 
-User-input errors print one line (`error: ...`) and exit 2; Ctrl-C prints `interrupted` and
-exits 130; nothing else prints a traceback unless --debug is given.
+User-input errors (a bad flag value included) print one line (`error: ...`) and exit 2; Ctrl-C
+prints `interrupted` and exits 130; nothing else prints a traceback unless --debug is given.
+`ask`, `demo`, `stream` and `serve` take every engine option and sampling parameter as a flag
+(entrypoints/options.py).
 """
 
 from __future__ import annotations
@@ -14,18 +16,54 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
+from omnistream.entrypoints import options
+from omnistream.entrypoints.progress import Progress
 from omnistream.errors import OmnistreamError
+
+DESCRIPTION = """omnistream: multi-turn and live video question answering on Qwen2.5-VL.
+
+  omnistream demo                                   a question about a generated clip (random weights)
+  omnistream ask clip.mp4 "What happens?" --model DIR
+  omnistream serve --model DIR                      OpenAI-compatible server on 127.0.0.1:8000
+
+`omnistream COMMAND --help` lists a command's options."""
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a program ended by Ctrl-C
 
 VIDEO_SUFFIXES = {".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v", ".flv", ".ts", ".mpg", ".mpeg", ".ogv", ".3gp", ".gif"}
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="demo", help="checkpoint directory, or 'demo' (built-in random weights)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--dtype", default="auto", help="float32 | bfloat16 | float16 | auto")
+class OneLineErrorParser(argparse.ArgumentParser):
+    """A bad flag or value ends in one `error: ...` line and exit 2, like every other user
+    error of the CLI, not argparse's usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see: {self.prog} --help)\n")
+
+
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError, version as installed
+
+    try:
+        return installed("omnistream")
+    except PackageNotFoundError:  # a checkout on the path, not installed
+        return "unknown (not installed)"
+
+
+def _add_model_args(p: argparse.ArgumentParser, model_default: str | None = "demo") -> None:
+    shown = "the default" if model_default == "demo" else "required"
+    p.add_argument("--model", default=model_default, help=f"checkpoint directory, or 'demo' (built-in random weights; {shown})")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    p.add_argument("--dtype", default="auto", help="float32 | bfloat16 | float16 | auto (bfloat16 on a GPU, float32 on the CPU; the default)")
     p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+
+
+def add_run_args(p: argparse.ArgumentParser, model_default: str | None = "demo", sampling_title: str = "sampling options",
+                 **sampling_defaults) -> None:
+    """Model, engine and sampling flags: what every command that runs the engine takes."""
+    _add_model_args(p, model_default)
+    options.add_engine_args(p)
+    options.add_sampling_args(p, sampling_title, **sampling_defaults)
 
 
 def _default_device(arg: str | None) -> str:
@@ -67,12 +105,20 @@ def _without_random_weights_warning():
         logger.removeFilter(drop)
 
 
-def load_engine(model: str, device: str, dtype: str):
+def engine_args(args) -> tuple[str, str, dict]:
+    """-> (device, dtype, engine options) from the flags, validated before a model is loaded."""
+    device = _default_device(args.device)
+    opts = options.engine_options(args)
+    options.check_engine_options(device, args.dtype, opts)
+    return device, args.dtype, opts
+
+
+def load_engine(model: str, device: str, dtype: str, **engine_options):
     """Engine.from_pretrained, plus the one notice that a random-weight model answers nonsense."""
     from omnistream.entrypoints.api import Engine
 
-    with _without_random_weights_warning():
-        engine = Engine.from_pretrained(model, device=device, dtype=dtype)
+    with _without_random_weights_warning(), Progress(f"loading model {model}"):
+        engine = Engine.from_pretrained(model, device=device, dtype=dtype, **engine_options)
     if engine.random_weights:
         print(f"note: {engine.model_dir} holds RANDOM weights: answers are meaningless text", file=sys.stderr)
     return engine
@@ -98,17 +144,39 @@ def print_metrics(metrics, out=None) -> None:
         print(f"{name:<22} {text:>9} {unit}", file=out)
 
 
+def answer(engine, messages: list[dict], sampling):
+    """engine.generate for one conversation, with progress bars for its long parts: decoding
+    the media, the prefill (until the first token), the answer's tokens."""
+    with Progress("decoding media"):
+        request = engine.request_for(messages, sampling)
+    handle = engine.submit(request)
+    bar = Progress(f"prefill of {len(request.token_ids)} prompt tokens")
+    first = True
+    try:
+        for delta in handle:
+            if first:
+                bar.close()
+                bar, first = Progress("answer", total=sampling.max_new_tokens, unit="tok"), False
+            bar.update(len(delta.token_ids))
+    except BaseException:  # Ctrl-C included: the engine stops computing it
+        handle.abort()
+        raise
+    finally:
+        bar.close()
+    return handle.result()
+
+
 def cmd_ask(args) -> int:
-    from omnistream.engine.sampling import SamplingParams
     from omnistream.media.processor import check_pixel_count
 
     # arguments first: a bad value is reported before a model is loaded
     check_pixel_count("--max-pixels", args.max_pixels)
-    sampling = SamplingParams(max_new_tokens=args.max_new_tokens)
+    sampling = options.sampling_params(args)
+    device, dtype, engine_options = engine_args(args)
     messages = [{"role": "user", "content": [media_part(args.media, args.fps, args.nframes, args.max_pixels), {"type": "text", "text": args.question}]}]
     # closed before the process exits: a running loop thread aborted the interpreter at shutdown
-    with load_engine(args.model, _default_device(args.device), args.dtype) as engine:
-        [res] = engine.generate([messages], sampling)
+    with load_engine(args.model, device, dtype, **engine_options) as engine:
+        res = answer(engine, messages, sampling)
     print(f"answer: {res.text}")
     print_metrics(res.metrics)
     return 0
@@ -126,24 +194,30 @@ def cmd_demo(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="omnistream", description=__doc__)
-    sub = p.add_subparsers(dest="cmd", required=True)
-    ask = sub.add_parser("ask", help="answer one question about an image or video")
-    ask.add_argument("media")
+    p = OneLineErrorParser(prog="omnistream", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"omnistream {version()}")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+    from omnistream.media.resize import FPS  # the processor's default rate
+
+    ask = sub.add_parser("ask", help="answer one question about an image or video",
+                         description="Answer one question about an image or a video file.")
+    ask.add_argument("media", help="an image or video file (chosen by its extension)")
     ask.add_argument("question")
-    ask.add_argument("--fps", type=float, default=None)
-    ask.add_argument("--nframes", type=int, default=None)
-    ask.add_argument("--max-pixels", type=int, default=None)
-    ask.add_argument("--max-new-tokens", type=int, default=64)
-    _add_model_args(ask)
+    ask.add_argument("--fps", type=float, default=None, help=f"frames sampled per second of video (default: {FPS:g})")
+    ask.add_argument("--nframes", type=int, default=None, help="sample exactly this many frames instead (default: by --fps)")
+    ask.add_argument("--max-pixels", type=int, default=None, help="largest image/frame area after resizing, in pixels (default: the processor's)")
+    add_run_args(ask, max_new_tokens=64)
     ask.set_defaults(func=cmd_ask)
-    demo = sub.add_parser("demo", help="end-to-end example on a generated sample video")
-    demo.add_argument("--max-new-tokens", type=int, default=32)
-    _add_model_args(demo)
+    demo = sub.add_parser("demo", help="end-to-end example on a generated sample video",
+                          description="Answer a question about a generated sample video (the demo model has random weights).")
+    add_run_args(demo, max_new_tokens=32)
     demo.set_defaults(func=cmd_demo)
     from omnistream.entrypoints.stream_cli import add_stream_command
 
-    add_stream_command(sub, _add_model_args)
+    add_stream_command(sub, add_run_args)
+    from omnistream.entrypoints.serve_cli import add_serve_command
+
+    add_serve_command(sub, add_run_args)
     from omnistream.bench.cli import add_bench_commands
 
     add_bench_commands(sub, _add_model_args)
@@ -170,7 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     args = None
     try:
         _compile_cache_out_of_tmp()
-        args = build_parser().parse_args(argv)
+        argv = sys.argv[1:] if argv is None else list(argv)
+        args = build_parser().parse_args(options.normalize_argv(argv))
         logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
         return args.func(args)
     except OmnistreamError as e:

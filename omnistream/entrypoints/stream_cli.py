@@ -20,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+from omnistream.entrypoints import options
+from omnistream.entrypoints.progress import Progress
 from omnistream.errors import ConfigError, UserInputError
 
 METRIC_ROWS = (
@@ -72,25 +74,22 @@ def cmd_stream(args) -> int:
         raise ConfigError("give at least one --ask SECONDS:QUESTION")
     if args.speed not in ("1", "max"):
         raise ConfigError(f"--speed is 1 (real time) or max, got {args.speed!r}")
-    if args.max_new_tokens < 1:
-        raise ConfigError("--max-new-tokens must be >= 1")
+    sampling = options.sampling_params(args)  # a bad value names its field
     check_pixel_count("--max-pixels", args.max_pixels)  # the live session would take 0 for "default"
     if Path(args.video).is_dir():
         raise UserInputError(f"{args.video} is a directory, not a video file")
     if not Path(args.video).is_file():
         raise UserInputError(f"no such video file: {args.video}")
-    clip = decode_video(args.video, fps=args.fps, min_frames=2, max_frames=10**7)  # MediaError on a bad file
+    with Progress(f"decoding {Path(args.video).name}"):
+        clip = decode_video(args.video, fps=args.fps, min_frames=2, max_frames=10**7)  # MediaError on a bad file
     frames, stamps = clip.frames, [float(t) - float(clip.timestamps[0]) for t in clip.timestamps]
     print(f"stream: {args.video}: {len(frames)} frames {frames.shape[2]}x{frames.shape[1]} sampled at "
           f"{clip.sample_fps:.2f} fps over {clip.duration_s:.1f} s; speed {args.speed}")
 
-    import torch
-
     from omnistream.bench.models import resolve_dtype
-    from omnistream.entrypoints.cli import load_engine
-    from omnistream.engine.sampling import SamplingParams
+    from omnistream.entrypoints.cli import engine_args, load_engine
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device, _, engine_options = engine_args(args)
     dtype = resolve_dtype(args.dtype, device)
     hf = None
     if args.compare:  # loaded first: the engine sizes its KV pool from the memory left free
@@ -101,10 +100,9 @@ def cmd_stream(args) -> int:
         if not (model_dir / "config.json").is_file():
             raise ConfigError(f"{model_dir}: not a checkpoint directory (no config.json)")
         hf = load_native(model_dir, device, dtype)
-    sampling = SamplingParams(max_new_tokens=args.max_new_tokens)
     # closing the engine closes the live session and stops the loop thread before the process
     # exits (on Ctrl-C too): left running, it aborted the interpreter at shutdown
-    with load_engine(args.model, device, str(dtype).replace("torch.", "")) as engine:
+    with load_engine(args.model, device, str(dtype).replace("torch.", ""), **engine_options) as engine:
         live = engine.live_session(max_pixels=args.max_pixels, policy=args.policy)
         _play(args, engine, live, hf, frames, stamps, asks, sampling)
     return 0
@@ -126,12 +124,14 @@ def _play(args, engine, live, hf, frames, stamps, asks, sampling) -> None:
             delay = start + t_ask - time.perf_counter()
             if delay > 0:
                 time.sleep(delay)
-        live.flush(timeout=600)
+        with Progress("ingesting frames"):
+            live.flush(timeout=600)
         shown = min(t_ask, stamps[-1]) if t_ask > stamps[-1] else t_ask
         late = " (after the end of the video)" if t_ask > stamps[-1] else ""
         print(f"\n[t={shown:.1f}s{late}] frames so far {fed}; Q: {question}")
         exact = live.prompt_for(question) if hf is not None else None
-        res = live.ask(question, sampling)
+        with Progress("answering"):
+            res = live.ask(question, sampling)
         print(f"A: {res.text}")
         print_live_metrics(res)
         if hf is not None:
@@ -160,19 +160,20 @@ def _compare(engine, live, hf, frames, stamps, question, exact, res, new_tokens)
     ])
 
 
-def add_stream_command(sub, add_model_args) -> None:
-    p = sub.add_parser("stream", help="play a video file as a live camera and ask questions at given times")
-    p.add_argument("video")
+def add_stream_command(sub, add_run_args) -> None:
+    p = sub.add_parser("stream", help="play a video file as a live camera and ask questions at given times",
+                       description="Play a video file as a live camera (a LiveSession fed at the frames' timestamps) "
+                                   "and ask questions at given times.")
+    p.add_argument("video", help="the video file to play")
     p.add_argument("--speed", default="1", help="1: real time (default); max: as fast as possible")
     p.add_argument("--fps", type=float, default=2.0, help="frames sampled per second of video")
     p.add_argument("--max-pixels", type=int, default=None, help="largest frame area after resizing (default: the engine's video default)")
     p.add_argument("--ask", action="append", default=[], metavar="SECONDS:QUESTION",
                    help="ask QUESTION at SECONDS into the video (repeatable)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--policy", choices=("exact", "fast"), default="exact",
                    help="live KV policy: exact (default; equals a fresh run over the retained frames) or fast "
                         "(evicted frames' KV removed in place, no recompute; --compare shows its divergence)")
     p.add_argument("--compare", action="store_true",
                    help="also answer natively with transformers over all frames so far and over the retained frames")
-    add_model_args(p)
+    add_run_args(p, max_new_tokens=64)
     p.set_defaults(func=cmd_stream)

@@ -1,0 +1,145 @@
+"""`omnistream serve --model DIR|demo [--host] [--port] [--api-key] [limits] [engine options]`.
+
+Builds the engine, the app (`omnistream.server.app.build_app`) and runs it under uvicorn on a
+socket bound here, so the startup line can say where it listens even for `--port 0`. One
+process serves one device (`--device cuda:N`). Ctrl-C stops uvicorn (connections are given
+--shutdown-timeout-s to finish), then the engine is closed; the process exits 130 with
+`interrupted`, no traceback.
+
+`--model-config 3b|7b|tiny` serves a random-weight model of that architecture built directly on
+the device (no checkpoint: load tests, `omnistream bench serve`), seeded by --weights-seed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import socket
+import sys
+
+from omnistream.entrypoints import options
+from omnistream.errors import ConfigError
+
+STARTUP_PREFIX = "omnistream serve: listening on "  # bench serve and the tests read this line
+UVICORN_LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+
+
+def startup_line(url: str, model_name: str, engine) -> str:
+    """The one line printed once the socket is bound: where, which model, on what."""
+    weights = "; RANDOM weights: answers are meaningless text" if engine.random_weights else ""
+    return (f"{STARTUP_PREFIX}{url} (model {model_name!r} from {engine.model_dir}; {engine.cfg.device} "
+            f"{engine.cfg.torch_dtype}".replace("torch.", "") + f"{weights})")
+
+
+def parse_startup_line(line: str) -> str | None:
+    """The URL of a startup line, or None if `line` is not one."""
+    if not line.startswith(STARTUP_PREFIX):
+        return None
+    return line[len(STARTUP_PREFIX):].split(" ", 1)[0]
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on (host, port); port 0 picks a free one. IPv4 or IPv6 by host."""
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as e:
+        raise ConfigError(f"--host {host!r}: {e.strerror}") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(addr)
+    except OSError as e:
+        sock.close()
+        raise ConfigError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def url_of(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def build_engine(args):
+    """The engine of --model or --model-config (validated flags first, then the model)."""
+    from omnistream.entrypoints.cli import engine_args, load_engine
+
+    device, dtype, engine_options = engine_args(args)
+    if args.model_config:
+        from omnistream.bench.models import make_engine
+        from omnistream.entrypoints.cli import _without_random_weights_warning
+        from omnistream.entrypoints.progress import Progress
+
+        with _without_random_weights_warning(), Progress(f"building a random {args.model_config} model"):
+            return make_engine(args.model_config, device, dtype, args.weights_seed, **engine_options)
+    if args.model is None:
+        raise ConfigError("give --model DIR (a checkpoint directory) or --model demo (or --model-config for a random-weight architecture)")
+    return load_engine(args.model, device, dtype, **engine_options)
+
+
+def serve(engine, app, sock: socket.socket, log_level: str, shutdown_timeout_s: float) -> None:
+    """Runs uvicorn on `sock` until a signal stops it (uvicorn then re-raises SIGINT here)."""
+    import uvicorn
+
+    # log_config None: logging stays as the CLI set it (one format); uvicorn's access log is
+    # off, the server writes its own line per request with the request id
+    config = uvicorn.Config(app, log_config=None, log_level=log_level, access_log=False,
+                            timeout_graceful_shutdown=shutdown_timeout_s)
+    uvicorn.Server(config).run(sockets=[sock])
+
+
+def cmd_serve(args) -> int:
+    from omnistream.server.app import build_app
+
+    config = options.server_config(args)  # a bad limit is reported before a model is loaded
+    sampling_defaults = options.sampling_kwargs(args)
+    if sampling_defaults:
+        from omnistream.engine.sampling import SamplingParams
+
+        SamplingParams(**sampling_defaults)  # validated here, named by field
+    logging.getLogger("omnistream").setLevel(getattr(logging, args.log_level.upper()))
+    sock = bind_socket(config.host, config.port)
+    try:
+        with build_engine(args) as engine:
+            app = build_app(engine, config)
+            # defaults for requests that leave a sampling field out (the route modules read them)
+            app.state.omni.extras["sampling_defaults"] = sampling_defaults
+            print(startup_line(url_of(sock), app.state.omni.model_name, engine), flush=True)
+            serve(engine, app, sock, args.log_level, args.shutdown_timeout_s)
+    finally:
+        sock.close()
+    return 0
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def add_serve_command(sub, add_run_args) -> None:
+    from omnistream.models.hf_config import PRESETS
+
+    p = sub.add_parser("serve", help="serve the engine over HTTP: OpenAI chat completions, sessions, live WebSocket, web page",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model-config", choices=sorted(PRESETS), default=None,
+                   help="serve a random-weight model of this architecture built on the device (wins over --model)")
+    p.add_argument("--weights-seed", type=int, default=0, help="seed of --model-config's random weights (default: 0)")
+    p.add_argument("--log-level", choices=UVICORN_LOG_LEVELS, default="warning",
+                   help="log level of the server and uvicorn (info: one access-log line per request; default: warning)")
+    p.add_argument("--shutdown-timeout-s", type=_positive_float, default=5.0,
+                   help="on Ctrl-C, seconds open requests get to finish before they are cut (default: 5)")
+    options.add_server_args(p)
+    add_run_args(p, model_default=None, sampling_title="default sampling (for requests that leave a field out)")
+    p.set_defaults(func=cmd_serve)
+
+
+if __name__ == "__main__":  # python -m omnistream.entrypoints.serve_cli ... == omnistream serve ...
+    from omnistream.entrypoints.cli import main
+
+    sys.exit(main(["serve", *sys.argv[1:]]))
