@@ -317,6 +317,8 @@ class LiveSession(Session):
         self._context.acquire()  # released by the answer's finish() / abort()
         try:
             self._check_open()
+            if self._stopping:
+                raise UserInputError(f"session {self.id} is closed")
             sampling = sampling or SamplingParams()
             start = self._start_fast if self.kv is not None else self._start_exact
             handle, commit = start(question, sampling, return_logits, logprobs, asked)

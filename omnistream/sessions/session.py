@@ -63,6 +63,33 @@ class Session:
         self._check_open()
         self._pending_parts.append({"type": "text", "text": text})
 
+    @property
+    def pending_count(self) -> int:
+        """Parts (text and media) added since the last question; a mark for drop_pending()."""
+        return len(self._pending_parts)
+
+    @property
+    def pending_media(self) -> int:
+        return len(self._pending_items)
+
+    def drop_pending(self, mark: int) -> None:
+        """Forgets the parts added after `pending_count` was `mark` (a turn that failed)."""
+        dropped = self._pending_parts[mark:]
+        del self._pending_parts[mark:]
+        n_media = sum(1 for p in dropped if p.get("type") != "text")
+        if n_media:
+            del self._pending_items[len(self._pending_items) - n_media:]
+
+    def add_item(self, item: MediaItem) -> MediaItem:
+        """Adds an image or video already decoded and preprocessed (e.g. by a server's media
+        cache); it joins the next question's turn like add_image / add_video."""
+        self._check_open()
+        if item.kind not in ("image", "video"):
+            raise UserInputError(f"cannot add a media item of kind {item.kind!r}")
+        self._pending_parts.append({"type": item.kind})
+        self._pending_items.append(item)
+        return item
+
     def _add_media(self, part: dict) -> MediaItem:
         self._check_open()
         [item] = self.engine.load_media([{"role": "user", "content": [part]}])

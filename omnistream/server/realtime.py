@@ -1,0 +1,456 @@
+"""/v1/realtime: a live video session over a WebSocket, in the OpenAI Realtime event model.
+
+One socket = one live session (engine.live_session). The client streams camera frames
+(`input_image_buffer.append`, Qwen-Omni-Realtime's event, plus `timestamp_ms`), adds questions
+(`conversation.item.create` with `input_text`) and asks for answers (`response.create`); the
+server streams `response.output_text.delta`s and ends each answer with `response.done`, which
+carries the per-question metrics. docs/realtime.md lists every event and field.
+
+Data flow. The receive loop never waits for an answer: each response runs as its own task
+(LiveSession.start in a worker thread, then the engine handle read with `async for`), so frames
+keep arriving, and keep being ingested, while an answer streams. A frame's base64 and JPEG/PNG
+decoding runs in a worker thread (awaited in order, so frames and questions keep the order the
+client sent them in: a question sees every frame sent before it). A bad event gets an `error`
+event and the socket and session go on. When the socket closes, its answers are aborted and the
+live session is closed: its KV is freed and its worker thread stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import io
+import json
+import logging
+import math
+import time
+import uuid
+import warnings
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Literal
+
+import numpy as np
+from fastapi import FastAPI, WebSocket
+from PIL import Image, UnidentifiedImageError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.websockets import WebSocketDisconnect, WebSocketState
+
+from omnistream.engine.protocol import RequestOutput
+from omnistream.engine.sampling import SamplingParams
+from omnistream.errors import EngineError, MediaError, UserInputError
+from omnistream.media.frame_memory import FrameMemoryConfig
+from omnistream.media.image import load_image
+from omnistream.server.auth import accepted_subprotocol, tenant_for
+from omnistream.server.errors import TooLarge, as_api_error
+from omnistream.server.session_registry import Entry, registry_of
+from omnistream.server.sessions_api import start_in_thread
+from omnistream.server.state import ServerState
+from omnistream.sessions.live import LiveSession
+from omnistream.sessions.session import PendingAnswer
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_OUTPUT_TOKENS = 128
+FRAME_FORMATS = ["JPEG", "PNG", "WEBP"]  # what a camera page or client sends; nothing exotic is parsed
+
+
+class EventError(UserInputError):
+    """A client event that cannot be applied; answered with an `error` event of this code."""
+
+    def __init__(self, message: str, code: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.code, self.param = code, param
+
+
+# ---------------------------------------------------------------------------------- contracts
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SessionFields(_Strict):
+    """`session.update` {session: ...}: frame memory and frame size are fixed by the first frame."""
+
+    star_size: int | None = Field(None, ge=1)  # frames kept in Star memory (important ones)
+    stream_size: int | None = Field(None, ge=1)  # frames in the Stream window (recent ones)
+    threshold: float | None = Field(None, ge=0, le=1)  # importance for a patch to enter Star
+    policy: Literal["exact", "fast"] | None = None  # live KV policy (sessions/live.py)
+    max_pixels: int | None = Field(None, ge=1)  # each frame is resized to at most this many pixels
+    min_pixels: int | None = Field(None, ge=1)
+    instructions: str | None = None  # the system prompt
+    model: str | None = None  # accepted (OpenAI clients send it); the server serves one model
+    modalities: list[Literal["text"]] | None = None  # text out only
+
+
+class ResponseFields(_Strict):
+    max_output_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0)
+    top_p: float | None = Field(None, gt=0, le=1)
+    seed: int | None = None
+    modalities: list[Literal["text"]] | None = None
+
+
+class TextContent(_Strict):
+    type: Literal["input_text"]
+    text: str
+
+
+class MessageItem(_Strict):
+    id: str | None = None
+    type: Literal["message"]
+    role: Literal["user"]
+    content: list[TextContent] = Field(min_length=1)
+
+
+@dataclass(frozen=True)
+class LiveConfig:
+    """The live session's settings, as `session.created` / `session.updated` report them."""
+
+    star_size: int = FrameMemoryConfig.star_capacity
+    stream_size: int = FrameMemoryConfig.stream_capacity
+    threshold: float = FrameMemoryConfig.importance_threshold
+    policy: str = "exact"
+    max_pixels: int | None = None  # None: the video default (sessions/live.py)
+    min_pixels: int | None = None
+    instructions: str | None = None
+
+    def open(self, state: ServerState, tenant: str | None) -> LiveSession:
+        memory = FrameMemoryConfig(star_capacity=self.star_size, stream_capacity=self.stream_size,
+                                   importance_threshold=self.threshold)
+        return state.engine.live_session(system=self.instructions, tenant=tenant, memory=memory, policy=self.policy,
+                                         max_pixels=self.max_pixels, min_pixels=self.min_pixels)
+
+
+@dataclass
+class Response:
+    """One answer in flight."""
+
+    id: str
+    task: asyncio.Task | None = None
+    answer: PendingAnswer | None = None  # once LiveSession.start returned
+    cancelled: bool = False  # response.cancel arrived
+
+
+# ---------------------------------------------------------------------------------- the socket
+class RealtimeConnection:
+    def __init__(self, ws: WebSocket, state: ServerState) -> None:
+        self.ws, self.state = ws, state
+        self.registry = state.extras["sessions"]
+        self.tenant = tenant_for(ws)
+        self.id = f"sess_{uuid.uuid4().hex[:16]}"
+        self.config = LiveConfig()
+        self.entry: Entry | None = None
+        self.question: list[str] = []  # input_text of items not answered yet
+        self.responses: dict[str, Response] = {}
+        self.opened = time.monotonic()
+        self.last_ts = -math.inf  # of the last frame accepted
+        self._send_lock = asyncio.Lock()
+        self._events = 0
+        self._closing = False
+
+    @property
+    def live(self) -> LiveSession:
+        return self.entry.session
+
+    async def run(self) -> None:
+        await self.ws.accept(subprotocol=accepted_subprotocol(self.ws))
+        try:
+            await self._open()
+        except Exception as e:  # noqa: BLE001 - over the session cap, a bad default: say so, close
+            await self._send_error(e)
+            await self.ws.close(code=1013 if getattr(e, "status", 0) == 429 else 1011)
+            return
+        try:
+            await self.send({"type": "session.created", "session": self._describe()})
+            await self._receive_loop()
+        finally:
+            await self._shutdown()
+
+    async def _open(self) -> None:
+        live = await asyncio.to_thread(self.config.open, self.state, self.tenant)
+        try:
+            self.entry = self.registry.add("live", self.tenant, live, self._expire, entry_id=self.id)
+        except Exception:
+            await asyncio.to_thread(live.close)
+            raise
+
+    async def _receive_loop(self) -> None:
+        while True:
+            msg = await self.ws.receive()
+            if msg["type"] == "websocket.disconnect":
+                return
+            self.registry.touch(self.entry)
+            text = msg.get("text")
+            event_id = None
+            try:
+                if text is None:
+                    raise EventError("binary messages are not supported: send JSON text events", "invalid_event")
+                event = _parse(text)
+                event_id = event.get("event_id")
+                handler = self._handlers.get(event["type"])
+                if handler is None:
+                    raise EventError(f"unknown event type {event['type']!r}", "unknown_event", "type")
+                await handler(self, event)
+            except WebSocketDisconnect:
+                return
+            except Exception as e:  # noqa: BLE001 - a bad event never ends the socket
+                if not isinstance(e, (UserInputError, ValidationError)):
+                    log.exception("realtime %s: event failed", self.id)
+                await self._send_error(e, event_id)
+
+    # ------------------------------------------------------------------ client events
+    async def _session_update(self, event: dict) -> None:
+        fields = _model(SessionFields, event.get("session", {}), "session")
+        changes = fields.model_dump(exclude_none=True, exclude={"model", "modalities"})
+        new = replace(self.config, **changes)
+        if new != self.config:
+            if self.live.frames_received or self.live.turns or self.responses:
+                raise EventError("session.update: frame memory, frame size, policy and instructions can be changed "
+                                 "only before the first frame and question", "session_in_use", "session")
+            live = await asyncio.to_thread(new.open, self.state, self.tenant)  # ConfigError -> error event
+            old, self.entry.session, self.config = self.live, live, new
+            await asyncio.to_thread(old.close)
+        await self.send({"type": "session.updated", "session": self._describe()})
+
+    async def _append_frame(self, event: dict) -> None:
+        image = event.get("image")
+        if not isinstance(image, str) or not image:
+            raise EventError("input_image_buffer.append needs `image`: a base64 JPEG or PNG", "missing_image", "image")
+        ts = self._timestamp(event.get("timestamp_ms"))
+        if image.startswith("data:"):  # a data URL (what canvas.toDataURL gives) is fine too
+            image = image.partition(",")[2]
+        try:
+            raw = base64.b64decode(image, validate=True)
+        except (binascii.Error, ValueError):
+            raise EventError("input_image_buffer.append: `image` is not valid base64", "invalid_base64", "image") from None
+        await asyncio.to_thread(self._add_frame, raw, ts)
+        self.last_ts = ts
+
+    def _add_frame(self, raw: bytes, ts: float) -> None:
+        """Decode (this worker thread) and queue the frame; the live session's worker ingests it."""
+        try:
+            frame = decode_frame(raw, self.state.config.max_image_pixels)
+        except UserInputError as e:
+            raise EventError(f"input_image_buffer.append: {e}", getattr(e, "code", None) or "invalid_image", "image") from None
+        self.live.add_frame(frame, ts)
+
+    def _timestamp(self, value: Any) -> float:
+        """timestamp_ms -> seconds; absent: time since the socket opened. Never backwards."""
+        if value is None:
+            ts = max(time.monotonic() - self.opened, self.last_ts if math.isfinite(self.last_ts) else 0.0)
+        elif isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise EventError(f"timestamp_ms must be a finite number >= 0, got {value!r}", "invalid_timestamp", "timestamp_ms")
+        else:
+            ts = value / 1000.0
+        if ts < self.last_ts:
+            raise EventError(f"timestamp_ms {value} is before the previous frame's ({self.last_ts * 1000:.0f} ms)",
+                             "invalid_timestamp", "timestamp_ms")
+        return ts
+
+    async def _item_create(self, event: dict) -> None:
+        item = _model(MessageItem, event.get("item", {}), "item")
+        item_id = item.id or f"item_{uuid.uuid4().hex[:16]}"
+        self.question.extend(c.text for c in item.content)
+        await self.send({"type": "conversation.item.created", "previous_item_id": None, "item": {
+            "id": item_id, "object": "realtime.item", "type": "message", "role": "user", "status": "completed",
+            "content": [c.model_dump() for c in item.content]}})
+
+    async def _response_create(self, event: dict) -> None:
+        fields = _model(ResponseFields, event.get("response", {}), "response")
+        limit = self.state.config.max_live_questions_in_flight
+        if len(self.responses) >= limit:
+            raise EventError(f"{limit} answer(s) already in flight on this session (the limit): wait for response.done "
+                             "or send response.cancel", "too_many_questions")
+        if not self.question:
+            raise EventError("no question: send conversation.item.create with input_text first", "no_question")
+        sampling = SamplingParams(temperature=fields.temperature or 0.0, top_p=fields.top_p or 1.0, seed=fields.seed,
+                                  max_new_tokens=fields.max_output_tokens or DEFAULT_MAX_OUTPUT_TOKENS)
+        question, self.question = "\n".join(self.question), []
+        r = Response(f"resp_{uuid.uuid4().hex[:16]}")
+        self.responses[r.id] = r
+        await self.send({"type": "response.created", "response": {
+            "id": r.id, "object": "realtime.response", "status": "in_progress", "output": []}})
+        r.task = asyncio.get_running_loop().create_task(self._respond(r, question, sampling))
+
+    async def _response_cancel(self, event: dict) -> None:
+        rid = event.get("response_id")
+        targets = [self.responses[rid]] if rid in self.responses else list(self.responses.values()) if rid is None else []
+        if not targets:
+            raise EventError(f"no response {rid!r} in flight" if rid else "no response in flight", "response_not_found",
+                             "response_id")
+        for r in targets:
+            r.cancelled = True
+            if r.answer is not None:
+                r.answer.abort()  # the stream ends; response.done says "cancelled"
+
+    _handlers = {
+        "session.update": _session_update,
+        "input_image_buffer.append": _append_frame,
+        "conversation.item.create": _item_create,
+        "response.create": _response_create,
+        "response.cancel": _response_cancel,
+    }
+
+    # ------------------------------------------------------------------ answers
+    async def _respond(self, r: Response, question: str, sampling: SamplingParams) -> None:
+        """One answer: start (waits for earlier frames), stream deltas, response.done."""
+        live = self.live
+        try:
+            with self.registry.use(self.id, self.tenant, "live"):  # not expired while it answers
+                await self._stream(r, live, question, sampling)
+        except asyncio.CancelledError:
+            raise
+        except WebSocketDisconnect as e:
+            if not self._closing:  # the socket went away while we wrote: the loop ends soon
+                log.debug("realtime %s: send failed: %s", self.id, e)
+        except Exception as e:  # noqa: BLE001 - reported to the client; the session goes on
+            if not isinstance(e, (UserInputError, EngineError)):
+                log.exception("realtime %s: answer failed", self.id)
+            await self._send_error(e)
+            await self.send({"type": "response.done", "response": {
+                "id": r.id, "object": "realtime.response", "status": "failed", "output": [],
+                "status_details": {"type": "failed", "error": as_api_error(e).body()["error"]}}})
+        finally:
+            if r.answer is not None:
+                r.answer.abort()  # no-op once finished
+            self.responses.pop(r.id, None)
+
+    async def _stream(self, r: Response, live: LiveSession, question: str, sampling: SamplingParams) -> None:
+        r.answer = await start_in_thread(lambda: live.start(question, sampling))
+        if r.cancelled:
+            r.answer.abort()
+        async for delta in r.answer.handle:
+            if delta.text:
+                await self.send({"type": "response.output_text.delta", "response_id": r.id, "item_id": r.id,
+                                 "output_index": 0, "content_index": 0, "delta": delta.text})
+        res = await asyncio.to_thread(r.answer.finish)
+        await self.send({"type": "response.done", "response": _done(r.id, res, live)})
+
+    # ------------------------------------------------------------------ output
+    async def send(self, event: dict) -> None:
+        self._events += 1
+        event = {"event_id": f"event_{self._events}", **event}
+        async with self._send_lock:  # several answers and the receive loop write to one socket
+            if self.ws.application_state == WebSocketState.CONNECTED and not self._closing:
+                await self.ws.send_text(json.dumps(event))
+
+    async def _send_error(self, exc: BaseException, event_id: str | None = None) -> None:
+        """An `error` event: OpenAI's shape, plus the client's event_id it answers."""
+        if isinstance(exc, ValidationError):
+            kind, code, message = "invalid_request_error", "invalid_event", _validation_message(exc)
+        elif isinstance(exc, EventError):
+            kind, code, message = "invalid_request_error", exc.code, str(exc)
+        else:
+            err = as_api_error(exc)
+            kind, code, message = err.type, err.code, err.message
+        try:
+            await self.send({"type": "error", "error": {
+                "type": kind, "code": code, "message": message, "param": getattr(exc, "param", None),
+                "event_id": event_id}})
+        except WebSocketDisconnect:
+            pass
+
+    def _describe(self) -> dict[str, Any]:
+        return {"id": self.id, "object": "realtime.session", "model": self.state.model_name, "modalities": ["text"],
+                **asdict(self.config), "max_questions_in_flight": self.state.config.max_live_questions_in_flight}
+
+    # ------------------------------------------------------------------ the end
+    async def _expire(self) -> None:
+        """The registry's close (TTL, server shutdown): end the socket; run() cleans up."""
+        await self._send_error(EventError("session closed by the server (idle past its TTL, or shutting down)",
+                                          "session_expired"))
+        self._closing = True
+        try:
+            await self.ws.close(code=1001)
+        except RuntimeError:
+            pass
+        await asyncio.to_thread(self.live.close)  # idempotent; run() may still be on its way
+
+    async def _shutdown(self) -> None:
+        """Socket gone: abort the answers, close the live session (KV freed, worker stopped)."""
+        self._closing = True
+        tasks = [r.task for r in self.responses.values() if r.task is not None]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self.registry.discard(self.id)
+        await asyncio.to_thread(self.live.close)
+
+
+def decode_frame(raw: bytes, max_pixels: int) -> np.ndarray:
+    """JPEG / PNG / WebP bytes -> (H, W, 3) uint8. The size is read from the header before any
+    pixel is decoded; MediaError (TooLarge) for what is not a usable frame."""
+    if not raw:
+        raise MediaError("the image is empty")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit below
+            with Image.open(io.BytesIO(raw), formats=FRAME_FORMATS) as image:
+                if image.width * image.height > max_pixels:
+                    raise TooLarge(f"a frame of {image.width}x{image.height} pixels is over the limit of {max_pixels}")
+                image.load()
+                return load_image(image)
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
+        raise MediaError(f"not a JPEG, PNG or WebP image ({type(e).__name__}: {' '.join(str(e).split())})") from None
+
+
+def _parse(text: str) -> dict:
+    try:
+        event = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise EventError(f"invalid JSON: {e}", "invalid_json") from None
+    if not isinstance(event, dict) or not isinstance(event.get("type"), str):
+        raise EventError("an event is a JSON object with a string `type`", "invalid_event", "type")
+    return event
+
+
+def _model(cls: type[BaseModel], value: Any, param: str) -> BaseModel:
+    if not isinstance(value, dict):
+        raise EventError(f"`{param}` must be an object", "invalid_event", param)
+    return cls.model_validate(value)
+
+
+def _validation_message(exc: ValidationError) -> str:
+    problems = []
+    for e in exc.errors():
+        where = ".".join(str(p) for p in e.get("loc", ()))
+        problems.append(f"unknown field {where!r}" if e.get("type") == "extra_forbidden" else f"{where}: {e.get('msg')}")
+    return "; ".join(problems)
+
+
+def _done(rid: str, res: RequestOutput, live: LiveSession) -> dict[str, Any]:
+    """The response.done payload: the answer, usage and the per-question metrics."""
+    m, lm = res.metrics, res.live
+    status = {"stop": "completed", "length": "incomplete", "abort": "cancelled"}.get(res.finish_reason, "failed")
+    details = {"type": status, "reason": "max_output_tokens"} if status == "incomplete" else (
+        {"type": status, "reason": "client_cancelled"} if status == "cancelled" else None)
+    metrics: dict[str, Any] = {"ttft_ms": _ms(m.ttft_s), "frames_received": live.frames_received}
+    if lm is not None:  # an aborted answer committed nothing, so it has no live metrics
+        live_fields = asdict(lm)
+        metrics.update({k[:-len("_latency")] + "_ms": _ms(v) if k.endswith("_latency") else v
+                        for k, v in live_fields.items() if k.endswith("_latency")})
+        metrics.update({k: v for k, v in live_fields.items() if not k.endswith("_latency")})
+    metrics["decode_tokens_per_s"] = m.decode_tokens_per_s
+    return {
+        "id": rid, "object": "realtime.response", "status": status, "status_details": details,
+        "output": [{"id": rid, "object": "realtime.item", "type": "message", "role": "assistant", "status": status,
+                    "content": [{"type": "output_text", "text": res.text}]}],
+        "output_text": res.text, "finish_reason": res.finish_reason,
+        "usage": {"input_tokens": m.prompt_tokens, "output_tokens": m.output_tokens,
+                  "total_tokens": m.prompt_tokens + m.output_tokens,
+                  "input_token_details": {"cached_tokens": m.cached_tokens}},
+        "metrics": metrics,
+    }
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000.0, 3)
+
+
+async def realtime(ws: WebSocket) -> None:
+    await RealtimeConnection(ws, ws.app.state.omni).run()
+
+
+def install(app: FastAPI) -> None:
+    registry_of(app)
+    app.add_api_websocket_route("/v1/realtime", realtime)
