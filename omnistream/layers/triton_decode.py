@@ -1,11 +1,17 @@
 """Split-K paged decode attention in Triton (GPU only; imported lazily).
 
-One program per (row, kv head, partition of PARTITION tokens); a row is one query token with
-its own block table and length (a decode, or one token of a short chunk). It loads the GROUP query
-heads that share the kv head (padded to 16 rows for tl.dot), walks its partition TILE tokens at
-a time, reading K/V rows straight from the blocks named by the block table, and keeps an
-online softmax. A second kernel merges the partitions with their log-sum-exp. Shapes are fixed
-by (batch, max_blocks), lengths are read from a device tensor: safe inside a CUDA graph.
+One program per (row, kv head, split); a row is one query token with its own block table and
+length (a decode, or one token of a short chunk). It loads the GROUP query heads that share the
+kv head (padded to 16 rows for tl.dot), walks its share of the row's context TILE tokens at a
+time, reading K/V rows straight from the blocks named by the block table, and keeps an online
+softmax. A second kernel merges the splits with their log-sum-exp.
+
+The number of splits is fixed per launch (from the row count alone: a CUDA graph fixes it), but
+each row divides its *own* length among them at run time. Splitting the table's full width
+instead (32k tokens for every row) launched 128 partitions per row, nearly all past the end of
+a ~1k context: at 64 rows x 2 kv heads that was 16k programs and 39 us per layer, ~1.7 ms of a
+4.6 ms step on the H200. Shapes are fixed by (rows, max_blocks), lengths come from a device
+tensor: safe inside a CUDA graph.
 """
 
 from __future__ import annotations
@@ -14,19 +20,17 @@ import torch
 import triton
 import triton.language as tl
 
-PARTITION = 256  # tokens per program: ~2x the SM count of programs at 8k context, batch 1
-TILE = 64
-MAX_PARTIALS = 8192  # rows x partitions: bounds the float32 scratch (64 MiB at 16 heads x 128)
+TILE = 64  # tokens per inner step
+NUM_WARPS = 2
+NUM_STAGES = 2
+TARGET_PROGRAMS = 512  # rows x kv heads x splits per launch: ~4 per SM of the H200 (tools/gpu_decode_sweep.py)
+MAX_SPLITS = 128  # at batch 1, 8k context: 64 tokens per program
 
 
-def partition_for(rows: int, max_tokens: int) -> int:
-    """Tokens per program: PARTITION, grown (powers of 2) for many rows so that the partial
-    results of rows x partitions stay under MAX_PARTIALS (rows bring their own parallelism)."""
-    part = PARTITION
-    # stop at one partition per row: more rows than MAX_PARTIALS then need rows x 1 partials
-    while part < max_tokens and rows * triton.cdiv(max_tokens, part) > MAX_PARTIALS:
-        part *= 2
-    return part
+def splits_for(rows: int, kv_heads: int) -> int:
+    """Splits per row: enough programs to fill the GPU, a power of two, at most MAX_SPLITS."""
+    want = max(1, TARGET_PROGRAMS // max(1, rows * kv_heads))
+    return min(MAX_SPLITS, triton.next_power_of_2(want))
 
 
 @triton.jit
@@ -36,13 +40,15 @@ def _partial_kernel(
     stride_qb, stride_qh,
     stride_kblk, stride_kpos, stride_kh,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr,
-    BLOCK: tl.constexpr, PART: tl.constexpr, TILE_N: tl.constexpr,
+    BLOCK: tl.constexpr, TILE_N: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     part = tl.program_id(2)
     ctx = tl.load(lens_ptr + b)
-    start = part * PART
+    # this row's context in num_parts shares, whole tiles each
+    chunk = tl.cdiv(tl.cdiv(ctx, num_parts), TILE_N) * TILE_N
+    start = part * chunk
     g = tl.arange(0, GROUP_PAD)
     d = tl.arange(0, D)
     heads = kvh * GROUP + g
@@ -55,7 +61,7 @@ def _partial_kernel(
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, D], tl.float32)
-    end = tl.minimum(start + PART, ctx)
+    end = tl.minimum(start + chunk, ctx)
     for t0 in range(start, end, TILE_N):
         t = t0 + tl.arange(0, TILE_N)
         tmask = t < end
@@ -94,15 +100,15 @@ def _merge_kernel(part_ptr, lse_ptr, o_ptr, num_parts, H, D: tl.constexpr, P_PAD
     tl.store(o_ptr + (b * H + h) * D + d, out.to(o_ptr.dtype.element_ty))
 
 
-def triton_paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor, lens: torch.Tensor, scale: float) -> torch.Tensor:
+def triton_paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor, lens: torch.Tensor, scale: float,
+                        *, tile: int = TILE, num_warps: int = NUM_WARPS, num_stages: int = NUM_STAGES, splits: int | None = None) -> torch.Tensor:
     """q: (B, H, D) rows, tables: (B, max_blocks) int32, lens: (B,) int32 -> (B, H, D);
     k/v_cache: (num_blocks, block_size, KVH, D)."""
     B, H, D = q.shape
     kvh = k_cache.shape[2]
     group = H // kvh
     max_blocks = tables.shape[1]
-    part_tokens = partition_for(B, max_blocks * k_cache.shape[1])
-    num_parts = triton.cdiv(max_blocks * k_cache.shape[1], part_tokens)
+    num_parts = splits or splits_for(B, kvh)
     partial = torch.empty((B, num_parts, H, D), device=q.device, dtype=torch.float32)
     lse = torch.empty((B, num_parts, H), device=q.device, dtype=torch.float32)
     q = q.contiguous()
@@ -112,8 +118,8 @@ def triton_paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), D=D,
-        BLOCK=k_cache.shape[1], PART=part_tokens, TILE_N=TILE,
-        num_warps=4,
+        BLOCK=k_cache.shape[1], TILE_N=tile,
+        num_warps=num_warps, num_stages=num_stages,
     )
     out = torch.empty_like(q)
     _merge_kernel[(B, H)](partial, lse, out, num_parts, H, D=D, P_PAD=triton.next_power_of_2(num_parts))

@@ -38,11 +38,17 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
         n = x.shape[0]
-        q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
-        q, k = rope_qk(q.view(n, self.num_heads, self.head_dim), k.view(n, self.num_kv_heads, self.head_dim), cos, sin)
-        v = v.view(n, self.num_kv_heads, self.head_dim)
+        qkv = self.qkv_proj(x)
         k_cache, v_cache = kv_cache
-        write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+        if qkv.is_cuda:  # rotary + cache write in one kernel (layers/triton_rope_kv.py)
+            from omnistream.layers.triton_rope_kv import rope_write_kv  # lazy: Triton exists only with CUDA
+
+            q, k, v = rope_write_kv(qkv, cos, sin, k_cache, v_cache, meta.slot_mapping, self.num_heads, self.num_kv_heads, self.head_dim)
+        else:
+            q, k, v = qkv.split(self.split, dim=-1)
+            q, k = rope_qk(q.view(n, self.num_heads, self.head_dim), k.view(n, self.num_kv_heads, self.head_dim), cos, sin)
+            v = v.view(n, self.num_kv_heads, self.head_dim)
+            write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
         out = paged_attention(q, k, v, k_cache, v_cache, meta, self.scale, self.row_backend)
         return self.o_proj(out.reshape(n, -1))
 
