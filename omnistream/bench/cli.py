@@ -73,6 +73,7 @@ def add_bench_commands(sub, add_model_args) -> None:
     _add_session_benches(bsub, add_model_args)
     _add_stream_bench(bsub, add_model_args)
     _add_concurrency_bench(bsub, add_model_args)
+    _add_serve_bench(bsub, add_model_args)
 
 
 def _stream(args) -> int:
@@ -149,3 +150,32 @@ def _add_concurrency_bench(bsub, add_model_args) -> None:
     cc.add_argument("--seed", type=int, default=0, help="seed of the weights, contexts and clips")
     cc.add_argument("--json", default=None, help="write all raw numbers and the environment to this file")
     cc.set_defaults(func=_concurrency)
+
+
+def _serve(args) -> int:
+    from omnistream.bench.serve import cmd_bench_serve
+
+    return cmd_bench_serve(args)
+
+
+def _add_serve_bench(bsub, add_model_args) -> None:
+    """The server on loopback under streaming load, against the same requests in-process."""
+    from omnistream.entrypoints.options import add_engine_args
+
+    sv = bsub.add_parser("serve", help="omnistream serve on loopback under streaming chat load (text, images, videos): "
+                                       "tok/s, TTFT/ITL/E2E percentiles, errors, HTTP overhead vs the same requests in-process")
+    add_model_args(sv)
+    sv.add_argument("--model-config", choices=sorted(PRESETS), default=None,
+                    help="random-weight model of this architecture, built on the device (wins over --model)")
+    sv.add_argument("--clients", type=_positive, default=8, help="concurrent streaming clients, each sending its requests back to back")
+    sv.add_argument("--rate", type=float, default=None, help="instead: Poisson arrivals at this many requests/s (open loop)")
+    sv.add_argument("--requests", type=_positive, default=None, help="timed requests in all (default: 4 per client)")
+    sv.add_argument("--mix", default="text=2,image=1,video=1", help="request kinds and weights: text, image, video (KIND=WEIGHT, comma separated)")
+    sv.add_argument("--new-tokens", type=_positive, default=64, help="max_tokens of each request (greedy)")
+    sv.add_argument("--prompt-tokens", type=_positive, default=256, help="tokens of each text request's prompt (about)")
+    sv.add_argument("--size", type=_positive, default=448, help="side of the images and video frames, px")
+    sv.add_argument("--video-frames", type=_positive, default=8, help="frames of each video (2 fps)")
+    sv.add_argument("--seed", type=int, default=0, help="seed of the weights and the workload")
+    sv.add_argument("--json", default=None, help="write all raw numbers and the environment to this file")
+    add_engine_args(sv)
+    sv.set_defaults(func=_serve)

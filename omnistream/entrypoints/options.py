@@ -285,3 +285,18 @@ def normalize_argv(argv: list[str]) -> list[str]:
             a = name.replace("_", "-") + sep + value
         out.append(a)
     return out
+
+
+def to_flags(values: dict[str, Any]) -> list[str]:
+    """Keyword arguments -> the flags that give them (the inverse of engine_options and
+    friends), for a command started in a subprocess with the same options."""
+    out = []
+    for name, value in values.items():
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            out.append(flag if value else "--no-" + flag[2:])
+        elif isinstance(value, tuple):
+            out += [flag, ",".join(map(str, value))]
+        else:
+            out += [flag, str(value)]
+    return out

@@ -16,6 +16,7 @@ import argparse
 import logging
 import socket
 import sys
+import time
 
 from omnistream.entrypoints import options
 from omnistream.errors import ConfigError
@@ -87,6 +88,43 @@ def serve(engine, app, sock: socket.socket, log_level: str, shutdown_timeout_s: 
     config = uvicorn.Config(app, log_config=None, log_level=log_level, access_log=False,
                             timeout_graceful_shutdown=shutdown_timeout_s)
     uvicorn.Server(config).run(sockets=[sock])
+
+
+class BackgroundServer:
+    """uvicorn serving `app` in a daemon thread on a loopback socket (tests, the soak tool):
+
+        with BackgroundServer(build_app(engine, config)) as server:
+            httpx.get(server.url + "/health")
+    """
+
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning", start_timeout_s: float = 30.0) -> None:
+        import threading
+
+        import uvicorn
+
+        self.sock = bind_socket(host, port)
+        self.url = url_of(self.sock)
+        config = uvicorn.Config(app, log_config=None, log_level=log_level, access_log=False, timeout_graceful_shutdown=5)
+        self.server = uvicorn.Server(config)  # not the main thread: uvicorn installs no signal handlers
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, name="uvicorn", daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + start_timeout_s
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"uvicorn did not start on {self.url}")
+            time.sleep(0.01)
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout_s)
+        self.sock.close()
+
+    def __enter__(self) -> "BackgroundServer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
 
 
 def cmd_serve(args) -> int:
