@@ -59,11 +59,11 @@ def _add_model_args(p: argparse.ArgumentParser, model_default: str | None = "dem
 
 
 def add_run_args(p: argparse.ArgumentParser, model_default: str | None = "demo", sampling_title: str = "sampling options",
-                 **sampling_defaults) -> None:
+                 sampling_shown: dict[str, str] | None = None, **sampling_defaults) -> None:
     """Model, engine and sampling flags: what every command that runs the engine takes."""
     _add_model_args(p, model_default)
     options.add_engine_args(p)
-    options.add_sampling_args(p, sampling_title, **sampling_defaults)
+    options.add_sampling_args(p, sampling_title, sampling_shown, **sampling_defaults)
 
 
 def _default_device(arg: str | None) -> str:
@@ -113,13 +113,14 @@ def engine_args(args) -> tuple[str, str, dict]:
     return device, args.dtype, opts
 
 
-def load_engine(model: str, device: str, dtype: str, **engine_options):
-    """Engine.from_pretrained, plus the one notice that a random-weight model answers nonsense."""
+def load_engine(model: str, device: str, dtype: str, notice: bool = True, **engine_options):
+    """Engine.from_pretrained, plus the one notice that a random-weight model answers nonsense
+    (notice=False: the caller announces it itself)."""
     from omnistream.entrypoints.api import Engine
 
     with _without_random_weights_warning(), Progress(f"loading model {model}"):
         engine = Engine.from_pretrained(model, device=device, dtype=dtype, **engine_options)
-    if engine.random_weights:
+    if engine.random_weights and notice:
         print(f"note: {engine.model_dir} holds RANDOM weights: answers are meaningless text", file=sys.stderr)
     return engine
 

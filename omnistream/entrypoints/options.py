@@ -181,14 +181,16 @@ def _show(opt: Option, default: Any) -> str:
     return str(default)
 
 
-def _add(group, opt: Option, default: Any, dest_prefix: str, command_default: Any = None) -> None:
+def _add(group, opt: Option, default: Any, dest_prefix: str, command_default: Any = None, shown: str | None = None) -> None:
     """command_default: a default of this command that differs from the dataclass's (it is
-    passed on like a given value); otherwise an absent flag is None and not passed."""
+    passed on like a given value); otherwise an absent flag is None and not passed. shown:
+    what the help says the default is, where the command decides it elsewhere."""
     text = opt.help.replace("%", "%%")  # argparse formats help with %
-    if default is None and "unset:" in text:  # the comment already says what unset means
+    shown = (shown or _show(opt, default)).replace("%", "%%")
+    if default is None and shown == "unset" and "unset:" in text:  # the comment already says what unset means
         help_text = text
     else:
-        help_text = f"{text} (default: {_show(opt, default)})" if text else f"default: {_show(opt, default)}"
+        help_text = f"{text} (default: {shown})" if text else f"default: {shown}"
     dest = dest_prefix + opt.name
     if opt.kind is bool:
         group.add_argument(opt.flag, dest=dest, action=argparse.BooleanOptionalAction, default=command_default, help=help_text)
@@ -241,12 +243,15 @@ def check_engine_options(device: str, dtype: str, options: dict[str, Any]) -> No
     EngineConfig.from_kwargs("-", device=device, dtype=dtype, **options)
 
 
-def add_sampling_args(parser: argparse.ArgumentParser, title: str = "sampling options", **defaults: Any) -> None:
+def add_sampling_args(parser: argparse.ArgumentParser, title: str = "sampling options", shown: dict[str, str] | None = None,
+                      **defaults: Any) -> None:
     """SamplingParams fields as flags; `defaults` overrides a field's default for this command
-    (e.g. ask answers 64 tokens, not 128)."""
+    (e.g. ask answers 64 tokens, not 128); `shown` replaces the help's default of a field the
+    command decides elsewhere (serve: the request's fields)."""
     group = parser.add_argument_group(title)
+    shown = shown or {}
     for opt in sampling_option_list():
-        _add(group, opt, defaults.get(opt.name, opt.default), SAMPLING_PREFIX, defaults.get(opt.name))
+        _add(group, opt, defaults.get(opt.name, opt.default), SAMPLING_PREFIX, defaults.get(opt.name), shown.get(opt.name))
 
 
 def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:

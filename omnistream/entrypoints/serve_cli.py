@@ -76,7 +76,7 @@ def build_engine(args):
             return make_engine(args.model_config, device, dtype, args.weights_seed, **engine_options)
     if args.model is None:
         raise ConfigError("give --model DIR (a checkpoint directory) or --model demo (or --model-config for a random-weight architecture)")
-    return load_engine(args.model, device, dtype, **engine_options)
+    return load_engine(args.model, device, dtype, notice=False, **engine_options)  # the startup line announces it
 
 
 def serve(engine, app, sock: socket.socket, log_level: str, shutdown_timeout_s: float) -> None:
@@ -127,22 +127,35 @@ class BackgroundServer:
         self.stop()
 
 
+# the server's own defaults where no flag is given: OpenAI's temperature 1; the answer's
+# length is the request's max_tokens, else what the context leaves (server/chat.py)
+SERVER_SAMPLING = {"temperature": 1.0}
+SERVER_SAMPLING_SHOWN = {"max_new_tokens": "the request's max_tokens, else the room left in the context"}
+
+
+def server_sampling(args):
+    """The sampling flags given -> the server's SamplingParams for the fields a request leaves
+    out, or None (none given: the routes' own defaults)."""
+    given = options.sampling_kwargs(args)
+    if not given:
+        return None
+    from omnistream.engine.sampling import SamplingParams
+
+    return SamplingParams(**(SERVER_SAMPLING | given))
+
+
 def cmd_serve(args) -> int:
     from omnistream.server.app import build_app
 
     config = options.server_config(args)  # a bad limit is reported before a model is loaded
-    sampling_defaults = options.sampling_kwargs(args)
-    if sampling_defaults:
-        from omnistream.engine.sampling import SamplingParams
-
-        SamplingParams(**sampling_defaults)  # validated here, named by field
+    default_sampling = server_sampling(args)  # validated before a model is loaded
     logging.getLogger("omnistream").setLevel(getattr(logging, args.log_level.upper()))
     sock = bind_socket(config.host, config.port)
     try:
         with build_engine(args) as engine:
             app = build_app(engine, config)
-            # defaults for requests that leave a sampling field out (the route modules read them)
-            app.state.omni.extras["sampling_defaults"] = sampling_defaults
+            if default_sampling is not None:  # for the fields a request leaves out
+                app.state.omni.default_sampling = default_sampling
             print(startup_line(url_of(sock), app.state.omni.model_name, engine), flush=True)
             serve(engine, app, sock, args.log_level, args.shutdown_timeout_s)
     finally:
@@ -173,7 +186,8 @@ def add_serve_command(sub, add_run_args) -> None:
     p.add_argument("--shutdown-timeout-s", type=_positive_float, default=5.0,
                    help="on Ctrl-C, seconds open requests get to finish before they are cut (default: 5)")
     options.add_server_args(p)
-    add_run_args(p, model_default=None, sampling_title="default sampling (for requests that leave a field out)")
+    add_run_args(p, model_default=None, sampling_title="default sampling (for the fields a request leaves out)",
+                 sampling_shown={**{k: str(v) for k, v in SERVER_SAMPLING.items()}, **SERVER_SAMPLING_SHOWN})
     p.set_defaults(func=cmd_serve)
 
 
