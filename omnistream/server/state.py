@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from omnistream.engine.sampling import SamplingParams
 from omnistream.server.config import ServerConfig
 
 if TYPE_CHECKING:
@@ -19,6 +20,8 @@ class ServerState:
     config: ServerConfig
     model_name: str  # what /v1/models lists and requests must name
     started_at: float = field(default_factory=time.time)
+    # sampling for the fields a request leaves out (the CLI's flags); None: OpenAI's defaults
+    default_sampling: SamplingParams | None = None
     # filled by the modules that own them (sessions_api: the session registry, ops: metrics)
     extras: dict[str, Any] = field(default_factory=dict)
 

@@ -1,0 +1,345 @@
+"""POST /v1/chat/completions on the engine's async API.
+
+    body (pydantic) -> media decoded or reused (media_parts, thread pool) -> prompt built and
+    n EngineRequests submitted (a worker thread: tokenising, M-RoPE positions and block hashes
+    are CPU work) -> `async for delta in handle` per choice -> one JSON answer, or SSE chunks
+
+Per choice the text passes through StopText (stop strings: the text ends before the first
+one, the request is aborted, finish_reason "stop"); a streamed answer is the same text as the
+non-streamed one because both read the same deltas through the same code. A client that goes
+away (streaming or not) aborts its requests, which frees their KV. With `X-Session-Id` the
+request is answered inside a pinned session (sessions_api).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from omnistream.engine.handle import RequestHandle
+from omnistream.engine.protocol import EngineRequest, OutputDelta, RequestOutput
+from omnistream.engine.sampling import SamplingParams
+from omnistream.errors import BudgetError, UnknownSessionError
+from omnistream.models.prompt import build_prompt
+from omnistream.server.auth import tenant_for
+from omnistream.server.errors import NotFound, Overloaded, as_api_error
+from omnistream.server.media_parts import MediaResolver, PreparedMessages
+from omnistream.server.openai_protocol import (
+    AssistantMessage,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    Choice,
+    ChoiceLogprobs,
+    ChunkChoice,
+    PromptTokensDetails,
+    Usage,
+)
+from omnistream.server.state import ServerState, get_state
+from omnistream.server.tokens import StopText, TokenText
+
+DEFAULT_MAX_TOKENS = 4096  # when the request names none (OpenAI: the model's limit), capped by the context
+
+
+def install(app: FastAPI) -> None:
+    state: ServerState = app.state.omni
+    resolver = MediaResolver(state.engine.processor, state.config)
+    state.extras["media"] = resolver
+    state.extras["token_text"] = TokenText(state.engine.tokenizer)
+    app.router.on_shutdown.append(resolver.close)
+    app.add_api_route("/v1/chat/completions", create_chat_completion, methods=["POST"],
+                      response_model=None)
+
+
+async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response:
+    state = get_state(request)
+    if body.model != state.model_name:
+        raise NotFound(f"model {body.model!r} does not exist (this server serves {state.model_name!r})",
+                       param="model", code="model_not_found")
+    tenant = tenant_for(request)
+    session_id = request.headers.get("x-session-id")
+    if session_id is not None:
+        return await _in_session(state, session_id, body, tenant)
+    _check_load(state)
+    job = await _submit(state, request, body, tenant)
+    if body.stream:
+        return SSEResponse(_stream(job), on_close=job.abort)
+    return await _complete(request, job)
+
+
+async def _in_session(state: ServerState, session_id: str, body: ChatCompletionRequest, tenant: str | None) -> Response:
+    """X-Session-Id: the turn is answered inside the pinned session by sessions_api (which owns
+    them); an unknown id, or another tenant's, is a 404."""
+    if state.extras.get("sessions") is None:
+        raise UnknownSessionError(f"unknown session {session_id!r}")
+    from omnistream.server.sessions_api import chat_in_session
+
+    return await chat_in_session(state, session_id, body, tenant)
+
+
+def _check_load(state: ServerState) -> None:
+    # a length read off the loop (atomic in CPython): engine.stats() would wait for a step
+    waiting = len(state.engine.llm.scheduler.waiting)
+    if waiting >= state.config.max_queued_requests:
+        raise Overloaded(f"the engine has {waiting} requests waiting (limit {state.config.max_queued_requests}); "
+                         "retry later")
+
+
+# ------------------------------------------------------------------------------ one job
+@dataclass
+class ChoiceRun:
+    """One choice: its engine request and what it has produced so far."""
+
+    index: int
+    handle: RequestHandle
+    stop: StopText
+    token_ids: list[int] = field(default_factory=list)  # the answer's tokens (up to a stop string)
+    logprobs: list[tuple[int, tuple]] = field(default_factory=list)  # (token id, TokenLogprob)
+    finish_reason: str | None = None
+    output: RequestOutput | None = None
+
+
+@dataclass
+class ChatJob:
+    id: str
+    model: str
+    body: ChatCompletionRequest
+    prompt_tokens: int
+    prepared: PreparedMessages
+    choices: list[ChoiceRun]
+    token_text: TokenText
+    observe: Callable[[RequestOutput], None] | None
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def abort(self) -> None:
+        for c in self.choices:
+            if not c.handle.done:
+                c.handle.abort()
+
+    def usage(self) -> Usage:
+        done = [c.output for c in self.choices if c.output is not None]
+        completion = sum(len(c.token_ids) for c in self.choices)
+        cached = done[0].metrics.cached_tokens if done else 0
+        prompt = done[0].metrics.prompt_tokens if done else self.prompt_tokens
+        return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
+                     prompt_tokens_details=PromptTokensDetails(cached_tokens=cached))
+
+    def metrics(self) -> dict:
+        """omnistream's per-request timings (choice 0), with what the server itself spent."""
+        out = self.choices[0].output
+        m = out.metrics.as_dict() if out is not None else {}
+        return {**m, "media_decode_s": self.prepared.decode_s, "media_items_reused": self.prepared.reused}
+
+    def logprobs_of(self, pairs: list[tuple[int, tuple]]) -> ChoiceLogprobs | None:
+        if not self.body.logprobs:
+            return None
+        return ChoiceLogprobs(content=[self.token_text.logprob(t, lp) for t, lp in pairs])
+
+
+async def _submit(state: ServerState, request: Request, body: ChatCompletionRequest, tenant: str | None) -> ChatJob:
+    arrival = time.perf_counter()
+    resolver: MediaResolver = state.extras["media"]
+    prepared = await resolver.prepare(body.messages, body.mm_processor_kwargs, tenant)
+    fut: Future = asyncio.get_running_loop().run_in_executor(
+        None, _prepare_requests, state, body, prepared, tenant, arrival)
+    try:
+        prompt_len, handles = await asyncio.shield(fut)
+    except asyncio.CancelledError:  # the client left while the thread submitted: abort once it is done
+        fut.add_done_callback(lambda f: [h.abort() for h in f.result()[1]] if not f.exception() else None)
+        raise
+    return _job(state, request, body, prepared, prompt_len, handles)
+
+
+def _job(state: ServerState, request: Request, body: ChatCompletionRequest, prepared: PreparedMessages,
+         prompt_len: int, answers: list) -> ChatJob:
+    rid = request.scope.get("state", {}).get("request_id") or uuid.uuid4().hex
+    return ChatJob(id=f"chatcmpl-{rid}", model=state.model_name, body=body, prompt_tokens=prompt_len,
+                   prepared=prepared, choices=[ChoiceRun(i, a, StopText(body.stop_strings)) for i, a in enumerate(answers)],
+                   token_text=state.extras["token_text"], observe=getattr(state.extras.get("metrics"), "observe", None))
+
+
+def _logprobs(body: ChatCompletionRequest) -> int | None:
+    return (body.top_logprobs or 0) if body.logprobs else None
+
+
+def _prepare_requests(state: ServerState, body: ChatCompletionRequest, prepared: PreparedMessages,
+                      tenant: str | None, arrival: float) -> tuple[int, list[RequestHandle]]:
+    """(prompt length, handles) in a worker thread. If one of the n submissions is refused,
+    those already queued are aborted."""
+    engine = state.engine
+    prompt = build_prompt(engine.tokenizer, prepared.messages, prepared.items)
+    max_new = _max_tokens(state, body, len(prompt.token_ids))
+    media = [(r.offset, m) for r, m in zip(prompt.ranges, prompt.media)]
+    handles: list[RequestHandle] = []
+    try:
+        for i in range(body.n):
+            spec = EngineRequest(
+                token_ids=prompt.token_ids, media=media, sampling=_sampling(state, body, max_new, i),
+                cache_salt=tenant, logprobs=_logprobs(body),
+                arrival=arrival, media_decode_s=prepared.decode_s if i == 0 else 0.0)
+            handles.append(engine.submit(spec))
+    except BaseException:
+        for h in handles:
+            h.abort()
+        raise
+    return len(prompt.token_ids), handles
+
+
+def _max_tokens(state: ServerState, body: ChatCompletionRequest, prompt_len: int) -> int:
+    if body.requested_max_tokens is not None:
+        return body.requested_max_tokens  # over the context: the engine's BudgetError (400)
+    llm = state.engine.llm
+    room = min(llm.max_context, llm.blocks.num_blocks * llm.blocks.block_size) - prompt_len
+    if room < 1:
+        raise BudgetError(f"the prompt of {prompt_len} tokens leaves no room for an answer "
+                          f"(context {llm.max_context} tokens)")
+    return min(DEFAULT_MAX_TOKENS, room)
+
+
+def _sampling(state: ServerState, body: ChatCompletionRequest, max_new: int, i: int) -> SamplingParams:
+    """The request's sampling fields over the server's defaults (OpenAI's: temperature 1)."""
+    base = state.default_sampling or SamplingParams(temperature=1.0)
+    seed = body.seed + i if body.seed is not None else (base.seed + i if base.seed is not None else None)
+    return SamplingParams(
+        temperature=base.temperature if body.temperature is None else body.temperature,
+        top_p=base.top_p if body.top_p is None else body.top_p,
+        top_k=base.top_k if body.top_k is None else max(body.top_k, 0),
+        max_new_tokens=max_new, seed=seed, stop_token_ids=base.stop_token_ids,
+        ignore_eos=body.ignore_eos or base.ignore_eos)
+
+
+# --------------------------------------------------------------------- running a choice
+Emit = Callable[[ChoiceRun, str, list], Awaitable[None]]
+
+
+async def _run_choice(job: ChatJob, c: ChoiceRun, emit: Emit | None) -> None:
+    """Reads the choice's deltas to its end (or its first stop string)."""
+    async with contextlib.aclosing(c.handle.__aiter__()) as deltas:
+        async for delta in deltas:
+            text, pairs = c.stop.feed(delta.text), _pairs(delta)
+            c.token_ids += delta.token_ids
+            c.logprobs += pairs
+            if emit is not None and (text or pairs):
+                await emit(c, text, pairs)
+            if c.stop.hit:
+                break
+    if c.stop.hit:
+        c.handle.abort()
+    else:
+        rest = c.stop.flush()
+        if emit is not None and rest:
+            await emit(c, rest, [])
+    c.output = await c.handle.aresult()
+    c.finish_reason = "stop" if c.stop.hit else c.output.finish_reason
+    if job.observe is not None:
+        job.observe(c.output)
+
+
+def _pairs(delta: OutputDelta) -> list[tuple[int, tuple]]:
+    return list(zip(delta.token_ids, delta.logprobs)) if delta.logprobs else []
+
+
+# ------------------------------------------------------------------------- non-streaming
+async def _complete(request: Request, job: ChatJob) -> Response:
+    work = asyncio.ensure_future(asyncio.gather(*(_run_choice(job, c, None) for c in job.choices)))
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if not work.done():  # the client left: nobody reads the answer
+            return Response(status_code=499)
+        work.result()
+    finally:
+        work.cancel()
+        gone.cancel()
+        job.abort()
+    choices = [Choice(index=c.index, message=AssistantMessage(content=c.stop.text), finish_reason=c.finish_reason,
+                      logprobs=job.logprobs_of(c.logprobs)) for c in job.choices]
+    answer = ChatCompletion(id=job.id, created=job.created, model=job.model, choices=choices, usage=job.usage(),
+                            metrics=job.metrics())
+    return JSONResponse(answer.model_dump(mode="json"))
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client closes the connection (the body has been read already)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+# ----------------------------------------------------------------------------- streaming
+class SSEResponse(StreamingResponse):
+    """Server-sent events; whatever ends the response (its last event, the client leaving, a
+    server shutdown) closes the event generator and calls `on_close` (aborting the requests)."""
+
+    def __init__(self, events: AsyncIterator[str], on_close: Callable[[], None]) -> None:
+        super().__init__(events, media_type="text/event-stream",
+                         headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
+        self._events, self._on_close = events, on_close
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._events.aclose()
+            self._on_close()
+
+
+def _sse(payload: dict | str) -> str:
+    return f"data: {payload if isinstance(payload, str) else json.dumps(payload, separators=(',', ':'))}\n\n"
+
+
+async def _stream(job: ChatJob) -> AsyncIterator[str]:
+    """role chunk per choice, content chunks as they come (choices interleaved), one finish
+    chunk per choice (an empty delta, as OpenAI sends it), the usage chunk, [DONE]."""
+    usage_field = {"usage": None} if job.body.include_usage else {}
+
+    def chunk(index: int, delta: dict, logprobs=None, finish=None) -> str:
+        c = ChatCompletionChunk(id=job.id, created=job.created, model=job.model,
+                                choices=[ChunkChoice(index=index, delta=delta, logprobs=logprobs, finish_reason=finish)])
+        return _sse({**c.model_dump(mode="json", exclude={"usage", "metrics"}), **usage_field})
+
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def emit(c: ChoiceRun, text: str, pairs: list) -> None:
+        queue.put_nowait(chunk(c.index, {"content": text}, job.logprobs_of(pairs) if pairs else None))
+
+    async def run(c: ChoiceRun) -> None:
+        try:
+            await _run_choice(job, c, emit)
+            queue.put_nowait(chunk(c.index, {}, finish=c.finish_reason))
+        except Exception as e:  # noqa: BLE001 - reported in the stream, the status is sent already
+            queue.put_nowait(e)
+        queue.put_nowait(None)
+
+    for c in job.choices:
+        yield chunk(c.index, {"role": "assistant", "content": ""})
+    tasks = [asyncio.create_task(run(c)) for c in job.choices]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            item = await queue.get()
+            if item is None:
+                remaining -= 1
+            elif isinstance(item, Exception):
+                yield _sse(as_api_error(item).body())
+                break
+            else:
+                yield item
+        else:
+            if job.body.include_usage:
+                final = ChatCompletionChunk(id=job.id, created=job.created, model=job.model, choices=[],
+                                            usage=job.usage(), metrics=job.metrics())
+                yield _sse(final.model_dump(mode="json"))
+        yield _sse("[DONE]")
+    finally:
+        for t in tasks:
+            t.cancel()
+        job.abort()

@@ -1,0 +1,346 @@
+"""OpenAI content parts -> the engine's chat messages and preprocessed MediaItems.
+
+    resolver = MediaResolver(engine.processor, config)
+    prepared = await resolver.prepare(body.messages, body.mm_processor_kwargs, tenant)
+    build_prompt(tokenizer, prepared.messages, prepared.items)
+
+Sources: `data:<mime>;base64,...` URLs, local files (`file://...` or a plain path, relative
+paths from the root) only under `ServerConfig.allowed_media_path` (symlinks resolved: anything
+that lands outside is refused), http(s) only with `allow_remote_media`.
+
+Hostile media is refused as cheaply as possible: an image's size is read from its header (PIL
+opens lazily) before any pixel is decoded; a video's duration, frame size and the number of
+frames the request would sample come from the container header; the decoded clip is checked
+again (headers lie). Decoding runs on a small thread pool, never on the event loop, and a
+request waits at most `media_decode_timeout_s` per item (the worker thread cannot be killed: it
+finishes in the background and its result is dropped; the pool's size bounds how many do).
+
+Re-sent media: items are cached by the sha256 of their bytes (with the tenant and the options in
+the key), so a stateless client that re-sends the same video each turn pays the decode,
+preprocess and hashing once; the engine then finds the item's KV in the prefix cache (or its
+embeddings in the encoder cache) by the item's content hash, so it is not encoded again either.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hashlib
+import io
+import logging
+import os
+import tempfile
+import threading
+import time
+import urllib.request
+import warnings
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+from PIL import Image, UnidentifiedImageError
+
+from omnistream.errors import MediaError, UserInputError
+from omnistream.media.item import MediaItem
+from omnistream.media.processor import MediaProcessor
+from omnistream.media.pyav import av
+from omnistream.media.video import smart_nframes
+from omnistream.server.config import ServerConfig
+from omnistream.server.errors import APIError, BadRequest, TooLarge, as_api_error
+from omnistream.server.openai_protocol import ImagePart, MediaOptions, Message, ProcessorKwargs, TextPart
+
+log = logging.getLogger(__name__)
+
+MEDIA_CACHE_BYTES = 1 << 30  # preprocessed pixels kept for re-sent media (LRU)
+MEDIA_THREADS = 4  # concurrent decodes
+LOW_DETAIL_MAX_PIXELS = 448 * 448  # image_url.detail == "low": 256 visual tokens at most
+IMAGE_FORMATS = ["PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF"]  # never PIL's EPS (Ghostscript) & co.
+_READ_CHUNK = 1 << 20
+
+
+class Forbidden(APIError):
+    status, type, code = 403, "permission_error", "media_path_forbidden"
+
+
+@dataclass
+class PreparedMessages:
+    messages: list[dict]  # the engine's format: content parts {"type": "text" | "image" | "video"}
+    items: list[MediaItem]  # in message order
+    decode_s: float = 0.0  # decode + preprocess + hash paid by this request (0: all reused)
+    reused: int = 0  # items served from the media cache
+
+
+@dataclass
+class _Source:
+    """The bytes of one media part: in memory (data URL, remote) or a verified local file."""
+
+    digest: str  # sha256 of the bytes
+    data: bytes | None = None
+    path: Path | None = None
+    label: str = "media"  # how errors name it (never a server-side temp path)
+
+
+class MediaCache:
+    """LRU from (tenant, kind, bytes sha256, options) to the processed MediaItem, bounded in
+    bytes of pixel_values. Items are shared read-only (the engine never mutates them)."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes, self.bytes = max_bytes, 0
+        self._items: OrderedDict[tuple, MediaItem] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = self.misses = 0
+
+    def get(self, key: tuple) -> MediaItem | None:
+        with self._lock:
+            item = self._items.get(key)
+            if item is None:
+                self.misses += 1
+                return None
+            self._items.move_to_end(key)
+            self.hits += 1
+            return item
+
+    def put(self, key: tuple, item: MediaItem) -> None:
+        size = _nbytes(item)
+        if size > self.max_bytes:
+            return
+        with self._lock:
+            if key in self._items:
+                return
+            self._items[key] = item
+            self.bytes += size
+            while self.bytes > self.max_bytes:
+                _, old = self._items.popitem(last=False)
+                self.bytes -= _nbytes(old)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+def _nbytes(item: MediaItem) -> int:
+    return item.pixel_values.numel() * item.pixel_values.element_size()
+
+
+class MediaResolver:
+    def __init__(self, processor: MediaProcessor, config: ServerConfig, *, cache_bytes: int = MEDIA_CACHE_BYTES,
+                 threads: int = MEDIA_THREADS) -> None:
+        self.processor, self.config = processor, config
+        self.cache = MediaCache(cache_bytes)
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="media-decode")
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+    async def prepare(self, messages: list[Message], defaults: ProcessorKwargs | None,
+                      tenant: str | None) -> PreparedMessages:
+        """Every message in the engine's format; media parts decoded (or reused) in order."""
+        out = PreparedMessages(messages=[], items=[])
+        fallback = defaults.options() if defaults is not None else None
+        for i, msg in enumerate(messages):
+            role = "system" if msg.role == "developer" else msg.role
+            if not isinstance(msg.content, list):
+                out.messages.append({"role": role, "content": msg.content or ""})
+                continue
+            parts = []
+            for j, part in enumerate(msg.content):
+                if isinstance(part, TextPart):
+                    parts.append({"type": "text", "text": part.text})
+                    continue
+                where = f"messages[{i}].content[{j}]"
+                try:
+                    item, spent, reused = await self._item(part, fallback, tenant)
+                except (APIError, UserInputError) as e:
+                    raise _located(e, where) from None
+                parts.append({"type": item.kind})
+                out.items.append(item)
+                out.decode_s += spent
+                out.reused += reused
+            out.messages.append({"role": role, "content": parts})
+        return out
+
+    async def _item(self, part, fallback: MediaOptions | None, tenant: str | None) -> tuple[MediaItem, float, bool]:
+        """(item, seconds spent, reused) for one image/video part, within the decode timeout."""
+        if isinstance(part, ImagePart):
+            kind, url, opts = "image", part.image_url.url, part.image_url.over(part.over(fallback))
+            if part.image_url.detail == "low" and opts.max_pixels is None:
+                opts = MediaOptions(**{**opts.model_dump(), "max_pixels": LOW_DETAIL_MAX_PIXELS})
+        else:
+            kind, url, opts = "video", part.video_url.url, part.video_url.over(part.over(fallback))
+        future = self.pool.submit(self._load, kind, url, opts, tenant)
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(future), self.config.media_decode_timeout_s)
+        except asyncio.TimeoutError:
+            future.cancel()
+            raise BadRequest(f"the {kind} took longer than {self.config.media_decode_timeout_s:g} s to decode",
+                             code="media_decode_timeout") from None
+
+    # ---------------------------------------------------------------- worker thread
+    def _load(self, kind: str, url: str, opts: MediaOptions, tenant: str | None) -> tuple[MediaItem, float, bool]:
+        src = self._read(url, kind)
+        key = (tenant, kind, src.digest, opts.fps, opts.nframes, opts.min_pixels, opts.max_pixels)
+        item = self.cache.get(key)
+        if item is not None:
+            return item, 0.0, True
+        t0 = time.perf_counter()
+        item = self._image(src, opts) if kind == "image" else self._video(src, opts)
+        self.cache.put(key, item)
+        return item, time.perf_counter() - t0, False
+
+    def _read(self, url: str, kind: str) -> _Source:
+        scheme = urlparse(url).scheme.lower() if "://" in url or url.startswith("data:") else ""
+        if scheme == "data":
+            data = _data_url_bytes(url)
+            return _Source(hashlib.sha256(data).hexdigest(), data=data, label=f"the {kind}_url data")
+        if scheme in ("http", "https"):
+            if not self.config.allow_remote_media:
+                raise BadRequest("remote media URLs are disabled on this server (send a data: URL)",
+                                 code="remote_media_disabled")
+            data = _fetch(url, self.config.max_body_bytes)
+            return _Source(hashlib.sha256(data).hexdigest(), data=data, label=url)
+        if scheme not in ("", "file"):
+            raise BadRequest(f"unsupported media URL scheme {scheme!r} (data:, file:// or a path)")
+        return self._local(url, kind)
+
+    def _local(self, url: str, kind: str) -> _Source:
+        root = self.config.allowed_media_path
+        if root is None:
+            raise Forbidden("local media files are disabled on this server (start it with --allowed-media-path)")
+        raw = unquote(urlparse(url).path) if url.lower().startswith("file://") else url
+        path = _inside(Path(root), raw)
+        size = path.stat().st_size
+        if kind == "image" and size > self.config.max_body_bytes:
+            raise TooLarge(f"image file of {size} bytes exceeds the limit of {self.config.max_body_bytes}")
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            while chunk := f.read(_READ_CHUNK):
+                digest.update(chunk)
+        return _Source(digest.hexdigest(), path=path, label=raw)
+
+    def _image(self, src: _Source, opts: MediaOptions) -> MediaItem:
+        data = src.data if src.data is not None else src.path.read_bytes()
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)  # header only, no pixels
+        except Image.DecompressionBombError as e:
+            raise TooLarge(f"image too large: {e}") from None
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+            raise MediaError(f"{src.label} is not an image in a supported format "
+                             f"({', '.join(IMAGE_FORMATS)}): {_one_line(e)}") from None
+        w, h = image.size
+        if w * h > self.config.max_image_pixels:
+            raise TooLarge(f"image of {w}x{h} pixels exceeds the limit of {self.config.max_image_pixels} pixels")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            return self.processor.process_image(image, min_pixels=opts.min_pixels, max_pixels=opts.max_pixels)
+
+    def _video(self, src: _Source, opts: MediaOptions) -> MediaItem:
+        if src.path is not None:
+            return self._video_file(src.path, src.label, opts)
+        with tempfile.TemporaryDirectory(prefix="omnistream-video-") as tmp:
+            path = Path(tmp) / "video"
+            path.write_bytes(src.data)
+            return self._video_file(path, src.label, opts)
+
+    def _video_file(self, path: Path, label: str, opts: MediaOptions) -> MediaItem:
+        try:
+            self._check_video_header(path, opts)
+            item = self.processor.process_video(path, fps=opts.fps, nframes=opts.nframes,
+                                                min_pixels=opts.min_pixels, max_pixels=opts.max_pixels)
+        except (MediaError, UserInputError) as e:
+            if isinstance(e, APIError):
+                raise
+            raise type(e)(str(e).replace(str(path), label)) from None
+        frames = len(item.timestamps)
+        if frames > self.config.max_video_frames:  # the header announced fewer
+            raise TooLarge(f"video samples {frames} frames, over the limit of {self.config.max_video_frames}")
+        return item
+
+    def _check_video_header(self, path: Path, opts: MediaOptions) -> None:
+        """Duration, frame size and sampled frame count from the container header (no decoding)."""
+        cfg, mcfg = self.config, self.processor.config
+        fps, frames, seconds, w, h = _probe(path)
+        if seconds > cfg.max_video_seconds:
+            raise TooLarge(f"video of {seconds:.1f} s exceeds the limit of {cfg.max_video_seconds:g} s")
+        if w * h > cfg.max_image_pixels:
+            raise TooLarge(f"video frames of {w}x{h} pixels exceed the limit of {cfg.max_image_pixels} pixels")
+        sampled = smart_nframes(max(frames, 1), fps, fps=opts.fps or mcfg.fps, nframes=opts.nframes,
+                                min_frames=mcfg.min_frames, max_frames=max(mcfg.max_frames, cfg.max_video_frames + 2))
+        if sampled > cfg.max_video_frames:
+            raise TooLarge(f"video would sample {sampled} frames, over the limit of {cfg.max_video_frames} "
+                           "(ask for a lower fps or fewer nframes)")
+
+
+def _located(e: Exception, where: str) -> APIError:
+    """The error of one content part, naming the part."""
+    err = as_api_error(e)
+    out = type(err)(f"{where}: {err.message}", param=where, code=err.code)
+    out.status, out.type = err.status, err.type
+    return out
+
+
+def _data_url_bytes(url: str) -> bytes:
+    header, sep, payload = url.partition(",")
+    if not sep or not header.endswith(";base64"):
+        raise BadRequest("a data URL must be 'data:<mime type>;base64,<data>'", code="invalid_data_url")
+    try:
+        data = base64.b64decode("".join(payload.split()), validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise BadRequest(f"invalid base64 in the data URL: {e}", code="invalid_base64") from None
+    if not data:
+        raise MediaError("the data URL holds no bytes")
+    return data
+
+
+def _inside(root: Path, raw: str) -> Path:
+    """`raw` (absolute, or relative to root) resolved with its symlinks; refused unless the
+    result is a regular file under root's resolved path. The message never says whether a
+    refused path exists."""
+    root = root.resolve()
+    candidate = Path(raw) if os.path.isabs(raw) else root / raw
+    real = candidate.resolve()
+    if not real.is_relative_to(root):
+        raise Forbidden(f"{raw!r} is outside the allowed media path")
+    if not real.is_file():
+        raise MediaError(f"media file not found: {raw!r}")
+    return real
+
+
+def _fetch(url: str, max_bytes: int, timeout_s: float = 20.0) -> bytes:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as r:  # noqa: S310 - scheme checked by the caller
+            data = r.read(max_bytes + 1)
+    except OSError as e:
+        raise MediaError(f"cannot fetch {url}: {_one_line(e)}") from None
+    if len(data) > max_bytes:
+        raise TooLarge(f"{url} is larger than {max_bytes} bytes")
+    return data
+
+
+def _probe(path: Path) -> tuple[float, int, float, int, int]:
+    """(frame rate, frames, seconds, width, height) of the first video stream, from headers."""
+    try:
+        with av.open(str(path), "r") as c:
+            if not c.streams.video:
+                raise MediaError("no video stream in the file")
+            s = c.streams.video[0]
+            rate = next((float(r) for r in (s.average_rate, s.guessed_rate, s.base_rate) if r and r > 0), 0.0)
+            if rate <= 0:
+                raise MediaError("cannot determine the video's frame rate")
+            if c.duration:
+                seconds = c.duration / av.time_base
+            elif s.duration and s.time_base:
+                seconds = float(s.duration * s.time_base)
+            else:
+                seconds = s.frames / rate
+            frames = s.frames or max(1, round(seconds * rate))
+            return rate, frames, seconds, s.codec_context.width, s.codec_context.height
+    except av.FFmpegError as e:
+        raise MediaError(f"not a readable video: {_one_line(e)}") from None
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
