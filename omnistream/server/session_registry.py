@@ -84,24 +84,35 @@ class SessionRegistry:
     def get(self, session_id: str, tenant: str | None, kind: Kind = "session") -> Entry:
         """The tenant's entry (touched); UnknownSessionError (404) otherwise."""
         with self._lock:
-            entry = self._entries.get(session_id)
-            if entry is None or entry.tenant != tenant or entry.kind != kind:
-                raise UnknownSessionError(f"unknown session {session_id!r}")
-            entry.last_used = self._clock()
+            return self._lookup(session_id, tenant, kind)
+
+    def _lookup(self, session_id: str, tenant: str | None, kind: Kind) -> Entry:
+        entry = self._entries.get(session_id)
+        if entry is None or entry.tenant != tenant or entry.kind != kind:
+            raise UnknownSessionError(f"unknown session {session_id!r}")
+        entry.last_used = self._clock()
+        return entry
+
+    def hold(self, session_id: str, tenant: str | None, kind: Kind = "session") -> Entry:
+        """The tenant's entry, marked in use (the sweeper leaves it alone) until release()."""
+        with self._lock:
+            entry = self._lookup(session_id, tenant, kind)
+            entry.busy += 1
             return entry
+
+    def release(self, entry: Entry) -> None:
+        with self._lock:
+            entry.busy -= 1
+            entry.last_used = self._clock()
 
     @contextlib.contextmanager
     def use(self, session_id: str, tenant: str | None, kind: Kind = "session") -> Iterator[Entry]:
-        """Marks the entry in use for the block (the sweeper leaves it alone), then touches it."""
-        entry = self.get(session_id, tenant, kind)
-        with self._lock:
-            entry.busy += 1
+        """hold() for the block."""
+        entry = self.hold(session_id, tenant, kind)
         try:
             yield entry
         finally:
-            with self._lock:
-                entry.busy -= 1
-                entry.last_used = self._clock()
+            self.release(entry)
 
     def touch(self, entry: Entry) -> None:
         with self._lock:

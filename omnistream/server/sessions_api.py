@@ -20,9 +20,14 @@ thread.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
+import time
+import uuid
 from typing import Annotated, Any, AsyncIterator, Callable
 
 from fastapi import Body, FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from omnistream.engine.protocol import OutputDelta, RequestOutput
@@ -30,7 +35,22 @@ from omnistream.engine.sampling import SamplingParams
 from omnistream.errors import UserInputError
 from omnistream.server.auth import tenant_for
 from omnistream.server.media_parts import MediaResolver
-from omnistream.server.openai_protocol import ChatCompletionRequest, ImagePart, Message, ProcessorKwargs, VideoPart
+from omnistream.server.errors import as_api_error
+from omnistream.server.openai_protocol import (
+    AssistantMessage,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    Choice,
+    ChoiceLogprobs,
+    ChunkChoice,
+    ImagePart,
+    Message,
+    ProcessorKwargs,
+    PromptTokensDetails,
+    Usage,
+    VideoPart,
+)
 from omnistream.server.session_registry import Entry, SessionRegistry, registry_of
 from omnistream.server.state import ServerState, get_state
 from omnistream.sessions.session import PendingAnswer, Session
@@ -102,13 +122,16 @@ async def _describe(entry: Entry) -> dict[str, Any]:
 
 async def start_in_thread(start: Callable[[], PendingAnswer]) -> PendingAnswer:
     """Runs a blocking `Session.start` in a worker thread. If the caller is cancelled meanwhile
-    (its client is gone), the answer the thread still starts is aborted as soon as it exists:
-    a session is never left holding a turn nobody reads."""
+    (its client is gone), the answer the thread still starts is aborted as soon as it exists,
+    and the caller's cleanup waits for the thread: a session is never left holding a turn
+    nobody reads, nor changed by a thread after its cleanup ran."""
     fut = asyncio.get_running_loop().run_in_executor(None, start)
     try:
         return await asyncio.shield(fut)
     except asyncio.CancelledError:
         fut.add_done_callback(_abort_started)
+        with contextlib.suppress(BaseException):  # a second cancel: the callback still aborts
+            await asyncio.shield(fut)
         raise
 
 
@@ -139,44 +162,204 @@ async def _open(state: ServerState, session: Session, tenant: str | None) -> Ent
 
 
 # ---------------------------------------------------------------------------------- questions
+DEFAULT_MAX_TOKENS = 4096  # when the request names none, capped by the room left in the context
+
+
+class SessionTurn:
+    """A question running inside a pinned session. Iterating `events()` yields OutputDeltas as
+    tokens come, then the final RequestOutput (the turn has joined the history by then). The
+    session stays in use (never expired) and its turn held until the events end or close() is
+    called; close() before the end aborts the answer and keeps nothing of the turn."""
+
+    def __init__(self, registry: SessionRegistry, entry: Entry, answer: PendingAnswer, prompt_tokens: int) -> None:
+        self.registry, self.entry, self.answer = registry, entry, answer
+        self.prompt_tokens = prompt_tokens
+        self._closed = False
+        entry.active = answer
+
+    async def events(self) -> AsyncIterator[OutputDelta | RequestOutput]:
+        try:
+            async for delta in self.answer.handle:
+                yield delta
+            yield await asyncio.to_thread(self.answer.finish)  # the turn joins the history
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.answer.abort()  # no-op once finished
+        self.entry.active = None
+        self.entry.turn.release()
+        self.registry.release(self.entry)
+
+
+async def open_turn(state: ServerState, session_id: str, body: ChatCompletionRequest, tenant: str | None) -> SessionTurn:
+    """Starts a chat completion inside pinned session `session_id`; errors (unknown id or
+    another tenant's: 404; a bad turn, media or budget: 400) are raised here, before any byte
+    of the answer. `body.messages` holds only the new user turn (text and/or media parts)."""
+    message = _new_turn(body)
+    reg = registry(state)
+    entry = reg.hold(session_id, tenant)
+    try:
+        parts, items, question = await _prepare_turn(state, message, body.mm_processor_kwargs, tenant)
+        await entry.turn.acquire()
+    except BaseException:
+        reg.release(entry)
+        raise
+    session = entry.session
+    mark = session.pending_count
+    logprobs = (body.top_logprobs or 0) if body.logprobs else None
+
+    prompt_len = 0
+
+    def start() -> PendingAnswer:
+        nonlocal prompt_len
+        _add_parts(session, parts, items)
+        prompt_len = len(session.prompt_for(question)[0])
+        return session.start(question, _sampling(state, body, prompt_len), logprobs=logprobs)
+
+    try:
+        answer = await start_in_thread(start)
+    except BaseException:
+        session.drop_pending(mark)  # a failed turn leaves the conversation as it was
+        entry.turn.release()
+        reg.release(entry)
+        raise
+    return SessionTurn(reg, entry, answer, prompt_len)
+
+
 def _new_turn(body: ChatCompletionRequest) -> Message:
     if len(body.messages) != 1 or body.messages[0].role != "user":
         raise UserInputError("with X-Session-Id, `messages` holds only the new user turn (one message, role "
                              "'user'): the session keeps the history on the server")
     if body.n != 1:
         raise UserInputError("n must be 1 in a session: a conversation has one answer per turn")
+    if body.stop_strings:
+        raise UserInputError("stop strings are not supported in a session: the history keeps whole answers")
     return body.messages[0]
 
 
-async def chat_in_session(state: ServerState, session_id: str, body: ChatCompletionRequest, sampling: SamplingParams,
-                          tenant: str | None, *, logprobs: int | None = None) -> AsyncIterator[OutputDelta | RequestOutput]:
-    """Answers a chat completion inside pinned session `session_id`: yields OutputDeltas as
-    tokens come, then the final RequestOutput (its metrics.cached_tokens count the reused
-    history, so a follow-up costs only its own tokens).
+def _sampling(state: ServerState, body: ChatCompletionRequest, prompt_len: int) -> SamplingParams:
+    """The request's sampling fields over the server's defaults (OpenAI's: temperature 1), as
+    for a chat completion without a session."""
+    base = state.default_sampling or SamplingParams(temperature=1.0)
+    max_new = body.requested_max_tokens
+    if max_new is None:
+        max_new = max(1, min(DEFAULT_MAX_TOKENS, state.engine.llm.max_context - prompt_len))
+    return SamplingParams(
+        temperature=base.temperature if body.temperature is None else body.temperature,
+        top_p=base.top_p if body.top_p is None else body.top_p,
+        top_k=base.top_k if body.top_k is None else max(body.top_k, 0),
+        max_new_tokens=max_new, seed=body.seed if body.seed is not None else base.seed,
+        stop_token_ids=base.stop_token_ids, ignore_eos=body.ignore_eos or base.ignore_eos)
 
-    `body.messages` holds only the new user turn (text and/or media parts). Unknown id or
-    another tenant's -> UnknownSessionError (404). Closing the generator early (client gone)
-    aborts the answer and keeps nothing of the turn; so does a failed turn."""
-    with registry(state).use(session_id, tenant) as entry:
-        message = _new_turn(body)
-        parts, items, question = await _prepare_turn(state, message, body.mm_processor_kwargs, tenant)
-        async with entry.turn:
-            session = entry.session
-            mark = session.pending_count
-            try:
-                _add_parts(session, parts, items)
-                answer = await start_in_thread(lambda: session.start(question, sampling, logprobs=logprobs))
-            except BaseException:
-                session.drop_pending(mark)
-                raise
-            entry.active = answer
-            try:
-                async for delta in answer.handle:
-                    yield delta
-                yield await asyncio.to_thread(answer.finish)  # the turn joins the history
-            finally:
-                entry.active = None
-                answer.abort()  # no-op once finished
+
+async def chat_in_session(state: ServerState, session_id: str, body: ChatCompletionRequest, tenant: str | None) -> Response:
+    """POST /v1/chat/completions with `X-Session-Id`: the answer in the chat.completion shape
+    (or its SSE chunks with `stream`), usage.prompt_tokens_details.cached_tokens counting the
+    history served from the session's KV."""
+    turn = await open_turn(state, session_id, body, tenant)
+    reply = ChatReply(state, body, session_id)
+    if body.stream:
+        return SessionSSE(reply.chunks(turn), on_close=turn.close)
+    try:
+        async for item in turn.events():
+            reply.add(item)
+    finally:
+        turn.close()
+    return JSONResponse(reply.completion().model_dump(mode="json"))
+
+
+class ChatReply:
+    """A session turn's events in the OpenAI shapes."""
+
+    def __init__(self, state: ServerState, body: ChatCompletionRequest, session_id: str) -> None:
+        self.body, self.model, self.session_id = body, state.model_name, session_id
+        self.token_text = state.extras.get("token_text")
+        self.id = f"chatcmpl-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        self.text, self.pairs = "", []
+        self.output: RequestOutput | None = None
+
+    def add(self, item: OutputDelta | RequestOutput) -> tuple[str, list]:
+        if isinstance(item, RequestOutput):
+            self.output = item
+            return "", []
+        pairs = list(zip(item.token_ids, item.logprobs)) if item.logprobs else []
+        self.text += item.text
+        self.pairs += pairs
+        return item.text, pairs
+
+    def logprobs(self, pairs: list) -> ChoiceLogprobs | None:
+        if not self.body.logprobs or self.token_text is None:
+            return None
+        return ChoiceLogprobs(content=[self.token_text.logprob(t, lp) for t, lp in pairs])
+
+    @property
+    def finish_reason(self) -> str:
+        return "length" if self.output.finish_reason == "length" else "stop"
+
+    def usage(self) -> Usage:
+        m = self.output.metrics
+        return Usage(prompt_tokens=m.prompt_tokens, completion_tokens=m.output_tokens,
+                     total_tokens=m.prompt_tokens + m.output_tokens,
+                     prompt_tokens_details=PromptTokensDetails(cached_tokens=m.cached_tokens))
+
+    def metrics(self) -> dict[str, Any]:
+        return {**self.output.metrics.as_dict(), "session_id": self.session_id}
+
+    def completion(self) -> ChatCompletion:
+        choice = Choice(index=0, message=AssistantMessage(content=self.text), finish_reason=self.finish_reason,
+                        logprobs=self.logprobs(self.pairs))
+        return ChatCompletion(id=self.id, created=self.created, model=self.model, choices=[choice], usage=self.usage(),
+                              metrics=self.metrics())
+
+    def _chunk(self, delta: dict, logprobs=None, finish=None) -> str:
+        c = ChatCompletionChunk(id=self.id, created=self.created, model=self.model,
+                                choices=[ChunkChoice(index=0, delta=delta, logprobs=logprobs, finish_reason=finish)])
+        usage = {"usage": None} if self.body.include_usage else {}
+        return _sse({**c.model_dump(mode="json", exclude={"usage", "metrics"}), **usage})
+
+    async def chunks(self, turn: SessionTurn) -> AsyncIterator[str]:
+        """role chunk, content chunks, the finish chunk, the usage chunk if asked, [DONE]; an
+        error after the first byte is sent as an error event (the status is sent already)."""
+        yield self._chunk({"role": "assistant", "content": ""})
+        try:
+            async for item in turn.events():
+                text, pairs = self.add(item)
+                if text or pairs:
+                    yield self._chunk({"content": text}, self.logprobs(pairs) if pairs else None)
+        except Exception as e:  # noqa: BLE001
+            yield _sse(as_api_error(e).body())
+            return
+        yield self._chunk({}, finish=self.finish_reason)
+        if self.body.include_usage:
+            final = ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=[],
+                                        usage=self.usage(), metrics=self.metrics())
+            yield _sse(final.model_dump(mode="json"))
+        yield _sse("[DONE]")
+
+
+def _sse(payload: dict | str) -> str:
+    return f"data: {payload if isinstance(payload, str) else json.dumps(payload, separators=(',', ':'))}\n\n"
+
+
+class SessionSSE(StreamingResponse):
+    """Server-sent events; whatever ends the response (its end, the client leaving) closes the
+    event generator and calls `on_close` (a turn left unfinished is aborted)."""
+
+    def __init__(self, events: AsyncIterator[str], on_close: Callable[[], None]) -> None:
+        super().__init__(events, media_type="text/event-stream", headers={"cache-control": "no-cache"})
+        self._events, self._on_close = events, on_close
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._events.aclose()
+            self._on_close()
 
 
 # ---------------------------------------------------------------------------------- routes
