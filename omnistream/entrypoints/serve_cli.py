@@ -62,11 +62,10 @@ def url_of(sock: socket.socket) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
-def build_engine(args):
-    """The engine of --model or --model-config (validated flags first, then the model)."""
-    from omnistream.entrypoints.cli import engine_args, load_engine
+def build_engine(args, device: str, dtype: str, engine_options: dict):
+    """The engine of --model or --model-config."""
+    from omnistream.entrypoints.cli import load_engine
 
-    device, dtype, engine_options = engine_args(args)
     if args.model_config:
         from omnistream.bench.models import make_engine
         from omnistream.entrypoints.cli import _without_random_weights_warning
@@ -74,8 +73,6 @@ def build_engine(args):
 
         with _without_random_weights_warning(), Progress(f"building a random {args.model_config} model"):
             return make_engine(args.model_config, device, dtype, args.weights_seed, **engine_options)
-    if args.model is None:
-        raise ConfigError("give --model DIR (a checkpoint directory) or --model demo (or --model-config for a random-weight architecture)")
     return load_engine(args.model, device, dtype, notice=False, **engine_options)  # the startup line announces it
 
 
@@ -147,12 +144,18 @@ def server_sampling(args):
 def cmd_serve(args) -> int:
     from omnistream.server.app import build_app
 
-    config = options.server_config(args)  # a bad limit is reported before a model is loaded
-    default_sampling = server_sampling(args)  # validated before a model is loaded
+    from omnistream.entrypoints.cli import engine_args
+
+    # every flag is checked before the port is taken and a model is loaded
+    if args.model is None and args.model_config is None:
+        raise ConfigError("give --model DIR (a checkpoint directory) or --model demo (or --model-config for a random-weight architecture)")
+    config = options.server_config(args)
+    default_sampling = server_sampling(args)
+    device, dtype, engine_options = engine_args(args)
     logging.getLogger("omnistream").setLevel(getattr(logging, args.log_level.upper()))
     sock = bind_socket(config.host, config.port)
     try:
-        with build_engine(args) as engine:
+        with build_engine(args, device, dtype, engine_options) as engine:
             app = build_app(engine, config)
             if default_sampling is not None:  # for the fields a request leaves out
                 app.state.omni.default_sampling = default_sampling

@@ -1,0 +1,254 @@
+"""The command line around the server: `omnistream serve` as a user starts it (a subprocess on a
+free port, the demo model), `--version`, `python -m omnistream`, every engine and sampling
+option as a flag, one-line errors for bad flag values."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+import omnistream
+from omnistream.config import CacheConfig, EngineConfig, SchedulerConfig
+from omnistream.engine.sampling import SamplingParams
+from omnistream.entrypoints import options
+from omnistream.entrypoints.cli import build_parser, main
+from omnistream.entrypoints.serve_cli import STARTUP_PREFIX, parse_startup_line
+from omnistream.errors import ConfigError
+from omnistream.server.config import ServerConfig
+
+REPO = Path(omnistream.__file__).resolve().parents[1]
+
+
+def _env() -> dict[str, str]:
+    path = [str(REPO), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(path), HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+
+
+def _run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "omnistream", *args], env=_env(), capture_output=True, text=True, timeout=timeout)
+
+
+# ---------------------------------------------------------------------------------- the server
+class Served:
+    def __init__(self, proc: subprocess.Popen, line: str, url: str) -> None:
+        self.proc, self.line, self.url = proc, line, url
+
+
+@pytest.fixture(scope="module")
+def served():
+    """`python -m omnistream serve --model demo --port 0 ...`, until its startup line."""
+    proc = subprocess.Popen([sys.executable, "-m", "omnistream", "serve", "--model", "demo", "--device", "cpu", "--port", "0",
+                             "--kv-cache-tokens", "8192", "--temperature", "0"],
+                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout], daemon=True).start()
+    try:
+        line = lines.get(timeout=120)
+    except queue.Empty:
+        proc.kill()
+        pytest.fail("no startup line in 120 s: " + proc.stderr.read())
+    url = parse_startup_line(line)
+    assert url, line
+    yield Served(proc, line, url)
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+def test_startup_line_says_where_and_which_model(served):
+    assert served.line.startswith(STARTUP_PREFIX + "http://127.0.0.1:")  # loopback by default
+    assert int(served.url.rsplit(":", 1)[1]) > 0  # --port 0: the real port, not 0
+    assert "model 'demo-model'" in served.line and "RANDOM weights" in served.line and "cpu float32" in served.line
+
+
+def test_health_and_a_chat_completion(served):
+    assert httpx.get(served.url + "/health", timeout=10).status_code == 200
+    request = {"model": "demo-model", "max_tokens": 6, "messages": [{"role": "user", "content": "Say hi."}]}
+    r = httpx.post(served.url + "/v1/chat/completions", timeout=60, json=request)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["usage"]["completion_tokens"] <= 6 and body["choices"][0]["message"]["content"]
+    # --temperature 0 is the server's default for requests that name none (OpenAI's is 1:
+    # random weights would sample a different answer each time)
+    again = httpx.post(served.url + "/v1/chat/completions", timeout=60, json=request).json()
+    assert again["choices"][0]["message"]["content"] == body["choices"][0]["message"]["content"]
+
+
+def test_ctrl_c_exits_quietly(served):
+    # the last test of the module: SIGINT as a terminal's Ctrl-C, while a request streams
+    with httpx.Client(base_url=served.url, timeout=60) as client:
+        with client.stream("POST", "/v1/chat/completions", json={"model": "demo-model", "stream": True, "max_tokens": 2000,
+                                                               "ignore_eos": True, "messages": [{"role": "user", "content": "Go on."}]}) as r:
+            assert r.status_code == 200
+            next(r.iter_lines())
+            served.proc.send_signal(signal.SIGINT)
+            t0 = time.monotonic()
+            out, err = served.proc.communicate(timeout=60)
+    assert served.proc.returncode in (0, 130), err
+    assert time.monotonic() - t0 < 30  # the open stream is cut after --shutdown-timeout-s
+    assert "Traceback" not in err and err.strip().splitlines()[-1] == "interrupted", err
+    assert err.lower().count("random weights") == 0  # announced once, in the startup line
+
+
+# ---------------------------------------------------------------------------------- entry points
+def test_version_and_python_dash_m():
+    v = _run("--version")
+    assert v.returncode == 0 and v.stdout.strip() == f"omnistream {options_version()}"
+    h = _run("--help")
+    assert h.returncode == 0
+    for cmd in ("ask", "demo", "stream", "serve", "bench"):
+        assert cmd in h.stdout
+
+
+def options_version() -> str:
+    from importlib.metadata import version
+
+    return version("omnistream")
+
+
+def _help(*cmd: str) -> str:
+    parser = build_parser()
+    sub = parser
+    for name in cmd:  # the subcommand's own parser
+        sub = next(a for a in sub._actions if isinstance(a, argparse._SubParsersAction)).choices[name]
+    return sub.format_help()
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+ENGINE_OPTIONS = ("memory_budget_bytes", "kv_cache_tokens", "encoder_cache_bytes", "encoder_cache_cpu_bytes", "enable_prefix_caching",
+                  "session_kv_budget_tokens", "offload_vision", "max_num_batched_tokens", "max_num_seqs",
+                  "max_step_tokens_while_decoding", "enable_chunked_prefill", "block_size", "cuda_graphs")
+
+
+@pytest.mark.parametrize("cmd", [("ask",), ("stream",), ("serve",), ("demo",)])
+def test_engine_and_sampling_flags_with_help_and_defaults(cmd):
+    text = " ".join(_help(*cmd).split())  # argparse wraps lines
+    for name in ENGINE_OPTIONS + ("max_new_tokens", "temperature", "top_p", "top_k", "seed"):
+        assert _flag(name) in text, (cmd, name)
+    assert "--memory-budget-gib" in text
+    assert "tokens per KV block (default: 16)" in text and "sequences running at once (default: 64)" in text
+    if cmd == ("ask",):
+        assert "most tokens in one answer (default: 64)" in text
+
+
+def test_every_dataclass_field_is_a_flag():
+    """A new engine option, sampling field or server setting becomes a flag by itself."""
+    import dataclasses
+
+    serve = " ".join(_help("serve").split())
+    for cls in (CacheConfig, SchedulerConfig, ServerConfig):
+        for f in dataclasses.fields(cls):
+            assert _flag(f.name) in serve, f.name
+    for f in dataclasses.fields(EngineConfig):
+        if f.name not in ("model", "device", "dtype", "cache", "scheduler"):
+            assert _flag(f.name) in serve, f.name
+    for f in dataclasses.fields(SamplingParams):
+        if f.name not in options.SAMPLING_SKIP:
+            assert _flag(f.name) in serve, f.name
+    for opt in options.engine_option_list() + options.server_option_list():
+        assert opt.help, opt.name  # every flag explains itself
+
+
+def test_flags_reach_the_engine_and_sampling():
+    parser = build_parser()
+    args = parser.parse_args(options.normalize_argv([
+        "ask", "x.mp4", "q", "--kv-cache-tokens", "4096", "--no-enable-prefix-caching", "--max_num_seqs", "8",
+        "--encoder-cache-bytes", "64MiB", "--memory-budget-gib", "2", "--temperature", "0.7", "--top-k", "5", "--seed", "3"]))
+    assert options.engine_options(args) == {"kv_cache_tokens": 4096, "enable_prefix_caching": False, "max_num_seqs": 8,
+                                            "encoder_cache_bytes": 64 << 20, "memory_budget_bytes": 2 << 30}
+    assert options.sampling_params(args) == SamplingParams(temperature=0.7, top_k=5, seed=3, max_new_tokens=64)
+    # nothing given: nothing passed, the dataclasses' defaults apply
+    bare = parser.parse_args(["ask", "x.mp4", "q"])
+    assert options.engine_options(bare) == {} and options.sampling_params(bare) == SamplingParams(max_new_tokens=64)
+    # and the round trip to a subprocess's flags
+    again = parser.parse_args(["ask", "x.mp4", "q", *options.to_flags(options.engine_options(args))])
+    assert options.engine_options(again) == options.engine_options(args)
+
+
+def test_ask_passes_engine_options_to_the_engine(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    from omnistream.media.samples import write_image
+
+    image = write_image(tmp_path / "a.png", width=56, height=56)
+    import omnistream.entrypoints.cli as cli
+
+    seen, real = {}, cli.load_engine
+
+    def spy(model, device, dtype, notice=True, **kw):
+        seen.update(kw)
+        engine = real(model, device, dtype, notice, **kw)
+        seen["pool_tokens"] = engine.stats()["kv_blocks_total"] * engine.cfg.cache.block_size
+        return engine
+
+    monkeypatch.setattr(cli, "load_engine", spy)
+    rc = main(["ask", str(image), "What?", "--model", str(tiny_model_dir), "--device", "cpu", "--max-new-tokens", "2",
+               "--kv-cache-tokens", "2048", "--block-size", "32", "--seed", "1", "--temperature", "0.5"])
+    assert rc == 0, capsys.readouterr().err
+    assert seen == {"kv_cache_tokens": 2048, "block_size": 32, "pool_tokens": 2048}
+    assert re.search(r"output tokens\s+2\b", capsys.readouterr().out)
+
+
+@pytest.mark.parametrize(("argv", "expected"), [
+    (["ask", "x.mp4", "q", "--temperature", "warm"], "argument --temperature: expected a number, got 'warm'"),
+    (["ask", "x.mp4", "q", "--kv-cache-tokens", "lots"], "argument --kv-cache-tokens: expected an integer, got 'lots'"),
+    (["ask", "x.mp4", "q", "--encoder-cache-bytes", "2 potatoes"], "argument --encoder-cache-bytes: expected bytes"),
+    (["serve", "--model", "demo", "--port", "http"], "argument --port: expected an integer, got 'http'"),
+    (["serve", "--model", "demo", "--log-level", "loud"], "argument --log-level: invalid choice: 'loud'"),
+    (["ask", "x.mp4", "q", "--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+])
+def test_bad_flag_value_is_one_line(argv, expected, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and expected in err[0], err
+
+
+@pytest.mark.parametrize(("argv", "expected"), [
+    (["serve", "--model", "demo", "--port", "70000"], "port must be 0..65535, got 70000"),
+    (["serve", "--model", "demo", "--max-sessions", "0"], "max_sessions must be positive, got 0"),
+    (["serve", "--model", "demo", "--block-size", "3"], "block_size must be a power of two, got 3"),
+    (["serve", "--model", "demo", "--top-p", "0"], "top_p must be a number in (0, 1], got 0.0"),
+    (["serve", "--model", "demo", "--allowed-media-path", "/no/such/dir"], "allowed_media_path /no/such/dir: not a directory"),
+    (["serve"], "give --model DIR"),
+    (["ask", "x.mp4", "q", "--memory-budget-gib", "-1"], "--memory-budget-gib must be positive"),
+    (["ask", "x.mp4", "q", "--memory-budget-gib", "1", "--memory-budget-bytes", "1GiB"], "not both"),
+])
+def test_bad_option_is_one_line_before_loading(argv, expected, capsys, monkeypatch):
+    import omnistream.entrypoints.cli as cli
+
+    monkeypatch.setattr(cli, "load_engine", lambda *a, **k: pytest.fail("a model was loaded before the flags were checked"))
+    assert main([*argv, "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and expected in err[0], err
+
+
+def test_busy_port_is_one_line(capsys):
+    from omnistream.entrypoints.serve_cli import bind_socket
+
+    with bind_socket("127.0.0.1", 0) as taken:
+        port = taken.getsockname()[1]
+        with pytest.raises(ConfigError, match=f"cannot listen on 127.0.0.1:{port}"):
+            bind_socket("127.0.0.1", port)
+
+
+def test_sizes_and_lists_parse():
+    assert options.parse_bytes("8GiB") == 8 << 30 and options.parse_bytes("512M") == 512 << 20 and options.parse_bytes("100") == 100
+    assert options.parse_bytes("1.5g") == 3 << 29
+    assert options.parse_int_list("1,2, 3") == (1, 2, 3)
+    for bad in ("-1", "GiB", "1 parsec"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            options.parse_bytes(bad)
