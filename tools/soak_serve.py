@@ -106,7 +106,10 @@ class Tally:
             self.server_errors.append(f"{kind} {code}: {body[:300]}")
 
     def fivexx(self) -> int:
-        return sum(n for c in self.statuses.values() for code, n in c.items() if code >= 500)
+        """Responses with a 5xx status, and live answers that ended `failed` (the server's fault
+        by the realtime contract: a client's mistake is an `error` event)."""
+        return sum(n for c in self.statuses.values() for code, n in c.items()
+                   if (isinstance(code, int) and code >= 500) or code == "done:failed")
 
 
 # ---------------------------------------------------------------------------------- clients

@@ -23,6 +23,7 @@ from omnistream.errors import ConfigError
 
 STARTUP_PREFIX = "omnistream serve: listening on "  # bench serve and the tests read this line
 UVICORN_LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+ACCESS_LOGGER = "omnistream.server.access"
 
 
 def startup_line(url: str, model_name: str, engine) -> str:
@@ -153,6 +154,8 @@ def cmd_serve(args) -> int:
     default_sampling = server_sampling(args)
     device, dtype, engine_options = engine_args(args)
     logging.getLogger("omnistream").setLevel(getattr(logging, args.log_level.upper()))
+    if args.access_log:  # one line per request with its id (server/ops.py), whatever the level
+        logging.getLogger(ACCESS_LOGGER).setLevel(logging.INFO)
     sock = bind_socket(config.host, config.port)
     try:
         with build_engine(args, device, dtype, engine_options) as engine:
@@ -185,7 +188,9 @@ def add_serve_command(sub, add_run_args) -> None:
                    help="serve a random-weight model of this architecture built on the device (wins over --model)")
     p.add_argument("--weights-seed", type=int, default=0, help="seed of --model-config's random weights (default: 0)")
     p.add_argument("--log-level", choices=UVICORN_LOG_LEVELS, default="warning",
-                   help="log level of the server and uvicorn (info: one access-log line per request; default: warning)")
+                   help="log level of the engine, the server and uvicorn (default: warning)")
+    p.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=True,
+                   help="one line per request on stderr: id, method, path, status, ms (default: on)")
     p.add_argument("--shutdown-timeout-s", type=_positive_float, default=5.0,
                    help="on Ctrl-C, seconds open requests get to finish before they are cut (default: 5)")
     options.add_server_args(p)

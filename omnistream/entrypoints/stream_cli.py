@@ -166,7 +166,7 @@ def add_stream_command(sub, add_run_args) -> None:
                                    "and ask questions at given times.")
     p.add_argument("video", help="the video file to play")
     p.add_argument("--speed", default="1", help="1: real time (default); max: as fast as possible")
-    p.add_argument("--fps", type=float, default=2.0, help="frames sampled per second of video")
+    p.add_argument("--fps", type=float, default=2.0, help="frames sampled per second of video (default: 2)")
     p.add_argument("--max-pixels", type=int, default=None, help="largest frame area after resizing (default: the engine's video default)")
     p.add_argument("--ask", action="append", default=[], metavar="SECONDS:QUESTION",
                    help="ask QUESTION at SECONDS into the video (repeatable)")
