@@ -73,6 +73,9 @@ class EngineConfig:
     scheduler: SchedulerConfig = SchedulerConfig()
     cuda_graphs: bool = True  # capture decode steps as CUDA graphs (GPU only)
     offload_vision: bool = False  # keep the vision tower in host memory between encodes (GPU only)
+    # launch the next greedy decode step before reading the last one's tokens, so the host's
+    # per-step work overlaps the GPU's (lossless; needs the row-batch path of cuda_graphs)
+    overlap_decode: bool = True
 
     def __post_init__(self) -> None:
         if self.dtype != "auto" and self.dtype not in _DTYPES:

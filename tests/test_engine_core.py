@@ -129,14 +129,14 @@ def test_injected_failure_fails_one_request_and_the_others_are_exact(tiny_model_
     ref_eng.close()
     eng = _engine(tiny_model_dir)
     runner = eng.llm.runner
-    execute = runner.execute
+    launch = runner.launch
 
-    def failing_execute(out):  # one request breaks every step it is part of
+    def failing_launch(out, prev=None):  # one request breaks every step it is part of
         if any(c.request.request_id == "bad" for c in out.chunks):
             raise RuntimeError("injected fault")
-        return execute(out)
+        return launch(out, prev)
 
-    runner.execute = failing_execute
+    runner.launch = failing_launch
     specs = [eng.request_for(c, sampling) for c in convs]
     specs[5].request_id = "bad"
     handles = [eng.submit(s) for s in specs]
@@ -148,7 +148,7 @@ def test_injected_failure_fails_one_request_and_the_others_are_exact(tiny_model_
             assert h.result(60).token_ids == expected[i]
     stats = eng.stats()
     assert stats["engine"]["failed_steps"] >= 1 and stats["kv_blocks_free"] == stats["kv_blocks_total"]
-    runner.execute = execute
+    runner.launch = launch
     assert eng.generate(convs[5], sampling)[0].token_ids == expected[5]  # the engine is fine
     eng.close()
 

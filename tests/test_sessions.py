@@ -160,7 +160,7 @@ def test_row_batch_path_for_short_chunks(tiny_model_dir, hf_tiny_model):
     eng.llm.runner.enable_cuda_graphs(max_context=4096, use_graphs=False)
     graphs, rows, media = eng.llm.runner.graphs, [], []
     run = graphs.run
-    graphs.run = lambda out: (rows.append(out.num_tokens), media.append(eng.llm.runner.media_rows(out.chunks)[0] is not None), run(out))[2]
+    graphs.run = lambda out, prev=None: (rows.append(out.num_tokens), media.append(eng.llm.runner.media_rows(out.chunks)[0] is not None), run(out, prev))[2]
     _six_turns(eng, hf_tiny_model)
     assert max(rows) > 1, "no multi-row (follow-up chunk) step went through the row path"
     assert any(media), "no step with media rows (video / image embeddings) went through the row path"

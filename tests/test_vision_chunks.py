@@ -22,17 +22,17 @@ def _engine(tiny_model_dir, **options) -> Engine:
 
 
 class StepLog:
-    """Wraps runner.execute (on the engine loop): per step, the chunks (request, start,
+    """Wraps runner.launch (on the engine loop): per step, the chunks (request, start,
     num_tokens) and the vision tokens encoded; and every request whose prompt got computed but
     that still holds embeddings or encoder-cache entries (checked by the test afterwards)."""
 
     def __init__(self, runner) -> None:
-        self.runner, self.steps, self.leaks, self._execute = runner, [], [], runner.execute
-        runner.execute = self
+        self.runner, self.steps, self.leaks, self._launch = runner, [], [], runner.launch
+        runner.launch = self
 
-    def __call__(self, out):
+    def __call__(self, out, prev=None):
         before = self.runner.vision_tokens_encoded
-        result = self._execute(out)
+        result = self._launch(out, prev)
         self.steps.append(([(c.request, c.start, c.num_tokens) for c in out.chunks], self.runner.vision_tokens_encoded - before))
         for c in out.chunks:
             req = c.request

@@ -96,13 +96,16 @@ class DecodeGraphs:
             return False
         return all(len(c.request.block_table) <= self.max_blocks for c in out.chunks)
 
-    def run(self, out: SchedulerOutput):
-        """-> (logits of the rows that sample, their chunks)."""
+    def run(self, out: SchedulerOutput, prev: tuple[torch.Tensor, list] | None = None):
+        """-> (logits of the rows that sample, their chunks). prev: (tokens (S,) on the device,
+        their chunks) of the step before, whose tokens are the inputs of the pending rows."""
         rows = out.num_tokens
         g = next(x for x in self.buckets if x >= rows)
         ids, pos, slots, lens, tables, last_rows, sampling = self._host_rows(out, g)
         dev = self.media.device
         self.input_ids[:g].copy_(torch.from_numpy(ids), non_blocking=True)
+        if prev is not None:
+            self._pending_inputs(out, *prev)
         mm_rows, mm_embeds = self.runner.media_rows(out.chunks)
         if mm_rows is not None:
             mask = torch.zeros(g, 1, dtype=torch.bool)
@@ -132,6 +135,26 @@ class DecodeGraphs:
             return _rows(logits, last_rows), sampling
         return self.model.compute_logits(_rows(hidden, last_rows)), sampling
 
+    def _pending_inputs(self, out: SchedulerOutput, tokens: torch.Tensor, chunks: list) -> None:
+        """input_ids of the pending rows <- the previous step's tokens, on the device (stream
+        order: after that step's sampling). A pending chunk is one row; its token is the one
+        its request sampled in the previous step."""
+        where = {id(c.request): i for i, c in enumerate(chunks)}
+        src, dst = [], []
+        row = 0
+        for c in out.chunks:
+            if c.pending:
+                src.append(where[id(c.request)])
+                dst.append(row)
+            row += c.num_tokens
+        if not src:
+            return
+        if src == dst == list(range(len(src))):
+            self.input_ids[: len(src)].copy_(tokens[: len(src)])
+            return
+        idx = torch.tensor([src, dst], dtype=torch.long).to(tokens.device, non_blocking=True)
+        self.input_ids.index_copy_(0, idx[1], tokens.index_select(0, idx[0]))
+
     def _host_rows(self, out: SchedulerOutput, g: int):
         """The step's rows as host arrays padded to bucket g: ids (g,), positions (3, g), slots
         (g,), lengths (g,) int32, tables (g, widest table) int32; plus the rows that sample and
@@ -147,7 +170,7 @@ class DecodeGraphs:
             r, s, n = c.request, c.start, c.num_tokens
             bt = r.block_table
             if n == 1 and s >= r.prompt_len:  # a decode: position continues after the prompt
-                ids[row] = r.token_ids[s]
+                ids[row] = 0 if c.pending else r.token_ids[s]  # pending: filled on the device
                 pos[:, row] = r.next_pos + s - r.prompt_len
                 slots[row] = bt[s // bs] * bs + s % bs
                 lens[row] = s + 1

@@ -21,7 +21,7 @@ import torch
 from omnistream.cache.block_manager import BlockManager
 from omnistream.cache.prefix_hash import extend_hashes
 from omnistream.config import EngineConfig
-from omnistream.engine.model_runner import ModelRunner
+from omnistream.engine.model_runner import LaunchedStep, ModelRunner
 from omnistream.engine.protocol import EngineRequest
 from omnistream.engine.request import Request
 from omnistream.engine.scheduler import ScheduledChunk, Scheduler, SchedulerOutput
@@ -41,6 +41,13 @@ class StepResult:
 
 
 @dataclass
+class _InFlight:
+    out: SchedulerOutput
+    launched: LaunchedStep
+    t0: float  # when its launch began
+
+
+@dataclass
 class EngineCounters:
     steps: int = 0
     rows: int = 0  # tokens computed, all steps
@@ -48,6 +55,7 @@ class EngineCounters:
     decode_steps: int = 0  # steps that sampled for more than one sequence: shared forwards
     max_seqs: int = 0  # most sequences in one step
     failed_steps: int = 0  # steps whose batch raised (then re-run one request at a time)
+    overlapped_steps: int = 0  # decode steps launched before the step before them was read
 
     def as_dict(self) -> dict:
         return {**self.__dict__, "mean_seqs_per_step": self.seqs / self.steps if self.steps else 0.0}
@@ -67,6 +75,8 @@ class LLMEngine:
         self.counters = EngineCounters()
         self._ids = itertools.count()
         self._prefix = uuid.uuid4().hex[:6]
+        self.overlap = cfg.overlap_decode  # see step(); needs the row-batch path (runner.graphs)
+        self._inflight: _InFlight | None = None  # a decode step launched, its tokens not yet read
 
     # ------------------------------------------------------------------ submitting thread
     def make_request(self, spec: EngineRequest) -> Request:
@@ -103,7 +113,7 @@ class LLMEngine:
         self.scheduler.add(req)
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work()
+        return self._inflight is not None or self.scheduler.has_work()
 
     def abort(self, request_id: str) -> Request | None:
         """Ends a waiting or running request now (finish_reason "abort"), freeing its blocks."""
@@ -117,7 +127,16 @@ class LLMEngine:
 
     def step(self) -> StepResult:
         """One scheduling step. A failing batch is re-run one request at a time, so an error
-        fails the request that causes it and no other."""
+        fails the request that causes it and no other.
+
+        Overlapped decode: a greedy decode batch is left in flight; the next call launches the
+        batch after it (every request one token further, its input token taken on the device)
+        before waiting for its tokens, so the host's bookkeeping of one step runs while the GPU
+        computes the next. Lossless: the same rows with the same inputs, one step earlier."""
+        if self._inflight is not None:
+            prev, self._inflight = self._inflight, None
+            self._inflight = self._chain(prev)
+            return self._complete(prev)
         out = self.scheduler.schedule()
         result = StepResult()
         for req, err in out.rejected:
@@ -126,18 +145,65 @@ class LLMEngine:
             return result
         t0 = time.perf_counter()
         try:
-            sampled = self.runner.execute(out)
+            launched = self.runner.launch(out)
         except Exception as e:  # noqa: BLE001 - isolated below, the loop must survive
             self.counters.failed_steps += 1
             log.warning("step of %d requests failed (%s); re-running them one at a time", len(out.chunks), e)
-            sampled = self._isolate(out, result)
-        now = self.runner._now()
+            done = self._isolate(out, result)
+            launched = LaunchedStep(chunks=[c for c, _ in done], tokens=[t for _, t in done])
+        step = _InFlight(out, launched, t0)
+        if launched.chainable and self.overlap:
+            self._inflight = step  # its tokens come with the next call
+            return result
+        return self._complete(step, result)
+
+    def _chain(self, prev: "_InFlight") -> "_InFlight | None":
+        """Launches the decode batch that follows `prev` (still in flight), or None when the
+        next step needs the scheduler: someone waits, a request ends by length, blocks run
+        out, a request needs more than its next token."""
+        if self.scheduler.waiting:
+            return None
+        chunks = []
+        for c in prev.launched.chunks:
+            r = c.request
+            if r.finished:
+                continue
+            if r.metrics.output_tokens + 1 >= r.sampling.max_new_tokens:
+                continue  # its token in `prev` is its last
+            chunks.append(ScheduledChunk(r, c.start + 1, 1, pending=True))
+        running = {id(c.request) for c in chunks}
+        ending = {id(c.request) for c in prev.launched.chunks}
+        if not chunks or any(id(r) not in running and id(r) not in ending for r in self.scheduler.running):
+            return None
+        if not all(self.blocks.can_grow(c.request, c.start + 1) for c in chunks):
+            return None
+        out = SchedulerOutput(chunks, len(chunks), [])
+        if not self.runner.graphs.can_run(out):
+            return None
+        for c in chunks:
+            self.blocks.grow(c.request, c.start + 1)
+        t0 = time.perf_counter()
+        try:
+            launched = self.runner.launch(out, prev.launched)
+        except Exception as e:  # noqa: BLE001 - the normal path runs these rows again
+            log.warning("overlapped decode launch failed (%s); continuing step by step", e)
+            return None
+        self.counters.overlapped_steps += 1
+        return _InFlight(out, launched, t0)
+
+    def _complete(self, step: "_InFlight", result: StepResult | None = None) -> StepResult:
+        """Waits for a launched step's tokens and applies them (requests ended meanwhile, by
+        abort or by a stop token in the step before, are skipped)."""
+        result = result or StepResult()
+        out, t0 = step.out, step.t0
+        sampled = self.runner.collect(step.launched)
+        now = time.perf_counter() if step.launched.event is not None else self.runner._now()
         self._count(out, sampled)
         result.num_rows, result.num_seqs = out.num_tokens, len(out.chunks)
         vision_s = self.runner.last_vision_s
         for c in out.chunks:
             req = c.request
-            if req.finished:  # failed in isolation
+            if req.finished:  # failed in isolation, aborted, or stopped in the step before
                 continue
             if req.metrics.scheduled_at is None:
                 req.metrics.scheduled_at = t0
@@ -161,6 +227,7 @@ class LLMEngine:
 
     def fail_all(self, err: EngineError) -> list[Request]:
         """Ends every request in flight with `err` (a loop fault, or close)."""
+        self._inflight = None
         result = StepResult()
         for req in list(self.requests.values()):
             self._fail(req, err, result)

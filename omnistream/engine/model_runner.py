@@ -42,6 +42,49 @@ class ForwardBatch:
     sample_chunks: list[ScheduledChunk]  # the chunk of each sampled row
 
 
+@dataclass
+class LaunchedStep:
+    """A step queued on the device. `tokens` is known at once (host sampling), or `tokens_dev`
+    (S,) stays on the device and its copy in pinned memory is ready when `event` is."""
+
+    chunks: list[ScheduledChunk]  # the chunks that sample, in row order
+    tokens: list[int] | None = None
+    tokens_dev: torch.Tensor | None = None  # (S,) long on the device
+    host: torch.Tensor | None = None  # (S,) long, pinned: the copy of tokens_dev
+    event: torch.cuda.Event | None = None
+
+    @classmethod
+    def on_device(cls, chunks: list[ScheduledChunk], tokens_dev: torch.Tensor) -> "LaunchedStep":
+        if not tokens_dev.is_cuda:
+            return cls(chunks=chunks, tokens_dev=tokens_dev)
+        host = torch.empty(tokens_dev.shape, dtype=tokens_dev.dtype, pin_memory=True)
+        host.copy_(tokens_dev, non_blocking=True)  # queued now: ahead of any later launch
+        event = torch.cuda.Event()
+        event.record()
+        return cls(chunks=chunks, tokens_dev=tokens_dev, host=host, event=event)
+
+    @property
+    def chainable(self) -> bool:
+        """Its tokens can feed the next step on the device (a greedy decode batch)."""
+        return self.tokens_dev is not None
+
+    def wait(self) -> list[int]:
+        if self.tokens is None:
+            if self.event is not None:
+                self.event.synchronize()
+                self.tokens = self.host.tolist()
+            else:
+                self.tokens = self.tokens_dev.tolist()
+        return self.tokens
+
+
+def _plain_decode(c: ScheduledChunk) -> bool:
+    """A one-token decode of a greedy request that wants nothing but its token."""
+    r = c.request
+    return (c.num_tokens == 1 and c.start >= r.prompt_len and r.sampling.greedy and not r.want_logits
+            and r.top_logprobs is None and r.forced is None and r.kv is None)
+
+
 class ModelRunner:
     def __init__(self, model: MultimodalLM, num_blocks: int, block_size: int, device: torch.device, dtype: torch.dtype, max_vision_patches: int = 65536) -> None:
         self.model = model
@@ -310,10 +353,19 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> list[tuple[ScheduledChunk, int]]:
         """Runs one step; returns (chunk, sampled token) for every chunk that samples."""
+        return self.collect(self.launch(out))
+
+    def launch(self, out: SchedulerOutput, prev: "LaunchedStep | None" = None) -> "LaunchedStep":
+        """Queues one step on the device. Greedy decode steps keep their tokens on the device
+        (copied to pinned host memory behind an event), so the next step can be launched before
+        they are read; others sample here. prev: the step whose device tokens are the inputs of
+        this one's pending rows (ScheduledChunk.pending)."""
         self.encode_media(out.chunks)
-        if self.graphs is not None and self.graphs.can_run(out):
-            logits, chunks = self.graphs.run(out)
+        graphed = self.graphs is not None and self.graphs.can_run(out)
+        if graphed:
+            logits, chunks = self.graphs.run(out, None if prev is None else (prev.tokens_dev, prev.chunks))
         else:
+            assert prev is None, "pending rows run only through the row-batch (graph) path"
             batch = self.prepare(out)
             embeds = self.model.embed(batch.input_ids, batch.mm_rows, batch.mm_embeds)
             hidden = self.model(embeds, batch.positions, self.kv_caches, batch.meta)
@@ -323,13 +375,20 @@ class ModelRunner:
             if c.request.media and c.start < c.request.prompt_len <= c.start + c.num_tokens:
                 self.release(c.request)
         if not chunks:
-            return []
+            return LaunchedStep(chunks=[], tokens=[])
         logits = logits.float()  # (S, vocab)
         reqs = [c.request for c in chunks]
+        if graphed and not self.keep_logits and all(_plain_decode(c) for c in chunks):
+            return LaunchedStep.on_device(chunks, logits.argmax(dim=-1))  # what sample() gives greedy rows
         self._keep_logits(reqs, logits)
         tokens = sample(logits, [r.sampling for r in reqs], [r.generator for r in reqs])
         self._logprobs(reqs, logits, tokens)
-        return list(zip(chunks, tokens))
+        return LaunchedStep(chunks=chunks, tokens=tokens)
+
+    @staticmethod
+    def collect(step: "LaunchedStep") -> list[tuple[ScheduledChunk, int]]:
+        """Waits for a launched step's tokens (only that step: later launches keep running)."""
+        return list(zip(step.chunks, step.wait()))
 
     def _keep_logits(self, reqs: list, logits: torch.Tensor) -> None:
         """req.logits += the sampled row (vocab,) on the host, for the requests that want them

@@ -32,11 +32,14 @@ class ScheduledChunk:
     request: Request
     start: int  # first token index computed in this step (= num_computed_tokens)
     num_tokens: int  # tokens computed in this step
+    # a decode whose input token is still on the device (sampled by the step in flight before
+    # this one: llm_engine's overlapped decode); it always samples
+    pending: bool = False
 
     @property
     def samples(self) -> bool:
         """True when this chunk reaches the end of the known tokens: a new token is sampled."""
-        return self.start + self.num_tokens == self.request.num_tokens
+        return self.pending or self.start + self.num_tokens == self.request.num_tokens
 
 
 @dataclass
