@@ -252,3 +252,41 @@ def test_sizes_and_lists_parse():
     for bad in ("-1", "GiB", "1 parsec"):
         with pytest.raises(argparse.ArgumentTypeError):
             options.parse_bytes(bad)
+
+
+# ---------------------------------------------------------------------------------- docs
+REFERENCE = REPO / "docs" / "reference.md"
+
+
+def _flags_of(*cmd: str) -> set[str]:
+    parser = build_parser()
+    for name in cmd:
+        parser = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[name]
+    return {s for a in parser._actions for s in a.option_strings if s.startswith("--") and s != "--help"}
+
+
+@pytest.mark.parametrize("cmd", [("ask",), ("demo",), ("stream",), ("serve",), ("bench", "serve")])
+def test_reference_lists_every_flag(cmd):
+    text = REFERENCE.read_text()
+    missing = sorted(f for f in _flags_of(*cmd) if f"`{f}" not in text and f"{f}`" not in text and f" {f} " not in text)
+    assert not missing, f"docs/reference.md lacks {missing} of {' '.join(cmd)}"
+
+
+def test_reference_lists_every_route_and_metric(tiny_model_dir):
+    from starlette.testclient import TestClient
+
+    from omnistream.entrypoints.api import Engine
+    from omnistream.server.app import build_app
+
+    text = REFERENCE.read_text()
+    with Engine.from_pretrained(tiny_model_dir, device="cpu", kv_cache_tokens=1024) as engine:
+        app = build_app(engine)
+        paths = {r.path for r in app.routes}
+        with TestClient(app) as client:
+            exposition = client.get("/metrics").text
+    assert not sorted(p for p in paths if f"`{p}" not in text), "routes missing from docs/reference.md"
+    types = [line.split()[2:4] for line in exposition.splitlines() if line.startswith("# TYPE")]
+    families = {re.sub(r"_total$", "", name) if kind == "counter" else name for name, kind in types
+                if not name.endswith("_created")}  # prometheus-client's creation-time gauges
+    assert len(families) > 10
+    assert not sorted(f for f in families if f"`{f}`" not in text), "metrics missing from docs/reference.md"
