@@ -52,6 +52,7 @@ from omnistream.sessions.session import PendingAnswer
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_OUTPUT_TOKENS = 128
+INTAKE_QUEUE = 64  # frames / questions received but not yet decoded or started (then the socket waits)
 FRAME_FORMATS = ["JPEG", "PNG", "WEBP"]  # what a camera page or client sends; nothing exotic is parsed
 
 
@@ -126,6 +127,7 @@ class Response:
     """One answer in flight."""
 
     id: str
+    event_id: str | None = None  # of the client's response.create (errors name it)
     task: asyncio.Task | None = None
     answer: PendingAnswer | None = None  # once LiveSession.start returned
     cancelled: bool = False  # response.cancel arrived
@@ -144,6 +146,10 @@ class RealtimeConnection:
         self.responses: dict[str, Response] = {}
         self.opened = time.monotonic()
         self.last_ts = -math.inf  # of the last frame accepted
+        self.frames_accepted = 0  # frames queued for the live session (decoded or not yet)
+        # frames and answers to start, in the order the client sent them (see _intake_loop)
+        self._intake: asyncio.Queue = asyncio.Queue(maxsize=INTAKE_QUEUE)
+        self._intake_task: asyncio.Task | None = None
         self._send_lock = asyncio.Lock()
         self._events = 0
         self._closing = False
@@ -162,6 +168,7 @@ class RealtimeConnection:
             return
         try:
             await self.send({"type": "session.created", "session": self._describe()})
+            self._intake_task = asyncio.get_running_loop().create_task(self._intake_loop())
             await self._receive_loop()
         finally:
             await self._shutdown()
@@ -204,7 +211,7 @@ class RealtimeConnection:
         changes = fields.model_dump(exclude_none=True, exclude={"model", "modalities"})
         new = replace(self.config, **changes)
         if new != self.config:
-            if self.live.frames_received or self.live.turns or self.responses:
+            if self.frames_accepted or self.live.turns or self.responses:
                 raise EventError("session.update: frame memory, frame size, policy and instructions can be changed "
                                  "only before the first frame and question", "session_in_use", "session")
             live = await asyncio.to_thread(new.open, self.state, self.tenant)  # ConfigError -> error event
@@ -223,8 +230,9 @@ class RealtimeConnection:
             raw = base64.b64decode(image, validate=True)
         except (binascii.Error, ValueError):
             raise EventError("input_image_buffer.append: `image` is not valid base64", "invalid_base64", "image") from None
-        await asyncio.to_thread(self._add_frame, raw, ts)
-        self.last_ts = ts
+        self.last_ts = ts  # taken even if the bytes do not decode: timestamps only move forward
+        self.frames_accepted += 1
+        await self._intake.put(("frame", raw, ts, event.get("event_id")))  # waits only when decoding is far behind
 
     def _add_frame(self, raw: bytes, ts: float) -> None:
         """Decode (this worker thread) and queue the frame; the live session's worker ingests it."""
@@ -266,11 +274,12 @@ class RealtimeConnection:
         sampling = SamplingParams(temperature=fields.temperature or 0.0, top_p=fields.top_p or 1.0, seed=fields.seed,
                                   max_new_tokens=fields.max_output_tokens or DEFAULT_MAX_OUTPUT_TOKENS)
         question, self.question = "\n".join(self.question), []
-        r = Response(f"resp_{uuid.uuid4().hex[:16]}")
+        r = Response(f"resp_{uuid.uuid4().hex[:16]}", event.get("event_id"))
+        self.registry.hold(self.id, self.tenant, "live")  # not expired while it answers (released by _end)
         self.responses[r.id] = r
         await self.send({"type": "response.created", "response": {
             "id": r.id, "object": "realtime.response", "status": "in_progress", "output": []}})
-        r.task = asyncio.get_running_loop().create_task(self._respond(r, question, sampling))
+        await self._intake.put(("answer", r, question, sampling))
 
     async def _response_cancel(self, event: dict) -> None:
         rid = event.get("response_id")
@@ -279,7 +288,7 @@ class RealtimeConnection:
             raise EventError(f"no response {rid!r} in flight" if rid else "no response in flight", "response_not_found",
                              "response_id")
         for r in targets:
-            r.cancelled = True
+            r.cancelled = True  # one still waiting to start never starts
             if r.answer is not None:
                 r.answer.abort()  # the stream ends; response.done says "cancelled"
 
@@ -291,40 +300,93 @@ class RealtimeConnection:
         "response.cancel": _response_cancel,
     }
 
+    # ------------------------------------------------------------------ intake
+    async def _intake_loop(self) -> None:
+        """Frames and questions in the order they were sent: a frame is decoded (worker thread)
+        and queued for the live session; a question is started (LiveSession.start: it waits for
+        the frames before it and snapshots its context), so it sees exactly the frames sent
+        before it, then streams in its own task while later frames go on. The receive loop
+        only validates and enqueues: it never waits for decoding or an answer."""
+        while not self._closing:
+            kind, *args = await self._intake.get()
+            if kind == "frame":
+                raw, ts, event_id = args
+                try:
+                    await asyncio.to_thread(self._add_frame, raw, ts)
+                except Exception as e:  # noqa: BLE001 - this frame alone is refused
+                    if not isinstance(e, UserInputError):
+                        log.exception("realtime %s: frame failed", self.id)
+                    await self._send_error(e, event_id)
+            else:
+                r, question, sampling = args
+                try:
+                    await self._start(r, question, sampling)
+                except WebSocketDisconnect:
+                    return  # the receive loop sees the disconnect and cleans up
+
+    def _add_frame(self, raw: bytes, ts: float) -> None:
+        """Decode (this worker thread) and queue the frame; the live session's worker ingests it."""
+        try:
+            frame = decode_frame(raw, self.state.config.max_image_pixels)
+        except UserInputError as e:
+            raise EventError(f"input_image_buffer.append: {e}", getattr(e, "code", None) or "invalid_image", "image") from None
+        self.live.add_frame(frame, ts)
+
     # ------------------------------------------------------------------ answers
-    async def _respond(self, r: Response, question: str, sampling: SamplingParams) -> None:
-        """One answer: start (waits for earlier frames), stream deltas, response.done."""
+    async def _start(self, r: Response, question: str, sampling: SamplingParams) -> None:
         live = self.live
         try:
-            with self.registry.use(self.id, self.tenant, "live"):  # not expired while it answers
-                await self._stream(r, live, question, sampling)
+            if not r.cancelled:
+                r.answer = await start_in_thread(lambda: live.start(question, sampling))
+                if r.cancelled:
+                    r.answer.abort()
+        except Exception as e:  # noqa: BLE001 - no frames yet, a budget: reported, the session goes on
+            await self._failed(r, e)
+            return
+        except BaseException:
+            self._end(r)
+            raise
+        r.task = asyncio.get_running_loop().create_task(self._stream(r, live))
+
+    async def _stream(self, r: Response, live: LiveSession) -> None:
+        """Deltas, then response.done with the metrics (or cancelled / failed)."""
+        try:
+            if r.answer is None:  # cancelled before it started
+                await self.send({"type": "response.done", "response": _cancelled(r.id)})
+                return
+            async for delta in r.answer.handle:
+                if delta.text:
+                    await self.send({"type": "response.output_text.delta", "response_id": r.id, "item_id": r.id,
+                                     "output_index": 0, "content_index": 0, "delta": delta.text})
+            res = await asyncio.to_thread(r.answer.finish)
+            await self.send({"type": "response.done", "response": _done(r.id, res, live)})
+        except WebSocketDisconnect:
+            pass  # the socket is gone: the receive loop ends and cleans up
         except asyncio.CancelledError:
             raise
-        except WebSocketDisconnect as e:
-            if not self._closing:  # the socket went away while we wrote: the loop ends soon
-                log.debug("realtime %s: send failed: %s", self.id, e)
         except Exception as e:  # noqa: BLE001 - reported to the client; the session goes on
-            if not isinstance(e, (UserInputError, EngineError)):
-                log.exception("realtime %s: answer failed", self.id)
-            await self._send_error(e)
+            await self._failed(r, e)
+        finally:
+            self._end(r)
+
+    async def _failed(self, r: Response, e: Exception) -> None:
+        if not isinstance(e, (UserInputError, EngineError)):
+            log.exception("realtime %s: answer failed", self.id)
+        try:
+            await self._send_error(e, r.event_id)
             await self.send({"type": "response.done", "response": {
                 "id": r.id, "object": "realtime.response", "status": "failed", "output": [],
                 "status_details": {"type": "failed", "error": as_api_error(e).body()["error"]}}})
         finally:
-            if r.answer is not None:
-                r.answer.abort()  # no-op once finished
-            self.responses.pop(r.id, None)
+            self._end(r)
 
-    async def _stream(self, r: Response, live: LiveSession, question: str, sampling: SamplingParams) -> None:
-        r.answer = await start_in_thread(lambda: live.start(question, sampling))
-        if r.cancelled:
-            r.answer.abort()
-        async for delta in r.answer.handle:
-            if delta.text:
-                await self.send({"type": "response.output_text.delta", "response_id": r.id, "item_id": r.id,
-                                 "output_index": 0, "content_index": 0, "delta": delta.text})
-        res = await asyncio.to_thread(r.answer.finish)
-        await self.send({"type": "response.done", "response": _done(r.id, res, live)})
+    def _end(self, r: Response) -> None:
+        """The answer is over (any way): the session is free for the next one."""
+        if self.responses.pop(r.id, None) is None:
+            return
+        if r.answer is not None:
+            r.answer.abort()  # no-op once finished
+        self.registry.release(self.entry)
 
     # ------------------------------------------------------------------ output
     async def send(self, event: dict) -> None:
@@ -369,10 +431,13 @@ class RealtimeConnection:
     async def _shutdown(self) -> None:
         """Socket gone: abort the answers, close the live session (KV freed, worker stopped)."""
         self._closing = True
-        tasks = [r.task for r in self.responses.values() if r.task is not None]
+        tasks = [r.task for r in self.responses.values() if r.task is not None] + [self._intake_task]
         for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+            if t is not None:
+                t.cancel()
+        await asyncio.gather(*(t for t in tasks if t is not None), return_exceptions=True)
+        for r in list(self.responses.values()):  # started answers were aborted by their tasks
+            self._end(r)
         self.registry.discard(self.id)
         await asyncio.to_thread(self.live.close)
 
@@ -390,8 +455,12 @@ def decode_frame(raw: bytes, max_pixels: int) -> np.ndarray:
                     raise TooLarge(f"a frame of {image.width}x{image.height} pixels is over the limit of {max_pixels}")
                 image.load()
                 return load_image(image)
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
-        raise MediaError(f"not a JPEG, PNG or WebP image ({type(e).__name__}: {' '.join(str(e).split())})") from None
+    except Image.DecompressionBombError as e:  # PIL's own (higher) limit, from the header as well
+        raise TooLarge(f"a frame over the limit of {max_pixels} pixels ({e})") from None
+    except UnidentifiedImageError:
+        raise MediaError("not a JPEG, PNG or WebP image") from None
+    except (OSError, ValueError, SyntaxError, EOFError) as e:  # truncated, corrupt
+        raise MediaError(f"cannot decode the image: {' '.join(str(e).split()) or type(e).__name__}") from None
 
 
 def _parse(text: str) -> dict:
@@ -441,6 +510,11 @@ def _done(rid: str, res: RequestOutput, live: LiveSession) -> dict[str, Any]:
                   "input_token_details": {"cached_tokens": m.cached_tokens}},
         "metrics": metrics,
     }
+
+
+def _cancelled(rid: str) -> dict[str, Any]:
+    return {"id": rid, "object": "realtime.response", "status": "cancelled", "output": [], "output_text": "",
+            "status_details": {"type": "cancelled", "reason": "client_cancelled"}}
 
 
 def _ms(seconds: float | None) -> float | None:
