@@ -22,6 +22,10 @@ from omnistream.engine.protocol import OutputDelta, RequestOutput, TokenLogprob
 
 
 class RequestHandle:
+    """A submitted request, from the caller's side: iterate it (`for` or `async for`) for
+    OutputDeltas as tokens arrive, `result()` / `await aresult()` for the RequestOutput,
+    `abort()` to stop it. Any number of threads and asyncio tasks may read it at once."""
+
     def __init__(self, request_id: str, decode: Callable[[list[int]], str], abort: Callable[[str], None]) -> None:
         self.request_id = request_id
         self._decode = decode

@@ -135,6 +135,9 @@ class OutputDelta:
 
 @dataclass
 class RequestOutput:
+    """The end of one request: every generated token and its text, why it ended, its metrics
+    (and logits / logprobs when asked). `handle.result()` returns it, or raises `error`."""
+
     request_id: str
     token_ids: list[int]
     text: str

@@ -13,6 +13,11 @@ from omnistream.errors import UserInputError
 
 @dataclass(frozen=True)
 class SamplingParams:
+    """How one request picks its tokens: greedy by default (temperature 0), else temperature /
+    top-k / top-p sampling from a per-request generator (`seed`: the same seed, the same
+    tokens), for at most `max_new_tokens`. Validated when built: a bad field raises
+    UserInputError naming it."""
+
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 = off

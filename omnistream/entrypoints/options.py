@@ -102,6 +102,7 @@ def field_comments(cls: type) -> dict[str, str]:
         lines = inspect.getsource(cls).splitlines()
     except (OSError, TypeError):  # no source (frozen install): flags without help text
         return {}
+    names = {f.name for f in dataclasses.fields(cls)}  # a docstring line that looks like a field is not one
     out: dict[str, str] = {}
     pending: list[str] = []
     for line in lines:
@@ -110,7 +111,7 @@ def field_comments(cls: type) -> dict[str, str]:
             pending.append(stripped.lstrip("#").strip())
             continue
         m = re.match(r"\s+(\w+)\s*:[^=#]*(?:=[^#]*)?(?:#\s*(.*))?$", line)
-        if m and not stripped.startswith(("def ", "@", "return")):
+        if m and m.group(1) in names:
             out[m.group(1)] = _for_cli(m.group(2) or _first_clause(" ".join(pending)))
         pending = []
     return out
