@@ -5,6 +5,7 @@ option as a flag, one-line errors for bad flag values."""
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import queue
 import re
@@ -290,3 +291,31 @@ def test_reference_lists_every_route_and_metric(tiny_model_dir):
                 if not name.endswith("_created")}  # prometheus-client's creation-time gauges
     assert len(families) > 10
     assert not sorted(f for f in families if f"`{f}`" not in text), "metrics missing from docs/reference.md"
+
+
+# ---------------------------------------------------------------------------------- progress
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_bar_only_on_a_terminal_and_only_for_long_work():
+    from omnistream.entrypoints.progress import Progress
+
+    tty = _Terminal()
+    with Progress("quick", stream=tty, delay_s=0.5):
+        pass  # done before the delay: nothing drawn
+    assert tty.getvalue() == ""
+    with Progress("loading model demo", stream=tty, delay_s=0.05):
+        time.sleep(0.5)  # unknown length: the ticker redraws the elapsed time
+    assert "loading model demo" in tty.getvalue()
+    tty = _Terminal()
+    with Progress("answer", total=10, unit="tok", stream=tty, delay_s=0.05) as bar:
+        time.sleep(0.1)
+        bar.update(4)
+        time.sleep(0.3)
+    assert "answer" in tty.getvalue() and "4/10" in tty.getvalue()
+    pipe = io.StringIO()  # not a terminal: never drawn
+    with Progress("loading", stream=pipe, delay_s=0.0):
+        time.sleep(0.3)
+    assert pipe.getvalue() == ""
