@@ -87,12 +87,6 @@ _USER_ERRORS: list[tuple[type[Exception], int, str]] = [
 ]
 
 
-def error_response(status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
-                   code: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
-    body = {"error": {"message": message, "type": type, "param": param, "code": code}}
-    return JSONResponse(body, status_code=status, headers=headers)
-
-
 def as_api_error(exc: BaseException) -> APIError:
     """Any exception -> the APIError it is answered with (streams send it as an SSE event)."""
     if isinstance(exc, APIError):
