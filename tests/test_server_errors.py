@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import random
 import resource
 import struct
 import time
@@ -41,6 +42,8 @@ def files(tmp_path_factory):
     write_image(root / "ok.png", width=64, height=48)
     write_image(base / "outside.png", width=64, height=48)
     os.symlink(base / "outside.png", root / "link.png")
+    os.symlink(root / "loop-b", root / "loop-a")
+    os.symlink(root / "loop-a", root / "loop-b")
     (root / "notes.txt").write_text("just some text, not an image\n" * 10)
     video = write_sample_video(root / "clip.mp4", seconds=1.4, fps=10, width=112, height=112)
     write_sample_video(root / "long.mp4", seconds=2, fps=4, width=112, height=112)
@@ -208,7 +211,32 @@ def test_paths_outside_the_allowed_root(client, files):
         body = rejected(client, 403, image_part(src))
         assert body["code"] == "media_path_forbidden" and "outside the allowed media path" in body["message"], src
     assert "not found" in rejected(client, 400, image_part("missing.png"))["message"]
+    for src in ("loop-a", "bad\x00name.png", "x" * 5000):  # symlink loop, NUL byte, name too long
+        rejected(client, 400, image_part(src))
     assert rejected(client, 400, image_part("https://example.com/cat.png"))["code"] == "remote_media_disabled"
+
+
+def test_corrupted_media_is_never_a_server_error(client, base_url, files):
+    """Random byte flips and cuts of a valid PNG and MP4: each answer is a 200 or a 4xx."""
+    rng = random.Random(0)
+    cases = []
+    for name, mime in (("ok.png", "image/png"), ("clip.mp4", "video/mp4")):
+        good = (files["root"] / name).read_bytes()
+        for i in range(12):
+            data = bytearray(good)
+            if i % 3 == 0:
+                data = data[: rng.randrange(8, len(data))]
+            for _ in range(rng.choice([1, 8, 64])):
+                data[rng.randrange(len(data))] = rng.randrange(256)
+            kind = "image_url" if mime.startswith("image") else "video_url"
+            cases.append([{"type": kind, kind: {"url": data_url(bytes(data), mime)}}, {"type": "text", "text": "?"}])
+    cases.append("a literal <|video_pad|> in the text")
+    headers = {"authorization": f"Bearer {KEY}"}
+    for content in cases:
+        r = httpx.post(base_url + "/v1/chat/completions", headers=headers, timeout=60,
+                       json={"model": MODEL, "messages": [{"role": "user", "content": content}], "max_tokens": 1})
+        assert r.status_code in (200, 400, 413), r.text
+    assert_serving(client)
 
 
 def test_body_over_the_limit(client, base_url):

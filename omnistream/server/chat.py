@@ -19,7 +19,6 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from fastapi import FastAPI, Request
@@ -149,22 +148,24 @@ async def _submit(state: ServerState, request: Request, body: ChatCompletionRequ
     arrival = time.perf_counter()
     resolver: MediaResolver = state.extras["media"]
     prepared = await resolver.prepare(body.messages, body.mm_processor_kwargs, tenant)
-    fut: Future = asyncio.get_running_loop().run_in_executor(
+    fut: asyncio.Future = asyncio.get_running_loop().run_in_executor(
         None, _prepare_requests, state, body, prepared, tenant, arrival)
     try:
         prompt_len, handles = await asyncio.shield(fut)
-    except asyncio.CancelledError:  # the client left while the thread submitted: abort once it is done
-        fut.add_done_callback(lambda f: [h.abort() for h in f.result()[1]] if not f.exception() else None)
+    except asyncio.CancelledError:  # the client left while the thread submitted
+        fut.add_done_callback(_abort_submitted)
         raise
-    return _job(state, request, body, prepared, prompt_len, handles)
-
-
-def _job(state: ServerState, request: Request, body: ChatCompletionRequest, prepared: PreparedMessages,
-         prompt_len: int, answers: list) -> ChatJob:
     rid = request.scope.get("state", {}).get("request_id") or uuid.uuid4().hex
     return ChatJob(id=f"chatcmpl-{rid}", model=state.model_name, body=body, prompt_tokens=prompt_len,
-                   prepared=prepared, choices=[ChoiceRun(i, a, StopText(body.stop_strings)) for i, a in enumerate(answers)],
+                   prepared=prepared, choices=[ChoiceRun(i, h, StopText(body.stop_strings)) for i, h in enumerate(handles)],
                    token_text=state.extras["token_text"], observe=getattr(state.extras.get("metrics"), "observe", None))
+
+
+def _abort_submitted(fut: asyncio.Future) -> None:
+    """Nobody will read these requests: abort them as soon as the thread has submitted them."""
+    if fut.exception() is None:
+        for h in fut.result()[1]:
+            h.abort()
 
 
 def _logprobs(body: ChatCompletionRequest) -> int | None:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import hashlib
 import io
 import logging
@@ -210,17 +211,23 @@ class MediaResolver:
             raise Forbidden("local media files are disabled on this server (start it with --allowed-media-path)")
         raw = unquote(urlparse(url).path) if url.lower().startswith("file://") else url
         path = _inside(Path(root), raw)
-        size = path.stat().st_size
-        if kind == "image" and size > self.config.max_body_bytes:
-            raise TooLarge(f"image file of {size} bytes exceeds the limit of {self.config.max_body_bytes}")
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            while chunk := f.read(_READ_CHUNK):
-                digest.update(chunk)
+        try:
+            if kind == "image":  # small: read once, decoded from memory
+                size = path.stat().st_size
+                if size > self.config.max_body_bytes:
+                    raise TooLarge(f"image file of {size} bytes exceeds the limit of {self.config.max_body_bytes}")
+                data = path.read_bytes()
+                return _Source(hashlib.sha256(data).hexdigest(), data=data, label=raw)
+            digest = hashlib.sha256()  # a video may be long: hashed as it is read, decoded from the file
+            with open(path, "rb") as f:
+                while chunk := f.read(_READ_CHUNK):
+                    digest.update(chunk)
+        except OSError as e:
+            raise MediaError(f"cannot read {raw!r}: {e.strerror}") from None
         return _Source(digest.hexdigest(), path=path, label=raw)
 
     def _image(self, src: _Source, opts: MediaOptions) -> MediaItem:
-        data = src.data if src.data is not None else src.path.read_bytes()
+        data = src.data
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -233,7 +240,7 @@ class MediaResolver:
         w, h = image.size
         if w * h > self.config.max_image_pixels:
             raise TooLarge(f"image of {w}x{h} pixels exceeds the limit of {self.config.max_image_pixels} pixels")
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _hostile(src.label):
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             return self.processor.process_image(image, min_pixels=opts.min_pixels, max_pixels=opts.max_pixels)
 
@@ -247,9 +254,10 @@ class MediaResolver:
 
     def _video_file(self, path: Path, label: str, opts: MediaOptions) -> MediaItem:
         try:
-            self._check_video_header(path, opts)
-            item = self.processor.process_video(path, fps=opts.fps, nframes=opts.nframes,
-                                                min_pixels=opts.min_pixels, max_pixels=opts.max_pixels)
+            with _hostile(label):
+                self._check_video_header(path, opts)
+                item = self.processor.process_video(path, fps=opts.fps, nframes=opts.nframes,
+                                                    min_pixels=opts.min_pixels, max_pixels=opts.max_pixels)
         except (MediaError, UserInputError) as e:
             if isinstance(e, APIError):
                 raise
@@ -272,6 +280,20 @@ class MediaResolver:
         if sampled > cfg.max_video_frames:
             raise TooLarge(f"video would sample {sampled} frames, over the limit of {cfg.max_video_frames} "
                            "(ask for a lower fps or fewer nframes)")
+
+
+@contextlib.contextmanager
+def _hostile(label: str):
+    """Decoding untrusted bytes: whatever a decoder raises on them (PIL and FFmpeg raise
+    SyntaxError, struct.error, zlib.error, ... on crafted files) is the media's fault, a 400.
+    Logged with its traceback in case it is ours after all."""
+    try:
+        yield
+    except (UserInputError, APIError):
+        raise
+    except Exception as e:  # noqa: BLE001
+        log.warning("decoding %s failed", label, exc_info=True)
+        raise MediaError(f"cannot decode {label}: {type(e).__name__}: {_one_line(e)}") from None
 
 
 def _located(e: Exception, where: str) -> APIError:
@@ -299,12 +321,19 @@ def _inside(root: Path, raw: str) -> Path:
     """`raw` (absolute, or relative to root) resolved with its symlinks; refused unless the
     result is a regular file under root's resolved path. The message never says whether a
     refused path exists."""
-    root = root.resolve()
-    candidate = Path(raw) if os.path.isabs(raw) else root / raw
-    real = candidate.resolve()
-    if not real.is_relative_to(root):
+    if not raw or "\x00" in raw:
+        raise BadRequest("empty media path, or a NUL byte in it")
+    try:
+        root = root.resolve()
+        candidate = Path(raw) if os.path.isabs(raw) else root / raw
+        real = candidate.resolve()
+        inside = real.is_relative_to(root)
+        found = inside and real.is_file()
+    except (OSError, RuntimeError) as e:  # name too long, symlink loop
+        raise MediaError(f"cannot open media path {raw!r}: {_one_line(e)}") from None
+    if not inside:
         raise Forbidden(f"{raw!r} is outside the allowed media path")
-    if not real.is_file():
+    if not found:
         raise MediaError(f"media file not found: {raw!r}")
     return real
 
@@ -327,6 +356,8 @@ def _probe(path: Path) -> tuple[float, int, float, int, int]:
             if not c.streams.video:
                 raise MediaError("no video stream in the file")
             s = c.streams.video[0]
+            if s.codec_context is None:  # a stream whose codec FFmpeg does not know (crafted header)
+                raise MediaError("the video stream has no decodable codec")
             rate = next((float(r) for r in (s.average_rate, s.guessed_rate, s.base_rate) if r and r > 0), 0.0)
             if rate <= 0:
                 raise MediaError("cannot determine the video's frame rate")
@@ -338,7 +369,7 @@ def _probe(path: Path) -> tuple[float, int, float, int, int]:
                 seconds = s.frames / rate
             frames = s.frames or max(1, round(seconds * rate))
             return rate, frames, seconds, s.codec_context.width, s.codec_context.height
-    except av.FFmpegError as e:
+    except (av.FFmpegError, OSError, ValueError) as e:
         raise MediaError(f"not a readable video: {_one_line(e)}") from None
 
 

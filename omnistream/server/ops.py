@@ -81,6 +81,8 @@ class RequestLogMiddleware:
 
         try:
             await self.app(scope, receive, send_with_id)
+        except asyncio.CancelledError:  # shutdown, or the client's connection is gone
+            raise
         except BaseException:
             status = status or 500
             raise
