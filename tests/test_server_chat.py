@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import logging
 import re
+import time
 
 import httpx
 import openai
@@ -79,6 +80,9 @@ def test_access_log_line_per_request(client, caplog):
                                        extra_headers={"x-request-id": "trace-log-1"}, **GREEDY)
         with pytest.raises(openai.NotFoundError):
             client.models.with_raw_response.retrieve("x", extra_headers={"x-request-id": "trace-log-2"})
+        deadline = time.monotonic() + 5  # the line is written once the response has been sent
+        while sum("trace-log-" in r.getMessage() for r in caplog.records) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
     lines = [r.getMessage() for r in caplog.records if r.name == "omnistream.server.access"]
     [one] = [x for x in lines if x.startswith("trace-log-1 ")]
     [two] = [x for x in lines if x.startswith("trace-log-2 ")]
