@@ -237,12 +237,20 @@ class Sample:
     threads: int
     running: int
     kv_free: int
+    cache_bytes: int  # the bounded caches that fill while warming up: encoder cache (both tiers) + media cache
 
 
-async def sampler(engine, start: float, deadline: float, every_s: float, samples: list[Sample]) -> None:
+def cache_bytes(app, stats: dict) -> int:
+    enc = stats.get("encoder_cache") or {}
+    media = app.state.omni.extras.get("media")
+    return enc.get("bytes", 0) + enc.get("cpu_bytes", 0) + (getattr(getattr(media, "cache", None), "bytes", 0) or 0)
+
+
+async def sampler(app, engine, start: float, deadline: float, every_s: float, samples: list[Sample]) -> None:
     while True:
         stats = await asyncio.to_thread(engine.stats)
-        samples.append(Sample(time.monotonic() - start, rss_bytes(), threading.active_count(), stats["requests_running"], stats["kv_blocks_free"]))
+        samples.append(Sample(time.monotonic() - start, rss_bytes(), threading.active_count(), stats["requests_running"],
+                              stats["kv_blocks_free"], cache_bytes(app, stats)))
         if time.monotonic() >= deadline:
             return
         await asyncio.sleep(min(every_s, max(0.0, deadline - time.monotonic())))
@@ -274,14 +282,15 @@ async def wait_idle(engine, timeout_s: float) -> dict:
         await asyncio.sleep(0.2)
 
 
-async def drive(app, engine, url: str, minutes: float, clients_per_kind: int, sample_s: float, tmp: Path) -> dict:
-    kinds = client_kinds(app)
+async def drive(app, engine, url: str, minutes: float, clients_per_kind: int, sample_s: float, tmp: Path,
+                only: list[str] | None = None) -> dict:
+    kinds = [k for k in client_kinds(app) if not only or k in only]
     media = {"images": [_png(56, s) for s in range(4)], "video": _mp4(tmp), "frames": _jpeg_frames(4, 112, 0)}
     start = time.monotonic()
     deadline = start + minutes * 60
     tally, samples = Tally(), []
     tasks = [client_loop(k, url, deadline, tally, media) for k in kinds for _ in range(clients_per_kind)]
-    await asyncio.gather(sampler(engine, start, deadline, sample_s, samples), *tasks)
+    await asyncio.gather(sampler(app, engine, start, deadline, sample_s, samples), *tasks)
     idle = await wait_idle(engine, SETTLE_TIMEOUT_S)
     await asyncio.sleep(1.0)  # idle sessions' TTL sweeps, handles' last wake-ups
     idle = await asyncio.to_thread(engine.stats)
@@ -316,6 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clients-per-kind", type=int, default=1, help="concurrent clients of each kind (default: 1)")
     p.add_argument("--sample-s", type=float, default=5.0, help="seconds between RSS samples (default: 5)")
     p.add_argument("--warmup-fraction", type=float, default=0.2, help="share of the run before RSS must stay flat (default: 0.2)")
+    p.add_argument("--kinds", default=None, help="only these client kinds, comma separated (to find what grows); default: all served")
     p.add_argument("--json", default=None, help="write the samples and counts here")
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -330,7 +340,8 @@ def main(argv: list[str] | None = None) -> int:
     app = build_app(engine, ServerConfig(served_model_name=MODEL))
     with tempfile.TemporaryDirectory(prefix="omnistream-soak-") as tmp, BackgroundServer(app) as server:
         print(f"soak: {server.url}, demo model on the CPU, {args.minutes:g} min, {args.clients_per_kind} client(s) per kind", flush=True)
-        result = asyncio.run(drive(app, engine, server.url, args.minutes, args.clients_per_kind, args.sample_s, Path(tmp)))
+        only = args.kinds.split(",") if args.kinds else None
+        result = asyncio.run(drive(app, engine, server.url, args.minutes, args.clients_per_kind, args.sample_s, Path(tmp), only))
         registry = app.state.omni.extras.get("sessions")
         registry_counts = registry.counts() if registry is not None and hasattr(registry, "counts") else None
     engine.close()
@@ -355,7 +366,8 @@ def print_summary(result: dict, rows: list[tuple[str, bool, str]]) -> None:
     for kind, codes in sorted(tally.statuses.items()):
         print(f"  {kind:<12} " + ", ".join(f"{c}: {n}" for c, n in sorted(codes.items(), key=str)))
     for s in result["samples"][:: max(1, len(result["samples"]) // 12)]:
-        print(f"  t={s.t:6.0f} s  RSS {s.rss / 2**20:8.1f} MiB  threads {s.threads:3d}  running {s.running:2d}  kv free {s.kv_free}")
+        print(f"  t={s.t:6.0f} s  RSS {s.rss / 2**20:8.1f} MiB  caches {s.cache_bytes / 2**20:7.1f} MiB  threads {s.threads:3d}  "
+              f"running {s.running:2d}  kv free {s.kv_free}")
     for name, ok, detail in rows:
         print(f"{'ok  ' if ok else 'FAIL'} {name}: {detail}")
 

@@ -13,6 +13,7 @@ the device (no checkpoint: load tests, `omnistream bench serve`), seeded by --we
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import socket
 import sys
@@ -26,11 +27,12 @@ UVICORN_LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 ACCESS_LOGGER = "omnistream.server.access"
 
 
-def startup_line(url: str, model_name: str, engine) -> str:
-    """The one line printed once the socket is bound: where, which model, on what."""
+def startup_line(url: str, model_name: str, engine, source: str | None = None) -> str:
+    """The one line printed once the socket is bound: where, which model (from where), on what."""
     weights = "; RANDOM weights: answers are meaningless text" if engine.random_weights else ""
-    return (f"{STARTUP_PREFIX}{url} (model {model_name!r} from {engine.model_dir}; {engine.cfg.device} "
-            f"{engine.cfg.torch_dtype}".replace("torch.", "") + f"{weights})")
+    where = source or f"from {engine.model_dir}"
+    dtype = str(engine.cfg.torch_dtype).replace("torch.", "")
+    return f"{STARTUP_PREFIX}{url} (model {model_name!r} {where}; {engine.cfg.device} {dtype}{weights})"
 
 
 def parse_startup_line(line: str) -> str | None:
@@ -77,7 +79,7 @@ def build_engine(args, device: str, dtype: str, engine_options: dict):
     return load_engine(args.model, device, dtype, notice=False, **engine_options)  # the startup line announces it
 
 
-def serve(engine, app, sock: socket.socket, log_level: str, shutdown_timeout_s: float) -> None:
+def serve(app, sock: socket.socket, log_level: str, shutdown_timeout_s: float) -> None:
     """Runs uvicorn on `sock` until a signal stops it (uvicorn then re-raises SIGINT here)."""
     import uvicorn
 
@@ -151,6 +153,8 @@ def cmd_serve(args) -> int:
     if args.model is None and args.model_config is None:
         raise ConfigError("give --model DIR (a checkpoint directory) or --model demo (or --model-config for a random-weight architecture)")
     config = options.server_config(args)
+    if args.model_config and config.served_model_name is None:  # its folder is a throwaway tokenizer's
+        config = dataclasses.replace(config, served_model_name=f"random-{args.model_config}")
     default_sampling = server_sampling(args)
     device, dtype, engine_options = engine_args(args)
     logging.getLogger("omnistream").setLevel(getattr(logging, args.log_level.upper()))
@@ -162,8 +166,9 @@ def cmd_serve(args) -> int:
             app = build_app(engine, config)
             if default_sampling is not None:  # for the fields a request leaves out
                 app.state.omni.default_sampling = default_sampling
-            print(startup_line(url_of(sock), app.state.omni.model_name, engine), flush=True)
-            serve(engine, app, sock, args.log_level, args.shutdown_timeout_s)
+            source = f"built as a random {args.model_config} architecture" if args.model_config else None
+            print(startup_line(url_of(sock), app.state.omni.model_name, engine, source), flush=True)
+            serve(app, sock, args.log_level, args.shutdown_timeout_s)
     finally:
         sock.close()
     return 0
