@@ -5,6 +5,7 @@ greedy answers as the engine in-process (same seeded weights, same requests)."""
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 
@@ -75,3 +76,23 @@ def test_statistics_helpers():
 def test_bad_mix_is_refused(bad):
     with pytest.raises(SystemExit, match="--mix"):
         parse_mix(bad)
+
+
+def test_short_soak_leaves_nothing_behind(tmp_path):
+    """tools/soak_serve.py for 20 s: every client kind, zero 5xx, nothing leaked (the RSS check
+    needs the 10-minute run: 20 s is all warm-up)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "tools" / "soak_serve.py"
+    spec = importlib.util.spec_from_file_location("soak_serve", path)
+    soak = importlib.util.module_from_spec(spec)
+    sys.modules["soak_serve"] = soak  # dataclasses look their module up there
+    spec.loader.exec_module(soak)
+    out = tmp_path / "soak.json"
+    soak.main(["--minutes", str(20 / 60), "--sample-s", "5", "--json", str(out)])
+    report = json.loads(out.read_text())
+    checks = {c["check"]: c for c in report["checks"]}
+    failed = [c for name, c in checks.items() if not c["ok"] and name != "RSS flat after warm-up"]
+    assert not failed, failed
+    assert {"chat_text", "chat_stream", "chat_image", "chat_video", "disconnect"} <= set(report["done"])
