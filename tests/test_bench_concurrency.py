@@ -57,3 +57,18 @@ def test_concurrency_smoke(tmp_path, capsys):
     assert i["without_clip"]["itl_steady"] and i["with_clip"]["streams_running_at_clip_first_token"] <= 2
     assert i["itl_p99_ratio"] is None or i["itl_p99_ratio"] > 0  # None: no text token fell inside the clip's TTFT
     assert [t["ok"] for t in r["targets"]][:4] == [None] * 4  # those configurations (32/64 clients) did not run
+
+
+def test_target_lines_print_rates_as_tokens_per_second():
+    """tokens_per_s ends in _s: it was printed as milliseconds (7,044,583 ms)."""
+    import io
+
+    from omnistream.bench.concurrency import print_table
+
+    r = {"configs": [], "interference": None, "env": {"gpu": "H200"}, "workload": {"model": "3b"},
+         "targets": [{"target": "32 text clients >= 8,000 tok/s", "metric": "tokens_per_s", "value": 7044.6, "ok": False},
+                     {"target": "32 text clients TTFT p99 <= 150 ms", "metric": "ttft_p99_s", "value": 0.0607, "ok": True}]}
+    out = io.StringIO()
+    print_table(r, out)
+    text = out.getvalue()
+    assert "7,045 tok/s  MISSED" in text and "61 ms  ok" in text and "7,044,600" not in text

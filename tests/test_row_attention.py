@@ -85,3 +85,16 @@ def test_all_rows_returns_the_kernel_output():
     write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
     ref = reference_attention(q, k, v, k_cache, v_cache, meta, 0.25)
     assert torch.allclose(paged_attention(q, k, v, k_cache, v_cache, meta, 0.25, torch_paged_decode), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_row_tiles_cover_every_row_once_within_one_sequence():
+    from omnistream.layers.attention import row_tiles
+
+    qlens = [1, 20, 8, 3, 9]
+    first, count = row_tiles(qlens, 8).tolist()
+    seq_of_row = [i for i, n in enumerate(qlens) for _ in range(n)]
+    covered = [r for f, c in zip(first, count) for r in range(f, f + c)]
+    assert covered == list(range(sum(qlens)))  # every row once, in order
+    assert all(1 <= c <= 8 for c in count)
+    assert all(len({seq_of_row[r] for r in range(f, f + c)}) == 1 for f, c in zip(first, count))
+    assert count == [1, 8, 8, 4, 8, 3, 8, 1]

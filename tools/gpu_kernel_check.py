@@ -7,11 +7,11 @@ import sys
 
 import torch
 
-from omnistream.layers.attention import write_kv
+from omnistream.layers.attention import row_layout, row_tiles, write_kv
 from omnistream.layers.fused import _rope_qk
 from omnistream.layers.paged_decode import torch_paged_decode
 from omnistream.layers.rotary import MRotaryEmbedding
-from omnistream.layers.triton_decode import triton_paged_decode
+from omnistream.layers.triton_decode import TILE_ROWS, triton_paged_decode
 from omnistream.layers.triton_rope_kv import rope_write_kv
 
 torch.manual_seed(0)
@@ -31,6 +31,18 @@ for heads, kvh in ((16, 2), (28, 4)):
         err = (out - ref).abs().max().item()
         bad += err > 2e-2
         print(f"decode H={heads} KVH={kvh} rows={rows:3d} max_blocks={max_blocks}: max abs err {err:.2e}")
+    # short chunks as tiles: rows of one sequence share a pass over the context
+    for qlens in ([40, 1, 17, 128, 3], [1] * 9 + [64], [100] * 6):
+        starts = torch.randint(0, 3000, (len(qlens),)).tolist()
+        seq_tables = torch.randint(0, blocks, (len(qlens), 400), dtype=torch.int32)
+        tables, lens = row_layout(seq_tables, starts, qlens)
+        tables, lens = tables.to(dev), lens.to(dev)
+        q = torch.randn(len(lens), heads, D, device=dev, dtype=dt)
+        ref = torch_paged_decode(q.float(), kc.float(), vc.float(), tables, lens, D**-0.5)
+        out = triton_paged_decode(q, kc, vc, tables, lens, D**-0.5, row_tiles(qlens, TILE_ROWS).to(dev)).float()
+        err = (out - ref).abs().max().item()
+        bad += err > 2e-2
+        print(f"tiles  H={heads} KVH={kvh} chunks={qlens[:6]}{'...' if len(qlens) > 6 else ''}: max abs err {err:.2e}")
     rot = MRotaryEmbedding(D, 1e6, (16, 24, 24)).to(dev)
     for n in (1, 64, 3000):
         qkv = torch.randn(n, (heads + 2 * kvh) * D, device=dev, dtype=dt)

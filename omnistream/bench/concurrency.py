@@ -615,7 +615,8 @@ def print_table(r: dict, out=None) -> None:
     note = "" if (str(w["model"]) == "3b" and env["gpu"]) else f" (set for 3B on an H200; this run is {w['model']} on {env['gpu'] or 'CPU'}: indicative only)"
     p(f"targets{note}:")
     for t in r["targets"]:
-        scale, unit = (1000, " ms") if t["metric"].endswith("_s") else (1, "x" if "ratio" in t["metric"] else " tok/s")
+        seconds = t["metric"].endswith("_s") and not t["metric"].endswith("_per_s")  # tokens_per_s is a rate
+        scale, unit = (1000, " ms") if seconds else (1, "x" if "ratio" in t["metric"] else " tok/s")
         if t["value"] is None:
             p(f"  {t['target']:<40} {'(not in this run)':>17}")
         else:

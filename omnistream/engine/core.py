@@ -20,7 +20,9 @@ from __future__ import annotations
 import atexit
 import gc
 import logging
+import os
 import queue
+import sys
 import threading
 import weakref
 from concurrent.futures import Future
@@ -37,6 +39,12 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 _COLLECT_EVERY = 2000  # steps between young-generation collections while busy
 _IDLE_POLL_S = 0.5  # an idle loop wakes this often to see whether its engine is still in use
+# The loop shares the interpreter lock with every client thread (request building, media,
+# a server's event loop). A thread that wants the lock waits up to the switch interval (5 ms by
+# default) for the holder to drop it: 32 threads building requests at once kept the loop from
+# launching its next step for 5-15 ms (H200 burst timeline, tools/gpu_step_timeline.py). The
+# loop asks for a shorter interval, process-wide (set OMNISTREAM_KEEP_SWITCH_INTERVAL=1 to opt out).
+_SWITCH_INTERVAL_S = 0.0005
 
 
 class EngineCore:
@@ -49,6 +57,8 @@ class EngineCore:
         self._steps = 0
         # the thread holds the core only while it works: an engine nobody references any more
         # is collected, and its loop ends within _IDLE_POLL_S
+        if not os.environ.get("OMNISTREAM_KEEP_SWITCH_INTERVAL"):
+            sys.setswitchinterval(min(sys.getswitchinterval(), _SWITCH_INTERVAL_S))
         self._thread = threading.Thread(target=_loop_main, args=(weakref.ref(self),), name="omnistream-engine", daemon=True)
         self._thread.start()
         _OPEN.add(self)

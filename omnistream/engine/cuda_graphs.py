@@ -20,12 +20,13 @@ import numpy as np
 import torch
 
 from omnistream.engine.scheduler import SchedulerOutput
-from omnistream.layers.attention import AttentionMetadata
+from omnistream.layers.attention import AttentionMetadata, row_tiles
 from omnistream.layers.fused import compiled_kernels
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 96, 128, 192, 256)
 MAX_ROWS = 256  # larger steps run eagerly: their GPU time hides the launch cost
 LOGITS_ROWS = 64  # buckets up to this size compute every row's logits inside the graph
+TILE_ROWS = 8  # rows of one chunk per tile of the row kernel (layers/triton_decode.TILE_ROWS)
 
 
 class DecodeGraphs:
@@ -45,6 +46,10 @@ class DecodeGraphs:
         self.slots = torch.full((n,), scratch_block * runner.block_size, dtype=torch.long, device=dev)
         self.tables = torch.full((n, max_blocks), scratch_block, dtype=torch.int32, device=dev)
         self.lens = torch.ones(n, dtype=torch.int32, device=dev)
+        # buckets above LOGITS_ROWS hold short chunks (more rows than max_num_seqs decodes):
+        # their rows reach the row kernel as tiles, runs of one sequence sharing a pass over its
+        # context (first row, count); padding rows are tiles of their own
+        self.tiles = torch.zeros(2, n, dtype=torch.int32, device=dev)
         self.hidden = None  # (n, hidden) output of the last replay
         self.logits = None  # (LOGITS_ROWS, vocab) output of the last replay of a small bucket
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
@@ -55,6 +60,7 @@ class DecodeGraphs:
         meta = AttentionMetadata(  # every token a row: no sequence takes the reference path
             slot_mapping=self.slots[:b], query_lens=[1] * b, context_lens=[1] * b, block_tables=[],
             row_block_tables=self.tables[:b], row_context_lens=self.lens[:b], num_row_seqs=b,
+            row_tiles=self.tiles[:, :b] if b > LOGITS_ROWS else None,
         )
         x = self.model.model.embed_tokens(self.input_ids[:b])
         x = torch.where(self.is_media[:b], self.media[:b], x)
@@ -124,6 +130,8 @@ class DecodeGraphs:
         # only the columns some row uses: a row reads its table up to its length, and the
         # padding rows (length 1) only column 0
         self.tables[:g, : tables.shape[1]].copy_(torch.from_numpy(tables), non_blocking=True)
+        if g > LOGITS_ROWS:
+            self.tiles[:, :g].copy_(torch.from_numpy(_tiles(out, g)), non_blocking=True)
         if self.use_graphs:
             self.graphs[g].replay()
             hidden, logits = self.hidden, (self.logits if g <= LOGITS_ROWS else None)
@@ -188,6 +196,19 @@ class DecodeGraphs:
                 last_rows.append(row - 1)
                 sampling.append(c)
         return ids, pos, slots, lens, tables, last_rows, sampling
+
+
+def _tiles(out: SchedulerOutput, g: int) -> np.ndarray:
+    """(2, g) int32 tiles of a step padded to g rows: each chunk's rows in runs of at most
+    TILE_ROWS (attention.row_tiles), then one tile per padding row; unused tiles count 0."""
+    real = row_tiles([c.num_tokens for c in out.chunks], TILE_ROWS).numpy()
+    rows = out.num_tokens
+    tiles = np.zeros((2, g), np.int32)
+    t = real.shape[1]
+    tiles[:, :t] = real
+    tiles[0, t : t + g - rows] = np.arange(rows, g)
+    tiles[1, t : t + g - rows] = 1
+    return tiles
 
 
 def _rows(x: torch.Tensor, rows: list[int]) -> torch.Tensor:

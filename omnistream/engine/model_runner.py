@@ -21,7 +21,8 @@ import torch
 from omnistream.cache.encoder_cache import VisionPlan, temporal_slice
 from omnistream.engine.sampling import sample
 from omnistream.engine.scheduler import ScheduledChunk, SchedulerOutput
-from omnistream.layers.attention import AttentionMetadata, row_layout
+from omnistream.engine.cuda_graphs import TILE_ROWS
+from omnistream.layers.attention import AttentionMetadata, row_layout, row_tiles
 from omnistream.models.interface import MultimodalLM
 
 log = logging.getLogger(__name__)
@@ -338,6 +339,8 @@ class ModelRunner:
             row_tables, row_lens = row_layout(tables[:num_row_seqs], starts, qlens[:num_row_seqs])
             meta.row_block_tables, meta.row_context_lens = row_tables.to(dev), row_lens.to(dev)
             meta.num_row_seqs = num_row_seqs
+            if len(row_lens) > num_row_seqs:  # some chunk has several rows: runs share a context pass
+                meta.row_tiles = row_tiles(qlens[:num_row_seqs], TILE_ROWS).to(dev)
         sampled = [c for c in out.chunks if c.samples]  # in scheduled order, whatever the batch order
         return ForwardBatch(
             input_ids=torch.tensor(ids, dtype=torch.long, device=dev),
@@ -355,6 +358,7 @@ class ModelRunner:
         """Runs one step; returns (chunk, sampled token) for every chunk that samples."""
         return self.collect(self.launch(out))
 
+    @torch.inference_mode()
     def launch(self, out: SchedulerOutput, prev: "LaunchedStep | None" = None) -> "LaunchedStep":
         """Queues one step on the device. Greedy decode steps keep their tokens on the device
         (copied to pinned host memory behind an event), so the next step can be launched before

@@ -28,8 +28,10 @@ from torch.nn.attention.bias import causal_lower_right
 # cost 0.1-1.7 s on the first follow-up question of each new length (measured on an H100).
 _BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
-# (q (R, H, D), k_cache, v_cache, tables (R, max_blocks) int32, lens (R,) int32, scale) -> (R, H, D)
-RowBackend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
+# (q (R, H, D), k_cache, v_cache, tables (R, max_blocks) int32, lens (R,) int32, scale,
+#  tiles (2, T) int32 or None) -> (R, H, D). tiles: runs of consecutive rows of one sequence
+# (first row, count) that a backend may serve with one pass over their shared context
+RowBackend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float, torch.Tensor | None], torch.Tensor]
 
 
 @dataclass
@@ -49,6 +51,7 @@ class AttentionMetadata:
     row_block_tables: torch.Tensor | None = None  # (R, max_blocks) int32
     row_context_lens: torch.Tensor | None = None  # (R,) int32: tokens row r sees (its position + 1)
     num_row_seqs: int = 0  # leading sequences whose tokens are the R rows (sum of their query_lens = R)
+    row_tiles: torch.Tensor | None = None  # (2, T) int32: first row, row count of runs of one sequence (see RowBackend)
     query_starts: list[int] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -74,6 +77,18 @@ def row_layout(tables: torch.Tensor, starts: list[int], query_lens: list[int]) -
     return tables.to(torch.int32).repeat_interleave(counts, dim=0), lens.to(torch.int32)
 
 
+def row_tiles(query_lens: list[int], rows_per_tile: int) -> torch.Tensor:
+    """(2, T) int32: each sequence's rows (query_lens[i] consecutive rows, in order) cut into
+    runs of at most rows_per_tile: (first row, count)."""
+    first, count, row = [], [], 0
+    for n in query_lens:
+        for a in range(0, n, rows_per_tile):
+            first.append(row + a)
+            count.append(min(rows_per_tile, n - a))
+        row += n
+    return torch.tensor([first, count], dtype=torch.int32)
+
+
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
     """k, v: (N, KVH, D) into caches (num_blocks, block_size, KVH, D) at flat `slots` (N,)."""
     k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slots, k)
@@ -96,7 +111,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     if row_backend is None or meta.row_block_tables is None:
         return reference_attention(q, k, v, k_cache, v_cache, meta, scale)
     r = meta.num_rows
-    rows = row_backend(q[:r], k_cache, v_cache, meta.row_block_tables, meta.row_context_lens, scale)
+    rows = row_backend(q[:r], k_cache, v_cache, meta.row_block_tables, meta.row_context_lens, scale, meta.row_tiles)
     if r == q.shape[0]:  # decodes and short chunks only: no copy
         return rows
     out = torch.empty_like(q)

@@ -7,7 +7,7 @@ true lengths come in as a device tensor.
   length mask. Runs anywhere; the CPU tests check it against the reference path.
 - `triton_paged_decode` (GPU): split-K flash decoding that reads K/V straight from the blocks;
   see layers/triton_decode.py.
-Both follow attention.RowBackend: (q, k_cache, v_cache, tables, lens, scale).
+Both follow attention.RowBackend: (q, k_cache, v_cache, tables, lens, scale, tiles).
 """
 
 from __future__ import annotations
@@ -16,8 +16,10 @@ import torch
 import torch.nn.functional as F
 
 
-def torch_paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor, lens: torch.Tensor, scale: float) -> torch.Tensor:
-    """q: (R, H, D), tables: (R, max_blocks) int32, lens: (R,) int32 -> (R, H, D)."""
+def torch_paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor, lens: torch.Tensor, scale: float,
+                       tiles: torch.Tensor | None = None) -> torch.Tensor:
+    """q: (R, H, D), tables: (R, max_blocks) int32, lens: (R,) int32 -> (R, H, D). Every row on
+    its own (tiles, a grouping that changes nothing in the result, are not used)."""
     h = q.shape[1]
     bs = k_cache.shape[1]
     k = k_cache[tables].flatten(1, 2)  # (R, M*bs, KVH, D)
