@@ -277,3 +277,29 @@ def test_live_session_pixel_bounds_are_checked(tiny_model_dir, opts):
     with pytest.raises(UserInputError, match="pixels"):
         eng.live_session(**opts)
     eng.close()
+
+
+def test_stream_deltas_decode_incrementally_and_join_to_the_final_text(tiny_tokenizer):
+    """Deltas decode a window of tokens, not the whole answer each time; multi-byte characters
+    split across tokens are held back, and the deltas join to the whole decode."""
+    from omnistream.engine.handle import RequestHandle
+    from omnistream.engine.protocol import RequestMetrics, RequestOutput
+
+    ids = tiny_tokenizer.encode("Héllo 你好世界 🙂🙂 done, über naïve façade — ok")
+    decoded_lengths = []
+
+    def decode(tokens):
+        decoded_lengths.append(len(tokens))
+        return tiny_tokenizer.decode(tokens)
+
+    h = RequestHandle("r", decode, lambda _: None)
+    reader = iter(h)
+    deltas = []
+    for k, t in enumerate(ids):
+        h._push(t, None)
+        if k == len(ids) - 1:
+            h._end(RequestOutput(request_id="r", token_ids=list(ids), text=None, finish_reason="length", metrics=RequestMetrics()))
+        deltas.append(next(reader))
+    assert "".join(d.text for d in deltas) == tiny_tokenizer.decode(ids)
+    assert all("\ufffd" not in d.text for d in deltas)
+    assert max(decoded_lengths[:-1]) < 8  # windows, never the whole answer before the end
