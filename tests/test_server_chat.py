@@ -39,8 +39,13 @@ def engine():
 
 
 @pytest.fixture(scope="module")
-def base_url(engine, media):
-    with serve(build_app(engine, ServerConfig(allowed_media_path=media["root"]))) as url:
+def app(engine, media):
+    return build_app(engine, ServerConfig(allowed_media_path=media["root"]))
+
+
+@pytest.fixture(scope="module")
+def base_url(app):
+    with serve(app) as url:
         yield url
 
 
@@ -249,3 +254,15 @@ def test_metrics_exposition(client, base_url):
     for name in ("omnistream_encoder_cache_hit_rate", "omnistream_open_sessions", "omnistream_live_sessions",
                  "omnistream_engine_up", 'omnistream_requests_finished_total{finish_reason="length"}'):
         assert name in samples, name
+
+
+def test_server_default_max_tokens_applies_when_a_request_sets_none(client, app):
+    """`serve --max-new-tokens N` (state.default_max_tokens) had no effect: the route used 4096."""
+    state = app.state.omni
+    state.default_max_tokens = 3
+    try:
+        r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Tell me a long story"}],
+                                           temperature=0, extra_body={"ignore_eos": True})
+        assert r.usage.completion_tokens == 3 and r.choices[0].finish_reason == "length"
+    finally:
+        state.default_max_tokens = None

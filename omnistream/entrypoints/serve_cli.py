@@ -166,6 +166,7 @@ def cmd_serve(args) -> int:
             app = build_app(engine, config)
             if default_sampling is not None:  # for the fields a request leaves out
                 app.state.omni.default_sampling = default_sampling
+            app.state.omni.default_max_tokens = options.sampling_kwargs(args).get("max_new_tokens")
             source = f"built as a random {args.model_config} architecture" if args.model_config else None
             print(startup_line(url_of(sock), app.state.omni.model_name, engine, source), flush=True)
             serve(app, sock, args.log_level, args.shutdown_timeout_s)

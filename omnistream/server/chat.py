@@ -203,7 +203,7 @@ def _max_tokens(state: ServerState, body: ChatCompletionRequest, prompt_len: int
     if room < 1:
         raise BudgetError(f"the prompt of {prompt_len} tokens leaves no room for an answer "
                           f"(context {llm.max_context} tokens)")
-    return min(DEFAULT_MAX_TOKENS, room)
+    return min(state.default_max_tokens or DEFAULT_MAX_TOKENS, room)
 
 
 def _sampling(state: ServerState, body: ChatCompletionRequest, max_new: int, i: int) -> SamplingParams:

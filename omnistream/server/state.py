@@ -22,6 +22,8 @@ class ServerState:
     started_at: float = field(default_factory=time.time)
     # sampling for the fields a request leaves out (the CLI's flags); None: OpenAI's defaults
     default_sampling: SamplingParams | None = None
+    # max_tokens of a request that sets none (the CLI's --max-new-tokens); None: as much as fits (at most 4096)
+    default_max_tokens: int | None = None
     # filled by the modules that own them (sessions_api: the session registry, ops: metrics)
     extras: dict[str, Any] = field(default_factory=dict)
 
