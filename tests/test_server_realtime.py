@@ -274,9 +274,12 @@ def _quiet(engine, app, before: dict | None = None) -> dict:
     `before`, the free KV blocks are back to it)."""
     deadline = time.monotonic() + 30
     while True:
-        stats = engine.stats()
+        # the registry first: a live session leaves it only once closed, so stats taken after
+        # an empty registry include the release of its KV
+        open_live = app.state.omni.extras["sessions"].entries("live")
         live_threads = [t for t in threading.enumerate() if t.name.startswith("live-")]
-        if (not app.state.omni.extras["sessions"].entries("live") and not live_threads and stats["requests_running"] == 0
+        stats = engine.stats()
+        if (not open_live and not live_threads and stats["requests_running"] == 0
                 and (before is None or stats["kv_blocks_free"] == before["kv_blocks_free"])):
             return stats
         assert time.monotonic() < deadline, (stats, live_threads)

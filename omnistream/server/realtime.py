@@ -438,8 +438,11 @@ class RealtimeConnection:
         await asyncio.gather(*(t for t in tasks if t is not None), return_exceptions=True)
         for r in list(self.responses.values()):  # started answers were aborted by their tasks
             self._end(r)
-        self.registry.discard(self.id)
-        await asyncio.to_thread(self.live.close)
+        # the close runs to its end even if this handler is cancelled (the server shutting
+        # down); the session is counted, and holds its slot, until it is really closed
+        closing = asyncio.ensure_future(asyncio.to_thread(self.live.close))
+        closing.add_done_callback(lambda _: self.registry.discard(self.id))
+        await asyncio.shield(closing)
 
 
 def decode_frame(raw: bytes, max_pixels: int) -> np.ndarray:
