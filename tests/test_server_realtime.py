@@ -12,6 +12,7 @@ import struct
 import threading
 import time
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -308,6 +309,19 @@ def test_disconnect_mid_answer_frees_the_session(server, engine):
     assert app.state.omni.extras["sessions"].counts()["live"] == 0
 
 
+def test_docs_list_every_event_and_error_code():
+    import re
+
+    from omnistream.server import realtime
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "realtime.md").read_text()
+    source = Path(realtime.__file__).read_text()
+    server_events = set(re.findall(r'"type": "([a-z_]+(?:\.[a-z_]+)+|error)"', source))
+    assert {"session.created", "response.done", "response.output_text.delta", "error"} <= server_events
+    names = set(realtime.RealtimeConnection._handlers) | server_events | set(realtime.ERROR_CODES)
+    assert not sorted(n for n in names if f"`{n}`" not in doc), "missing from docs/realtime.md"
+
+
 def test_auth_on_the_socket(server):
     url, _ = server
     with pytest.raises(websocket.WebSocketBadStatusException) as e:
@@ -318,6 +332,10 @@ def test_auth_on_the_socket(server):
     c = Client(url, query=f"?api_key={KEY}")  # what a browser does
     assert c.recv()["type"] == "session.created"
     c.close()
+    c = Client(url, query=f"?api_key={KEY}&model=gpt-4o")
+    ev = c.recv()
+    assert ev["type"] == "error" and ev["error"]["code"] == "model_not_found"
+    assert c.close_code() == 1008
 
 
 def test_cap_and_ttl(engine):

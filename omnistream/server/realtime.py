@@ -56,10 +56,31 @@ INTAKE_QUEUE = 64  # frames / questions received but not yet decoded or started 
 FRAME_FORMATS = ["JPEG", "PNG", "WEBP"]  # what a camera page or client sends; nothing exotic is parsed
 
 
+# every `error.code` this module sends for a client's mistake (docs/realtime.md lists them)
+ERROR_CODES = {
+    "invalid_json": "the message is not JSON",
+    "invalid_event": "not an event object, a binary message, or a field that is unknown or of the wrong type",
+    "unknown_event": "an event type the server does not know",
+    "session_in_use": "session.update of the frame memory, frame size, policy or instructions after the first frame or question",
+    "missing_image": "input_image_buffer.append without `image`",
+    "invalid_base64": "`image` is not base64",
+    "invalid_image": "`image` is not a decodable JPEG, PNG or WebP",
+    "payload_too_large": "a frame over ServerConfig.max_image_pixels (read from its header)",
+    "invalid_timestamp": "`timestamp_ms` negative, not a number, or before the previous frame's",
+    "no_question": "response.create with no conversation.item.create since the last answer",
+    "too_many_questions": "response.create while ServerConfig.max_live_questions_in_flight answers are in flight",
+    "response_not_found": "response.cancel of a response that is not in flight",
+    "model_not_found": "the socket's `model` query parameter names another model (the socket is closed)",
+    "too_many_sessions": "the server holds ServerConfig.max_sessions sessions (the socket is closed)",
+    "session_expired": "idle past ServerConfig.session_ttl_s, or the server is shutting down (the socket is closed)",
+}
+
+
 class EventError(UserInputError):
     """A client event that cannot be applied; answered with an `error` event of this code."""
 
     def __init__(self, message: str, code: str, param: str | None = None) -> None:
+        assert code in ERROR_CODES, code
         super().__init__(message)
         self.code, self.param = code, param
 
@@ -160,6 +181,12 @@ class RealtimeConnection:
 
     async def run(self) -> None:
         await self.ws.accept(subprotocol=accepted_subprotocol(self.ws))
+        model = self.ws.query_params.get("model")
+        if model is not None and model != self.state.model_name:
+            await self._send_error(EventError(f"model {model!r} does not exist (this server serves "
+                                              f"{self.state.model_name!r})", "model_not_found", "model"))
+            await self.ws.close(code=1008)
+            return
         try:
             await self._open()
         except Exception as e:  # noqa: BLE001 - over the session cap, a bad default: say so, close
@@ -233,14 +260,6 @@ class RealtimeConnection:
         self.last_ts = ts  # taken even if the bytes do not decode: timestamps only move forward
         self.frames_accepted += 1
         await self._intake.put(("frame", raw, ts, event.get("event_id")))  # waits only when decoding is far behind
-
-    def _add_frame(self, raw: bytes, ts: float) -> None:
-        """Decode (this worker thread) and queue the frame; the live session's worker ingests it."""
-        try:
-            frame = decode_frame(raw, self.state.config.max_image_pixels)
-        except UserInputError as e:
-            raise EventError(f"input_image_buffer.append: {e}", getattr(e, "code", None) or "invalid_image", "image") from None
-        self.live.add_frame(frame, ts)
 
     def _timestamp(self, value: Any) -> float:
         """timestamp_ms -> seconds; absent: time since the socket opened. Never backwards."""
