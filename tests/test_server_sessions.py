@@ -197,6 +197,27 @@ def test_a_client_leaving_mid_stream_keeps_nothing_of_the_turn(server):
     http(server).delete(f"/v1/sessions/{sid}")
 
 
+def test_delete_mid_answer_aborts_it(server, engine):
+    sid = new_session(server)
+    client = oa(server)
+    stream = client.chat.completions.create(
+        model=client.models.list().data[0].id, messages=[{"role": "user", "content": "Talk."}], max_tokens=3000,
+        temperature=0, stream=True, extra_headers={"X-Session-Id": sid}, extra_body={"ignore_eos": True})
+    chunks = iter(stream)
+    next(chunks)
+    t0 = time.monotonic()
+    assert http(server).delete(f"/v1/sessions/{sid}").status_code == 200  # aborts the answer, then closes
+    assert time.monotonic() - t0 < 10
+    with pytest.raises(openai.APIError, match="closed while it answered"):  # the stream ends with an error event
+        for _ in chunks:
+            pass
+    assert http(server).get(f"/v1/sessions/{sid}").status_code == 404
+    deadline = time.monotonic() + 10
+    while engine.stats()["requests_running"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+
 def test_ttl_and_cap(engine):
     app = build_app(engine, ServerConfig(session_ttl_s=0.4, max_sessions=2))
     with serve(app) as url:

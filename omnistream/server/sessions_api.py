@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from omnistream.engine.protocol import OutputDelta, RequestOutput
 from omnistream.engine.sampling import SamplingParams
-from omnistream.errors import UserInputError
+from omnistream.errors import UnknownSessionError, UserInputError
 from omnistream.server.auth import tenant_for
 from omnistream.server.media_parts import MediaResolver
 from omnistream.server.errors import as_api_error
@@ -269,6 +269,7 @@ async def chat_in_session(state: ServerState, session_id: str, body: ChatComplet
             reply.add(item)
     finally:
         turn.close()
+    reply.check_not_aborted()
     return JSONResponse(reply.completion().model_dump(mode="json"))
 
 
@@ -296,6 +297,12 @@ class ChatReply:
         if not self.body.logprobs or self.token_text is None:
             return None
         return ChoiceLogprobs(content=[self.token_text.logprob(t, lp) for t, lp in pairs])
+
+    def check_not_aborted(self) -> None:
+        """An answer cut off by the server (its session deleted, or expiring at shutdown) is an
+        error, not a short answer."""
+        if self.output.finish_reason == "abort":
+            raise UnknownSessionError(f"session {self.session_id!r} was closed while it answered")
 
     @property
     def finish_reason(self) -> str:
@@ -331,6 +338,7 @@ class ChatReply:
                 text, pairs = self.add(item)
                 if text or pairs:
                     yield self._chunk({"content": text}, self.logprobs(pairs) if pairs else None)
+            self.check_not_aborted()
         except Exception as e:  # noqa: BLE001
             yield _sse(as_api_error(e).body())
             return
