@@ -21,7 +21,10 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
+import pydantic
 from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from omnistream.engine.handle import RequestHandle
@@ -59,7 +62,10 @@ def install(app: FastAPI) -> None:
                       response_model=None)
 
 
-async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response:
+async def create_chat_completion(request: Request) -> Response:
+    # parsed and validated in a worker thread: a body with inline media is megabytes of JSON,
+    # which would hold the event loop (and every stream on it) for milliseconds
+    body = await run_in_threadpool(_parse, await request.body())
     state = get_state(request)
     if body.model != state.model_name:
         raise NotFound(f"model {body.model!r} does not exist (this server serves {state.model_name!r})",
@@ -73,6 +79,13 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     if body.stream:
         return SSEResponse(_stream(job), on_close=job.abort)
     return await _complete(request, job)
+
+
+def _parse(raw: bytes) -> ChatCompletionRequest:
+    try:
+        return ChatCompletionRequest.model_validate_json(raw)
+    except pydantic.ValidationError as e:  # the same 400 as FastAPI's own validation gives
+        raise RequestValidationError(e.errors(include_url=False)) from None
 
 
 async def _in_session(state: ServerState, session_id: str, body: ChatCompletionRequest, tenant: str | None) -> Response:
