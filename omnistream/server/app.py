@@ -24,18 +24,8 @@ def build_app(engine: "Engine", config: ServerConfig | None = None, *,
     app.state.omni = ServerState(engine=engine, config=config, model_name=name, default_sampling=default_sampling)
     # each module registers its routes (and its middleware / exception handlers) itself;
     # middleware added later wraps what was added before: ops' access log ends up outside auth
-    from omnistream.server import auth, chat, errors, ops
+    from omnistream.server import auth, chat, errors, ops, realtime, sessions_api, web
 
-    errors.install(app)
-    auth.install(app)
-    ops.install(app)
-    chat.install(app)
-    for optional in ("sessions_api", "realtime", "web"):
-        try:
-            module = __import__(f"omnistream.server.{optional}", fromlist=["install"])
-        except ModuleNotFoundError as e:  # being built (remove once all exist)
-            if e.name != f"omnistream.server.{optional}":
-                raise
-            continue
+    for module in (errors, auth, ops, chat, sessions_api, realtime, web):
         module.install(app)
     return app
