@@ -177,6 +177,36 @@ def test_two_questions_equal_in_process_with_metrics(server, engine, policy):
     assert done2["metrics"]["compression_ratio"] > 1  # 12 frames into a memory of 4 + 4
 
 
+def test_live_ask_stream_equals_ask_in_process(engine):
+    """LiveSession.ask_stream (what the socket streams): deltas add up to ask()'s answer, the
+    turn joins the history; an abandoned stream keeps nothing and frees the session."""
+    frames = scene_frames(2, 4, seed=6)
+    answers = []
+    for streaming in (False, True):
+        live = engine.live_session(tenant=f"stream-{streaming}", memory=FrameMemoryConfig(4, 4), max_pixels=SIZE)
+        live.add_frames(frames, [i * 0.5 for i in range(len(frames))])
+        greedy = SamplingParams(max_new_tokens=8)
+        if streaming:
+            gen = live.ask_stream("What is it?", greedy)
+            deltas = []
+            while True:
+                try:
+                    deltas.append(next(gen).text)
+                except StopIteration as stop:
+                    result = stop.value  # the RequestOutput, with its LiveMetrics
+                    break
+            assert "".join(deltas) == result.text and result.live.frames_in_context > 0
+            abandoned = live.ask_stream("And then?", SamplingParams(max_new_tokens=500))
+            next(abandoned)
+            abandoned.close()  # aborted: nothing joins the history, the session is free again
+            assert live.turns == 1
+            answers.append([result.text, live.ask("Again?", greedy).text])
+        else:
+            answers.append([live.ask("What is it?", greedy).text, live.ask("Again?", greedy).text])
+        live.close()
+    assert answers[0] == answers[1]
+
+
 def test_frames_keep_arriving_while_an_answer_streams(server):
     url, app = server
     frames = scene_frames(4, 4, seed=2)

@@ -132,6 +132,24 @@ def test_fork_streamed_equals_non_streamed_then_delete(server, engine):
     assert http(server).delete(f"/v1/sessions/{sid}").status_code == 404
 
 
+def test_video_then_questions_and_an_empty_create(server, tmp_path):
+    from omnistream.media.samples import write_sample_video
+
+    r = http(server).post("/v1/sessions")  # no body: the defaults
+    assert r.status_code == 200, r.text
+    sid = r.json()["id"]
+    clip = write_sample_video(tmp_path / "clip.mp4", seconds=1.0, fps=4, width=112, height=112)
+    url = "data:video/mp4;base64," + base64.b64encode(clip.read_bytes()).decode()
+    r = http(server).post(f"/v1/sessions/{sid}/media", json={"type": "video_url", "video_url": {"url": url, "fps": 2}})
+    assert r.status_code == 200, r.text
+    first = ask(server, sid, "What moves?")
+    assert first.model_extra["metrics"]["media_tokens"] > 0
+    second = ask(server, sid, "Where?")
+    assert second.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens // 16 * 16
+    assert http(server).get(f"/v1/sessions/{sid}").json()["media_items"] == 1
+    http(server).delete(f"/v1/sessions/{sid}")
+
+
 def test_tenants_never_see_each_others_sessions(server):
     sid = new_session(server, KEY_A)
     b = http(server, KEY_B)
