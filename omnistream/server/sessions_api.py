@@ -34,8 +34,8 @@ from omnistream.engine.protocol import OutputDelta, RequestOutput
 from omnistream.engine.sampling import SamplingParams
 from omnistream.errors import UnknownSessionError, UserInputError
 from omnistream.server.auth import tenant_for
-from omnistream.server.media_parts import MediaResolver
 from omnistream.server.errors import as_api_error
+from omnistream.server.media_parts import MediaResolver
 from omnistream.server.openai_protocol import (
     AssistantMessage,
     ChatCompletion,
@@ -54,6 +54,7 @@ from omnistream.server.openai_protocol import (
 from omnistream.server.session_registry import Entry, SessionRegistry, registry_of
 from omnistream.server.state import ServerState, get_state
 from omnistream.sessions.session import PendingAnswer, Session
+
 
 # ---------------------------------------------------------------------------------- contracts
 class CreateSession(BaseModel):
