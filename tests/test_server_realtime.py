@@ -237,6 +237,12 @@ def test_bad_events_get_an_error_and_the_session_goes_on(server):
     url, app = server
     c = Client(url)
     c.open(**SETTINGS)
+    c.send("session.update", session={"min_pixels": 2 * SIZE})  # above max_pixels: refused, settings kept
+    ev = c.recv()
+    assert ev["type"] == "error" and ev["error"]["code"] == "invalid_value", ev
+    c.send("session.update", session={"instructions": "Watch closely."})
+    assert c.until("session.updated")[1]["session"]["instructions"] == "Watch closely."
+    assert live_entry(app).session.max_pixels == SIZE and live_entry(app).session.messages[0]["content"] == "Watch closely."
     frames = scene_frames(2, 3, seed=3)
     c.frames(frames[:2], t0_ms=1000)
     text = base64.b64encode(b"hello, I am not an image").decode()
