@@ -160,3 +160,32 @@ def test_exact_recomputes_from_the_first_changed_patch(tiny_model_dir, hf_tiny_m
     unchanged = off + k * item.tokens_per_temporal_patch
     assert res.metrics.cached_tokens == 16 * (unchanged // 16) > 0
     assert_close_logits(res.logits, reference_logits(hf_tiny_model, ids, media, res.token_ids))
+
+
+def test_idle_worker_ends_and_the_next_frame_starts_another(tiny_model_dir, monkeypatch):
+    """A live session dropped without close() kept its worker thread (and so itself and its
+    engine) forever; the worker now ends when idle and the next frame starts a new one."""
+    import time
+
+    from omnistream.sessions import live as live_module
+
+    monkeypatch.setattr(live_module, "WORKER_IDLE_S", 0.05)
+    eng = _engine(tiny_model_dir)
+    live = eng.live_session(max_pixels=SIZE)
+    frames = scene_frames(2, 8, seed=3)
+    _feed(live, frames[:4])
+    live.flush()
+
+    def workers():
+        return [t for t in threading.enumerate() if t.name == f"live-{live.id}"]
+
+    deadline = time.monotonic() + 10
+    while workers():
+        assert time.monotonic() < deadline, "the idle worker did not end"
+        time.sleep(0.01)
+    _feed(live, frames[4:], t0=2.0)
+    res = live.ask("What now?", GREEDY)
+    assert live.memory.stats().frames_added == len(frames) and res.live.frames_in_context > 4
+    live.close()
+    assert not workers()
+    eng.close()

@@ -61,6 +61,9 @@ log = logging.getLogger(__name__)
 
 POLICIES = ("exact", "fast")
 _STOP = object()  # queue sentinel: the worker ends
+# A worker with nothing to ingest for this long ends (the next frame starts another): a live
+# session dropped without close() holds no thread, so it and its engine can be collected.
+WORKER_IDLE_S = 2.0
 _PREFILL = SamplingParams(max_new_tokens=1, ignore_eos=True)  # a forward that only fills the KV
 
 
@@ -149,7 +152,7 @@ class LiveSession(Session):
             self._last_ts = ts
             self.frames_received += 1
             self._queue.put((img, ts))
-            if self._worker is None:
+            if self._worker is None:  # none yet, or it left when idle
                 self._worker = threading.Thread(target=self._work, name=f"live-{self.id}", daemon=True)
                 self._worker.start()
 
@@ -176,7 +179,14 @@ class LiveSession(Session):
     def _work(self) -> None:
         dirty = False  # retained patches changed since the last prefill
         while True:
-            batch = [self._queue.get()]
+            try:
+                batch = [self._queue.get(timeout=WORKER_IDLE_S)]
+            except queue.Empty:
+                with self._intake:  # add_frame starts a new worker after this one has left
+                    if self._queue.empty():
+                        self._worker = None
+                        return
+                continue
             while True:  # drain the backlog: one prefill for many frames
                 try:
                     batch.append(self._queue.get_nowait())
@@ -443,10 +453,12 @@ class LiveSession(Session):
         if self.closed or self._stopping:
             return
         self._stopping = True  # the worker stops prefilling; add_frame/ask refuse from now on
-        if self._worker is not None:
-            self._queue.put(_STOP)
-            if threading.current_thread() is not self._worker:
-                self._worker.join()
+        with self._intake:
+            worker = self._worker
+            if worker is not None:
+                self._queue.put(_STOP)
+        if worker is not None and threading.current_thread() is not worker:
+            worker.join()
         with self._context:  # not in the middle of a question
             if self.kv is not None:
                 self.kv.close()
