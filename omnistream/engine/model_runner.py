@@ -252,7 +252,8 @@ class ModelRunner:
         out, group, count = [], [], 0
         for item in plan.to_encode if plan is not None else items:
             n = item.pixel_values.shape[0]
-            if group and count + n > self.max_vision_patches:
+            other_encoder = group and self.model.media_encoder(item.kind) is not self.model.media_encoder(group[0].kind)
+            if group and (count + n > self.max_vision_patches or other_encoder):  # one encoder per forward
                 out += self._vision_group(group)
                 group, count = [], 0
             group.append(item)
@@ -271,12 +272,13 @@ class ModelRunner:
         # copy as they are, normalise (raw uint8 rows) and cast on the device: the host never
         # touches the pixels twice
         pixels = self.model.prepare_pixels(pixels.to(self.device, non_blocking=True), self.dtype)
-        grids = [it.grid_thw for it in items]
+        grids, kind = [it.grid_thw for it in items], items[0].kind
         emb = None
-        if self.vision_graphs is not None and self.vision_offload is None:  # offload moves the weights
+        graphed = self.vision_graphs is not None and self.vision_graphs.visual is self.model.media_encoder(kind)
+        if graphed and self.vision_offload is None:  # offload moves the weights
             emb = self.vision_graphs.run(pixels, grids)
         if emb is None:
-            emb = self.model.encode_media(pixels, grids)
+            emb = self.model.encode_media(pixels, grids, kind)
         return list(emb.split([it.num_tokens for it in items]))
 
     # ---------------------------------------------------------------- batch

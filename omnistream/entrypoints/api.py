@@ -7,8 +7,10 @@
     res.text, res.token_ids, res.metrics
 
 A conversation is a list of chat messages; content parts may be text, image (path, PIL image,
-array) or video (path, or {"frames": [...], "timestamps": [...]}). Media is decoded and
-preprocessed here, before the request reaches the engine loop.
+array), video (path, or {"frames": [...], "timestamps": [...]}; with "use_audio_in_video": true
+also the file's audio track) or, for models that hear (Qwen2.5-Omni), audio (path, or {"array":
+samples, "sampling_rate": hz}). Media is decoded and preprocessed here, before the request
+reaches the engine loop.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from omnistream.engine.llm_engine import LLMEngine
 from omnistream.engine.protocol import EngineRequest, RequestMetrics, RequestOutput, TokenLogprob
 from omnistream.engine.sampling import SamplingParams
 from omnistream.errors import ConfigError, UnknownSessionError, UserInputError
+from omnistream.media.audio_items import load_audio_source
 from omnistream.media.item import MediaItem
 from omnistream.media.processor import MediaProcessor
 from omnistream.models.demo import ensure_demo_model, is_random_weights
@@ -175,12 +178,31 @@ class Engine:
                         src, stamps = src["frames"], src.get("timestamps")
                     else:
                         stamps = part.get("timestamps")
-                    items.append(self.processor.process_video(
+                    video = self.processor.process_video(
                         src, fps=part.get("fps"), nframes=part.get("nframes"),
-                        min_pixels=part.get("min_pixels"), max_pixels=part.get("max_pixels"), timestamps=stamps))
+                        min_pixels=part.get("min_pixels"), max_pixels=part.get("max_pixels"), timestamps=stamps)
+                    items += self._with_audio_track(video, src) if part.get("use_audio_in_video") else [video]
+                elif kind == "audio":
+                    items += load_audio_source(part.get("audio", part.get("path")), self._audio_config(),
+                                               model_key=self.processor.model_key)
                 elif kind not in ("text", None):
                     raise UserInputError(f"unsupported content part type {kind!r}")
         return items
+
+    def _audio_config(self):
+        """The features the model's audio encoder takes; a model that does not hear refuses."""
+        config = getattr(self.model, "audio_config", None)
+        if config is None:
+            raise UserInputError(f"{self.model_dir.name} does not take audio (a Qwen2.5-Omni checkpoint does)")
+        return config
+
+    def _with_audio_track(self, video: MediaItem, src) -> list[MediaItem]:
+        """use_audio_in_video: the file's audio track interleaved with its frames (one block)."""
+        config = self._audio_config()
+        if not isinstance(src, (str, Path)):
+            raise UserInputError("use_audio_in_video needs a video file (its audio track is read from it)")
+        audio = load_audio_source(src, config, model_key=self.processor.model_key)
+        return self.model.interleave_media(video, audio, uuid.uuid4().hex)
 
     # ------------------------------------------------------------------ generate
     def generate(self, conversations, sampling: SamplingParams | None = None, *, return_logits: bool = False,

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from dataclasses import dataclass, fields
 from functools import lru_cache
 from pathlib import Path
@@ -84,6 +85,7 @@ def decode_audio(path: str | os.PathLike, config: AudioConfig | None = None) -> 
     no audio stream, an implausible rate or a clip over max_seconds raise MediaError."""
     cfg = config or AudioConfig()
     path = _check_file(Path(path))
+    t0 = time.perf_counter()
     try:
         with av.open(str(path), "r") as container:
             if not container.streams.audio:
@@ -104,7 +106,7 @@ def decode_audio(path: str | os.PathLike, config: AudioConfig | None = None) -> 
     except (av.FFmpegError, OSError, ValueError, UnicodeDecodeError) as exc:
         raise MediaError(f"not a readable audio file: {path} ({_one_line(exc)})") from None
     samples = np.concatenate(pieces) if pieces else np.zeros(0, np.float32)
-    return _checked(AudioClip(samples, cfg.sampling_rate, int(rate)), cfg, str(path))
+    return _checked(AudioClip(samples, cfg.sampling_rate, int(rate), time.perf_counter() - t0), cfg, str(path))
 
 
 def audio_from_array(array, sampling_rate, config: AudioConfig | None = None) -> AudioClip:
@@ -112,6 +114,7 @@ def audio_from_array(array, sampling_rate, config: AudioConfig | None = None) ->
     with at most 8 channels (averaged); float in [-1, 1] or int16/int32 PCM (scaled). Another
     rate is resampled with PyAV's resampler; 16 kHz mono passes unchanged."""
     cfg = config or AudioConfig()
+    t0 = time.perf_counter()
     if isinstance(sampling_rate, bool) or not isinstance(sampling_rate, (int, np.integer)):
         raise MediaError(f"audio sampling_rate must be an integer (Hz), got {sampling_rate!r}")
     _check_rate(int(sampling_rate), "audio array", cfg)
@@ -120,7 +123,7 @@ def audio_from_array(array, sampling_rate, config: AudioConfig | None = None) ->
         raise _too_long(round(x.shape[0] * cfg.sampling_rate / int(sampling_rate)), cfg, "audio array")
     if int(sampling_rate) != cfg.sampling_rate:
         x = _resample(x, int(sampling_rate), cfg.sampling_rate)
-    return _checked(AudioClip(x, cfg.sampling_rate, int(sampling_rate)), cfg, "audio array")
+    return _checked(AudioClip(x, cfg.sampling_rate, int(sampling_rate), time.perf_counter() - t0), cfg, "audio array")
 
 
 def _as_float_mono(array) -> np.ndarray:

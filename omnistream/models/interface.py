@@ -55,11 +55,17 @@ class MultimodalLM(Protocol):
         """(S, hidden) -> (S, vocab)."""
 
     def media_encoder(self, kind: str) -> nn.Module | None:
-        """The module that encodes media of `kind` ("image", "video", later "audio"), for
+        """The module that encodes media of `kind` ("image", "video", "audio"), for
         offloading and graph capture; None when the model has none."""
 
     def prepare_pixels(self, rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Raw (uint8) or normalised patch rows on the device -> the encoder's input dtype."""
 
-    def encode_media(self, pixels: torch.Tensor, grids: list[tuple[int, int, int]]) -> torch.Tensor:
-        """Prepared rows of several items -> (sum of their tokens, hidden)."""
+    def encode_media(self, pixels: torch.Tensor, grids: list[tuple[int, int, int]], kind: str = "video") -> torch.Tensor:
+        """Prepared rows of several items of one encoder (media_encoder(kind), the same for all
+        of them) -> (sum of their tokens, hidden)."""
+
+
+# Models that hear (Qwen2.5-Omni) also have:
+#   audio_config: media/audio.AudioConfig, the log-mel features their audio encoder takes;
+#   interleave_media(video, audio_items, block_id) -> the items of one audio-in-video block.

@@ -3,6 +3,8 @@
 Accepts the hub layout (`model.layers.*`, `visual.*`, `lm_head.*`) and the transformers-5
 layout (`model.language_model.*`, `model.visual.*`). Packed parameters (qkv, gate_up) get their
 slices through the parameter's `weight_loader`. Every parameter must be loaded exactly once.
+A model with another layout names its tensors itself (`model.checkpoint_name(raw) -> name, or
+None for a tensor it does not load`, e.g. Qwen2.5-Omni's `thinker.` prefix and talker).
 """
 
 from __future__ import annotations
@@ -36,7 +38,9 @@ def checkpoint_files(model_dir: Path) -> list[Path]:
     return files
 
 
-def _canonical(name: str) -> str:
+def _canonical(name: str | None) -> str | None:
+    if name is None:
+        return None
     for old, new in _PREFIX_MAP:
         if name.startswith(old):
             return new + name[len(old):]
@@ -69,11 +73,16 @@ def load_state(model: nn.Module, items) -> None:
     loaded: set[str] = set()
     tied = getattr(getattr(model, "cfg", None), "text", None)
     tied = bool(tied and tied.tie_word_embeddings)
+    rename = getattr(model, "checkpoint_name", None)  # a model's own layout (e.g. a prefix)
     for raw, tensor in items:
-        name = _canonical(raw)
+        name = _canonical(raw if rename is None else rename(raw))
+        if name is None:
+            continue  # a part of the checkpoint this model does not load
         if tied and name == "lm_head.weight":
             continue  # tied checkpoints may still carry a copy
         target, shard = _target(name, packed)
+        if target not in params and name in params:  # packing applies where the model packs
+            target, shard = name, None
         param = params.get(target)
         if param is None:
             raise ConfigError(f"unexpected weight {raw!r} in checkpoint")

@@ -146,6 +146,6 @@ class Qwen2_5_VLModel(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
 
-    def encode_media(self, pixel_values: torch.Tensor, grids: list[tuple[int, int, int]]) -> torch.Tensor:
+    def encode_media(self, pixel_values: torch.Tensor, grids: list[tuple[int, int, int]], kind: str = "video") -> torch.Tensor:
         """Prepared patch rows of several images / videos -> (their tokens, hidden)."""
         return self.visual(pixel_values, grids)

@@ -40,6 +40,17 @@ def _qwen2_5_vl() -> ModelEntry:
 register("qwen2_5_vl", _qwen2_5_vl)
 
 
+def _qwen2_5_omni() -> ModelEntry:
+    from omnistream.models.qwen2_5_omni import Qwen2_5OmniThinker
+    from omnistream.models.qwen2_5_omni_config import OmniConfig
+
+    return ModelEntry("qwen2_5_omni", OmniConfig.from_dir, Qwen2_5OmniThinker)
+
+
+register("qwen2_5_omni", _qwen2_5_omni)  # the full checkpoint: its thinker is loaded
+register("qwen2_5_omni_thinker", _qwen2_5_omni)  # the thinker saved alone
+
+
 def model_type_of(model_dir: Path) -> str:
     try:
         raw = json.loads((Path(model_dir) / "config.json").read_text())

@@ -18,6 +18,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from omnistream.errors import ConfigError, UserInputError
 from omnistream.models.hf_config import TOKEN_IDS
+from omnistream.models.qwen2_5_omni_config import OMNI_TOKEN_IDS
 
 __all__ = ["Tokenizer", "QWEN2_5_VL_CHAT_TEMPLATE", "SPECIAL_TOKENS"]
 
@@ -52,6 +53,20 @@ SPECIAL_TOKENS: dict[str, str] = {
     "<|image_pad|>": "image_token_id",
     "<|video_pad|>": "video_token_id",
 }
+# Qwen2.5-Omni's tokenizer names the same ids differently
+_OMNI_NAMES: dict[str, str] = {
+    "<|vision_bos|>": "vision_start_token_id",
+    "<|vision_eos|>": "vision_end_token_id",
+    "<|IMAGE|>": "image_token_id",
+    "<|VIDEO|>": "video_token_id",
+}
+# audio tokens: only Qwen2.5-Omni's tokenizer has them (the same ids are other tokens in
+# Qwen2.5-VL's); absent, the attributes are None
+AUDIO_TOKENS: dict[str, str] = {
+    "<|AUDIO|>": "audio_token_id",
+    "<|audio_bos|>": "audio_start_token_id",
+    "<|audio_eos|>": "audio_end_token_id",
+}
 
 
 class Tokenizer:
@@ -61,7 +76,9 @@ class Tokenizer:
     ``pad_token_id``, ``im_start_token_id``, ``im_end_token_id``, ``vision_start_token_id``,
     ``vision_end_token_id``, ``vision_pad_token_id``, ``image_token_id`` (<|image_pad|>),
     ``video_token_id`` (<|video_pad|>) are read from the tokenizer and checked against the
-    reference table.
+    reference table (Qwen2.5-Omni's names <|vision_bos|>, <|IMAGE|>, ... are accepted), and
+    ``audio_token_id`` (<|AUDIO|>), ``audio_start_token_id``, ``audio_end_token_id`` (None
+    without audio tokens).
     """
 
     def __init__(self, model_dir: str | Path, *, chat_template: str | None = None):
@@ -79,7 +96,10 @@ class Tokenizer:
         self._tok.no_truncation()
 
         self._config = _read_json(self.model_dir / "tokenizer_config.json") or {}
+        omni = {tok: name for name, tok in _OMNI_NAMES.items()}
         for name, tok in SPECIAL_TOKENS.items():
+            if self._tok.token_to_id(name) is None and tok in omni:
+                name = omni[tok]  # a Qwen2.5-Omni tokenizer
             tid = self._tok.token_to_id(name)
             if tid is None:
                 raise ConfigError(f"{tok_path}: special token {name} missing")
@@ -89,6 +109,14 @@ class Tokenizer:
                     "tokenizer?)"
                 )
             setattr(self, tok, tid)
+        for name, tok in AUDIO_TOKENS.items():
+            tid = self._tok.token_to_id(name)
+            if tid is not None and tid != OMNI_TOKEN_IDS[tok]:
+                raise ConfigError(f"{tok_path}: {name} has id {tid}, expected {OMNI_TOKEN_IDS[tok]}")
+            setattr(self, tok, tid)
+        self.audio_token_id: int | None
+        self.audio_start_token_id: int | None
+        self.audio_end_token_id: int | None
         self.bos_token_id: int
         self.im_start_token_id: int
         self.im_end_token_id: int
