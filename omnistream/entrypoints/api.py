@@ -80,6 +80,9 @@ class Engine:
         self.processor = MediaProcessor(model_key=f"{Path(model_dir).resolve()}|{cfg.torch_dtype}")  # items hashed once, here
         self.device = torch.device(cfg.device)
         self.random_weights = is_random_weights(model_dir)
+        # a session's id starts with this; a cluster replica puts its own name in it, so the
+        # id says which replica holds the session (omnistream/cluster/placement.py)
+        self.session_id_prefix = "s-"
         self._sessions: dict[str, Session] = {}
         self._sessions_lock = threading.Lock()
         offload = None
@@ -230,7 +233,7 @@ class Engine:
     def session(self, system: str | None = None, tenant: str | None = None, kv_budget_tokens: int | None = None) -> Session:
         """A new multi-turn session (see sessions/session.py); `tenant` keeps its cache apart."""
         budget = kv_budget_tokens if kv_budget_tokens is not None else self.cfg.cache.session_kv_budget_tokens
-        return self._register(Session(self, f"s-{uuid.uuid4().hex[:12]}", system, tenant, budget))
+        return self._register(Session(self, f"{self.session_id_prefix}{uuid.uuid4().hex[:12]}", system, tenant, budget))
 
     def live_session(self, system: str | None = None, tenant: str | None = None, *, memory=None,
                      min_pixels: int | None = None, max_pixels: int | None = None,

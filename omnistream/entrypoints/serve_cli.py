@@ -145,6 +145,10 @@ def server_sampling(args):
 
 
 def cmd_serve(args) -> int:
+    if getattr(args, "replicas", None) is not None:  # N engine replicas under Ray Serve (omnistream/cluster/launch.py)
+        from omnistream.cluster.launch import serve_replicas
+
+        return serve_replicas(args)
     from omnistream.server.app import build_app
 
     from omnistream.entrypoints.cli import engine_args
@@ -200,6 +204,9 @@ def add_serve_command(sub, add_run_args) -> None:
     p.add_argument("--shutdown-timeout-s", type=_positive_float, default=5.0,
                    help="on Ctrl-C, seconds open requests get to finish before they are cut (default: 5)")
     options.add_server_args(p)
+    from omnistream.cluster.launch import add_cluster_args
+
+    add_cluster_args(p)
     add_run_args(p, model_default=None, sampling_title="default sampling (for the fields a request leaves out)",
                  sampling_shown={**{k: str(v) for k, v in SERVER_SAMPLING.items()}, **SERVER_SAMPLING_SHOWN})
     p.set_defaults(func=cmd_serve)
