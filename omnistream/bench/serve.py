@@ -44,6 +44,7 @@ import numpy as np
 
 from omnistream.bench.concurrency import context_words, mean, pct
 from omnistream.bench.workload import synthetic_video_frames
+from omnistream.server.config import ServerConfig
 
 KINDS = ("text", "image", "video")  # session follow-ups and live streams: not served yet
 QUESTIONS = {"text": "Summarise my notes in one sentence.", "image": "Describe this image.", "video": "What happens in this video?"}
@@ -257,7 +258,8 @@ async def http_phase(url: str, model: str, w: Workload, max_tokens: int) -> tupl
 
 
 async def engine_phase(engine, w: Workload, sampling) -> tuple[list[Sample], float, float]:
-    with ThreadPoolExecutor(max_workers=max(4, w.clients if w.offsets is None else 32), thread_name_prefix="bench-media") as pool:
+    # as many media decodes at once as the server runs (ServerConfig.media_decode_threads): the same work, the same way
+    with ThreadPoolExecutor(max_workers=ServerConfig().media_decode_threads, thread_name_prefix="bench-media") as pool:
         return await run_schedule(lambda spec: engine_request(engine, pool, spec, sampling), w)
 
 

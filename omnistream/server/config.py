@@ -23,6 +23,7 @@ class ServerConfig:
     max_video_frames: int = 768  # frames sampled from one video
     max_video_seconds: float = 4 * 3600.0  # duration of one video
     media_decode_timeout_s: float = 60.0  # wall time to decode one media item
+    media_decode_threads: int = 16  # media decoded at once (PyAV and PIL decode outside the interpreter lock)
     max_sessions: int = 256  # open sessions + live sessions per server
     session_ttl_s: float = 1800.0  # an idle session is closed after this
     max_live_questions_in_flight: int = 1  # per live session
@@ -31,7 +32,7 @@ class ServerConfig:
     def __post_init__(self) -> None:
         if not (0 <= self.port < 65536):
             raise ConfigError(f"port must be 0..65535, got {self.port}")
-        for name in ("max_body_bytes", "max_image_pixels", "max_video_frames", "max_sessions",
+        for name in ("max_body_bytes", "max_image_pixels", "max_video_frames", "max_sessions", "media_decode_threads",
                      "max_live_questions_in_flight", "max_queued_requests"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
