@@ -25,14 +25,14 @@ import pydantic
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 
 from omnistream.engine.handle import RequestHandle
 from omnistream.engine.protocol import EngineRequest, OutputDelta, RequestOutput
-from omnistream.engine.sampling import SamplingParams
-from omnistream.errors import BudgetError, UnknownSessionError
+from omnistream.errors import UnknownSessionError
 from omnistream.models.prompt import build_prompt
 from omnistream.server.auth import tenant_for
+from omnistream.server.common import SSEResponse, max_tokens_for, sampling_for, sse
 from omnistream.server.errors import NotFound, Overloaded, as_api_error
 from omnistream.server.media_parts import MediaResolver, PreparedMessages
 from omnistream.server.openai_protocol import (
@@ -49,7 +49,6 @@ from omnistream.server.openai_protocol import (
 from omnistream.server.state import ServerState, get_state
 from omnistream.server.tokens import StopText, TokenText
 
-DEFAULT_MAX_TOKENS = 4096  # when the request names none (OpenAI: the model's limit), capped by the context
 
 
 def install(app: FastAPI) -> None:
@@ -191,13 +190,13 @@ def _prepare_requests(state: ServerState, body: ChatCompletionRequest, prepared:
     those already queued are aborted."""
     engine = state.engine
     prompt = build_prompt(engine.tokenizer, prepared.messages, prepared.items)
-    max_new = _max_tokens(state, body, len(prompt.token_ids))
+    max_new = max_tokens_for(state, body, len(prompt.token_ids))
     media = [(r.offset, m) for r, m in zip(prompt.ranges, prompt.media)]
     handles: list[RequestHandle] = []
     try:
         for i in range(body.n):
             spec = EngineRequest(
-                token_ids=prompt.token_ids, media=media, sampling=_sampling(state, body, max_new, i),
+                token_ids=prompt.token_ids, media=media, sampling=sampling_for(state, body, max_new, i),
                 cache_salt=tenant, logprobs=_logprobs(body),
                 arrival=arrival, media_decode_s=prepared.decode_s if i == 0 else 0.0)
             handles.append(engine.submit(spec))
@@ -206,29 +205,6 @@ def _prepare_requests(state: ServerState, body: ChatCompletionRequest, prepared:
             h.abort()
         raise
     return len(prompt.token_ids), handles
-
-
-def _max_tokens(state: ServerState, body: ChatCompletionRequest, prompt_len: int) -> int:
-    if body.requested_max_tokens is not None:
-        return body.requested_max_tokens  # over the context: the engine's BudgetError (400)
-    llm = state.engine.llm
-    room = min(llm.max_context, llm.blocks.num_blocks * llm.blocks.block_size) - prompt_len
-    if room < 1:
-        raise BudgetError(f"the prompt of {prompt_len} tokens leaves no room for an answer "
-                          f"(context {llm.max_context} tokens)")
-    return min(state.default_max_tokens or DEFAULT_MAX_TOKENS, room)
-
-
-def _sampling(state: ServerState, body: ChatCompletionRequest, max_new: int, i: int) -> SamplingParams:
-    """The request's sampling fields over the server's defaults (OpenAI's: temperature 1)."""
-    base = state.default_sampling or SamplingParams(temperature=1.0)
-    seed = body.seed + i if body.seed is not None else (base.seed + i if base.seed is not None else None)
-    return SamplingParams(
-        temperature=base.temperature if body.temperature is None else body.temperature,
-        top_p=base.top_p if body.top_p is None else body.top_p,
-        top_k=base.top_k if body.top_k is None else max(body.top_k, 0),
-        max_new_tokens=max_new, seed=seed, stop_token_ids=base.stop_token_ids,
-        ignore_eos=body.ignore_eos or base.ignore_eos)
 
 
 # --------------------------------------------------------------------- running a choice
@@ -289,27 +265,6 @@ async def _disconnected(request: Request) -> None:
 
 
 # ----------------------------------------------------------------------------- streaming
-class SSEResponse(StreamingResponse):
-    """Server-sent events; whatever ends the response (its last event, the client leaving, a
-    server shutdown) closes the event generator and calls `on_close` (aborting the requests)."""
-
-    def __init__(self, events: AsyncIterator[str], on_close: Callable[[], None]) -> None:
-        super().__init__(events, media_type="text/event-stream",
-                         headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
-        self._events, self._on_close = events, on_close
-
-    async def __call__(self, scope, receive, send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            await self._events.aclose()
-            self._on_close()
-
-
-def _sse(payload: dict | str) -> str:
-    return f"data: {payload if isinstance(payload, str) else json.dumps(payload, separators=(',', ':'))}\n\n"
-
-
 async def _stream(job: ChatJob) -> AsyncIterator[str]:
     """role chunk per choice, content chunks as they come (choices interleaved), one finish
     chunk per choice (an empty delta, as OpenAI sends it), the usage chunk, [DONE]."""
@@ -318,7 +273,7 @@ async def _stream(job: ChatJob) -> AsyncIterator[str]:
     def chunk(index: int, delta: dict, logprobs=None, finish=None) -> str:
         c = ChatCompletionChunk(id=job.id, created=job.created, model=job.model,
                                 choices=[ChunkChoice(index=index, delta=delta, logprobs=logprobs, finish_reason=finish)])
-        return _sse({**c.model_dump(mode="json", exclude={"usage", "metrics"}), **usage_field})
+        return sse({**c.model_dump(mode="json", exclude={"usage", "metrics"}), **usage_field})
 
     # content chunks without logprobs, the bulk of a stream: the model's own serialisation of
     # one chunk per choice, cut around its text (a model_dump per token cost ~50 us of the
@@ -352,7 +307,7 @@ async def _stream(job: ChatJob) -> AsyncIterator[str]:
             if item is None:
                 remaining -= 1
             elif isinstance(item, Exception):
-                yield _sse(as_api_error(item).body())
+                yield sse(as_api_error(item).body())
                 break
             else:
                 yield item
@@ -360,8 +315,8 @@ async def _stream(job: ChatJob) -> AsyncIterator[str]:
             if job.body.include_usage:
                 final = ChatCompletionChunk(id=job.id, created=job.created, model=job.model, choices=[],
                                             usage=job.usage(), metrics=job.metrics())
-                yield _sse(final.model_dump(mode="json"))
-        yield _sse("[DONE]")
+                yield sse(final.model_dump(mode="json"))
+        yield sse("[DONE]")
     finally:
         for t in tasks:
             t.cancel()

@@ -21,19 +21,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import time
 import uuid
 from typing import Annotated, Any, AsyncIterator, Callable
 
 from fastapi import Body, FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from omnistream.engine.protocol import OutputDelta, RequestOutput
-from omnistream.engine.sampling import SamplingParams
 from omnistream.errors import UnknownSessionError, UserInputError
 from omnistream.server.auth import tenant_for
+from omnistream.server.common import SSEResponse, max_tokens_for, sampling_for, sse
 from omnistream.server.errors import as_api_error
 from omnistream.server.media_parts import MediaResolver
 from omnistream.server.openai_protocol import (
@@ -163,7 +162,6 @@ async def _open(state: ServerState, session: Session, tenant: str | None) -> Ent
 
 
 # ---------------------------------------------------------------------------------- questions
-DEFAULT_MAX_TOKENS = 4096  # when the request names none, capped by the room left in the context
 
 
 class SessionTurn:
@@ -219,7 +217,7 @@ async def open_turn(state: ServerState, session_id: str, body: ChatCompletionReq
         nonlocal prompt_len
         _add_parts(session, parts, items)
         prompt_len = len(session.prompt_for(question)[0])
-        return session.start(question, _sampling(state, body, prompt_len), logprobs=logprobs)
+        return session.start(question, sampling_for(state, body, max_tokens_for(state, body, prompt_len)), logprobs=logprobs)
 
     try:
         answer = await start_in_thread(start)
@@ -242,21 +240,6 @@ def _new_turn(body: ChatCompletionRequest) -> Message:
     return body.messages[0]
 
 
-def _sampling(state: ServerState, body: ChatCompletionRequest, prompt_len: int) -> SamplingParams:
-    """The request's sampling fields over the server's defaults (OpenAI's: temperature 1), as
-    for a chat completion without a session."""
-    base = state.default_sampling or SamplingParams(temperature=1.0)
-    max_new = body.requested_max_tokens
-    if max_new is None:
-        max_new = max(1, min(DEFAULT_MAX_TOKENS, state.engine.llm.max_context - prompt_len))
-    return SamplingParams(
-        temperature=base.temperature if body.temperature is None else body.temperature,
-        top_p=base.top_p if body.top_p is None else body.top_p,
-        top_k=base.top_k if body.top_k is None else max(body.top_k, 0),
-        max_new_tokens=max_new, seed=body.seed if body.seed is not None else base.seed,
-        stop_token_ids=base.stop_token_ids, ignore_eos=body.ignore_eos or base.ignore_eos)
-
-
 async def chat_in_session(state: ServerState, session_id: str, body: ChatCompletionRequest, tenant: str | None) -> Response:
     """POST /v1/chat/completions with `X-Session-Id`: the answer in the chat.completion shape
     (or its SSE chunks with `stream`), usage.prompt_tokens_details.cached_tokens counting the
@@ -264,7 +247,7 @@ async def chat_in_session(state: ServerState, session_id: str, body: ChatComplet
     turn = await open_turn(state, session_id, body, tenant)
     reply = ChatReply(state, body, session_id)
     if body.stream:
-        return SessionSSE(reply.chunks(turn), on_close=turn.close)
+        return SSEResponse(reply.chunks(turn), on_close=turn.close)
     try:
         async for item in turn.events():
             reply.add(item)
@@ -328,7 +311,7 @@ class ChatReply:
         c = ChatCompletionChunk(id=self.id, created=self.created, model=self.model,
                                 choices=[ChunkChoice(index=0, delta=delta, logprobs=logprobs, finish_reason=finish)])
         usage = {"usage": None} if self.body.include_usage else {}
-        return _sse({**c.model_dump(mode="json", exclude={"usage", "metrics"}), **usage})
+        return sse({**c.model_dump(mode="json", exclude={"usage", "metrics"}), **usage})
 
     async def chunks(self, turn: SessionTurn) -> AsyncIterator[str]:
         """role chunk, content chunks, the finish chunk, the usage chunk if asked, [DONE]; an
@@ -341,34 +324,14 @@ class ChatReply:
                     yield self._chunk({"content": text}, self.logprobs(pairs) if pairs else None)
             self.check_not_aborted()
         except Exception as e:  # noqa: BLE001
-            yield _sse(as_api_error(e).body())
+            yield sse(as_api_error(e).body())
             return
         yield self._chunk({}, finish=self.finish_reason)
         if self.body.include_usage:
             final = ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=[],
                                         usage=self.usage(), metrics=self.metrics())
-            yield _sse(final.model_dump(mode="json"))
-        yield _sse("[DONE]")
-
-
-def _sse(payload: dict | str) -> str:
-    return f"data: {payload if isinstance(payload, str) else json.dumps(payload, separators=(',', ':'))}\n\n"
-
-
-class SessionSSE(StreamingResponse):
-    """Server-sent events; whatever ends the response (its end, the client leaving) closes the
-    event generator and calls `on_close` (a turn left unfinished is aborted)."""
-
-    def __init__(self, events: AsyncIterator[str], on_close: Callable[[], None]) -> None:
-        super().__init__(events, media_type="text/event-stream", headers={"cache-control": "no-cache"})
-        self._events, self._on_close = events, on_close
-
-    async def __call__(self, scope, receive, send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            await self._events.aclose()
-            self._on_close()
+            yield sse(final.model_dump(mode="json"))
+        yield sse("[DONE]")
 
 
 # ---------------------------------------------------------------------------------- routes
