@@ -177,5 +177,6 @@ def _add_serve_bench(bsub, add_model_args) -> None:
     sv.add_argument("--video-frames", type=_positive, default=8, help="frames of each video (2 fps)")
     sv.add_argument("--seed", type=int, default=0, help="seed of the weights and the workload")
     sv.add_argument("--json", default=None, help="write all raw numbers and the environment to this file")
+    sv.add_argument("--serve-args", default="", help="more flags for the server it starts, e.g. '--replicas 2 --replica-gpus 0.5'")
     add_engine_args(sv)
     sv.set_defaults(func=_serve)

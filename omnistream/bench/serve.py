@@ -29,6 +29,7 @@ import io
 import json
 import os
 import queue
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -388,6 +389,7 @@ class BenchServeConfig:
     video_frames: int = 8
     seed: int = 0
     engine_options: tuple[tuple[str, Any], ...] = ()
+    serve_args: tuple[str, ...] = ()  # more flags for the server (e.g. --replicas 2 --replica-gpus 0.5)
 
 
 def _tokenizer_for(model: str):
@@ -404,7 +406,7 @@ def server_argv(cfg: BenchServeConfig) -> list[str]:
 
     model = ["--model-config", cfg.model, "--weights-seed", str(cfg.seed)] if is_preset(cfg.model) else ["--model", cfg.model]
     return [*model, "--device", cfg.device, "--dtype", cfg.dtype, "--host", "127.0.0.1", "--port", "0",
-            "--served-model-name", SERVED_NAME, *to_flags(dict(cfg.engine_options))]
+            "--served-model-name", SERVED_NAME, *to_flags(dict(cfg.engine_options)), *cfg.serve_args]
 
 
 def run_bench_serve(cfg: BenchServeConfig, log=print) -> dict[str, Any]:
@@ -510,7 +512,8 @@ def cmd_bench_serve(args) -> int:
     cfg = BenchServeConfig(model=model_arg(args), device=device, dtype=args.dtype, clients=args.clients,
                            requests=args.requests or args.clients * 4, rate=args.rate, mix=tuple(parse_mix(args.mix).items()),
                            new_tokens=args.new_tokens, prompt_tokens=args.prompt_tokens, size=args.size,
-                           video_frames=args.video_frames, seed=args.seed, engine_options=tuple(engine_opts.items()))
+                           video_frames=args.video_frames, seed=args.seed, engine_options=tuple(engine_opts.items()),
+                           serve_args=tuple(shlex.split(args.serve_args)))
     report = run_bench_serve(cfg)
     print_report(report)
     write_json(report, args.json)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import time
 
 from omnistream.entrypoints import options
@@ -67,10 +68,8 @@ def specs_from_args(args):
 
 def serve_replicas(args) -> int:
     replica, cluster = specs_from_args(args)
-    try:
-        import ray  # noqa: F401 - present?
-    except ImportError:
-        raise ConfigError(INSTALL_HINT) from None
+    if importlib.util.find_spec("ray") is None:  # not imported: local.py sets Ray's environment first
+        raise ConfigError(INSTALL_HINT)
     from omnistream.cluster.local import LocalRay
 
     if args.ray_address is None:
