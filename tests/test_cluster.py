@@ -123,7 +123,7 @@ def cluster():
     os.environ.setdefault("RAY_SERVE_PROXY_HEALTH_CHECK_PERIOD_S", "1")
     from omnistream.cluster.local import LocalRay, node_address, start_serve
 
-    local = LocalRay(num_cpus=2)
+    local = LocalRay(num_cpus=2, object_store_memory=256 << 20)  # small: nothing big travels through it
     with local:
         from ray import serve
 
@@ -319,6 +319,23 @@ def test_unknown_sessions_are_404_and_sessions_of_a_gone_replica_410(cluster, sp
         assert r.status_code == 410, r.text
         err = r.json()["error"]
         assert err["code"] == "session_lost" and gone in err["message"] and "gone0000" in err["message"]
+
+
+def test_serve_config_builder_takes_typed_args(cluster):
+    """omnistream.cluster.deploy:build, the import_path of a Serve config file."""
+    import pydantic
+
+    from omnistream.cluster.deploy import build
+
+    app = build({"model": "demo", "replicas": 3, "replica_gpus": 0.5, "server": {"max_sessions": 8},
+                 "engine": {"kv_cache_tokens": 4096}, "sampling": {"temperature": 0.0}})
+    deployment = app._bound_deployment  # what serve.run would deploy
+    assert deployment.num_replicas == 3 and deployment.ray_actor_options["num_gpus"] == 0.5
+    replica, spec = deployment.init_args
+    assert replica.server.max_sessions == 8 and replica.engine_options == {"kv_cache_tokens": 4096}
+    assert deployment.max_ongoing_requests == spec.ongoing_limit(replica.server)
+    with pytest.raises(pydantic.ValidationError):
+        build({"model": "demo", "replica": 2})  # a typo is refused, not ignored
 
 
 def wait_for(predicate, timeout_s: float, what: str):

@@ -29,7 +29,6 @@ Serve pickles this module by value into each routing process: it keeps no state 
 
 from __future__ import annotations
 
-import logging
 import pickle
 from typing import Any, Mapping
 
@@ -45,9 +44,6 @@ from omnistream.cluster.placement import (
     route_of_key,
     route_of_scope,
 )
-
-log = logging.getLogger("ray.serve")
-
 
 def replica_name(replica: RunningReplica) -> str:
     return replica.replica_id.unique_id
