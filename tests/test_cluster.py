@@ -381,6 +381,10 @@ def test_a_killed_replica_loses_only_its_sessions(cluster, spread):
     assert set(sockets) == {victim, survivor}
     name = next(a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].endswith("#" + victim))
     ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
+    body = {"model": "demo-model", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 2}
+    for _ in range(4):  # stateless requests right after the kill: none is lost (Serve retries a dead replica's)
+        r = http(url).post("/v1/chat/completions", json=body)
+        assert r.status_code == 200 and r.headers[REPLICA_HEADER] == survivor, r.text
     lost = [sid for sid, r in spread.items() if r == victim]
     kept = [sid for sid, r in spread.items() if r == survivor]
     for sid in lost:
