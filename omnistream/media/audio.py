@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from omnistream.errors import ConfigError, MediaError
-from omnistream.media.pyav import av
+from omnistream.media.pyav import av, check_media_file, decoded_frames
 
 SAMPLING_RATE = 16_000  # what the Whisper-style audio encoder was trained on
 
@@ -84,7 +84,7 @@ def decode_audio(path: str | os.PathLike, config: AudioConfig | None = None) -> 
     included) -> 16 kHz mono float32. A truncated file keeps what decodes; nothing decodable,
     no audio stream, an implausible rate or a clip over max_seconds raise MediaError."""
     cfg = config or AudioConfig()
-    path = _check_file(Path(path))
+    path = check_media_file(Path(path), "audio")
     t0 = time.perf_counter()
     try:
         with av.open(str(path), "r") as container:
@@ -96,7 +96,7 @@ def decode_audio(path: str | os.PathLike, config: AudioConfig | None = None) -> 
             _check_rate(rate, f"audio stream of {path}", cfg)
             resampler = av.AudioResampler(format="flt", layout="mono", rate=cfg.sampling_rate)
             pieces, total = [], 0
-            for frame in _audio_frames(container, stream):
+            for frame in decoded_frames(container, stream):
                 for out in resampler.resample(frame):
                     total += _append(pieces, out)
                 if total > cfg.max_samples:
@@ -168,33 +168,6 @@ def _append(pieces: list[np.ndarray], frame) -> int:
     data = frame.to_ndarray().reshape(-1).astype(np.float32, copy=False)  # packed mono: (1, n)
     pieces.append(data)
     return data.shape[0]
-
-
-def _audio_frames(container, stream):
-    """Decoded frames; corrupt packets are skipped, a demuxer error (truncated file) ends it."""
-    packets = container.demux(stream)
-    while True:
-        try:
-            packet = next(packets)
-        except StopIteration:
-            return
-        except av.FFmpegError:
-            return
-        try:
-            frames = packet.decode()
-        except av.FFmpegError:
-            continue
-        yield from frames
-
-
-def _check_file(path: Path) -> Path:
-    if path.is_dir():
-        raise MediaError(f"{path} is a directory, not an audio file")
-    if not path.is_file():
-        raise MediaError(f"audio file not found: {path}")
-    if path.stat().st_size == 0:
-        raise MediaError(f"audio file is empty: {path}")
-    return path
 
 
 def _check_rate(rate: int, what: str, cfg: AudioConfig) -> None:

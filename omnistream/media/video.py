@@ -11,11 +11,11 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from omnistream.media.pyav import av
+from omnistream.media.pyav import av, check_media_file, decoded_frames
 import numpy as np
 
 from omnistream.errors import ConfigError, MediaError
@@ -127,7 +127,7 @@ def decode_video(
     """
     fps = FPS if fps is None else fps
     _check_sampling_args(fps, nframes, min_frames, max_frames, start_s, end_s)
-    path = _check_file(Path(path))
+    path = check_media_file(Path(path), "video")
     source_fps, announced = _probe(path)
     sampling = _Sampling(source_fps, fps, nframes, min_frames, max_frames, start_s, end_s)
     indices = sampling.indices(announced)
@@ -211,16 +211,6 @@ class _Sampling:
         )
 
 
-def _check_file(path: Path) -> Path:
-    if path.is_dir():  # "not found" would send the user looking for a file that is there
-        raise MediaError(f"{path} is a directory, not a media file")
-    if not path.is_file():
-        raise MediaError(f"video file not found: {path}")
-    if path.stat().st_size == 0:
-        raise MediaError(f"video file is empty: {path}")
-    return path
-
-
 def _open(path: Path) -> av.container.InputContainer:
     try:
         return av.open(str(path), "r")
@@ -285,7 +275,7 @@ def _decode_frames(
         stream.thread_type = "AUTO"  # frame + slice threads; decode order is preserved
         start = float(stream.start_time * stream.time_base) if stream.start_time is not None else None
         size: tuple[int, int] | None = None
-        for frame in _frames(container, stream):
+        for frame in decoded_frames(container, stream):
             size = size or (frame.width, frame.height)
             start = frame.time if start is None else start  # no stream start: the first frame
             if count in wanted:
@@ -295,24 +285,6 @@ def _decode_frames(
             if stop_after is not None and count > stop_after:
                 break
     return kept, count
-
-
-def _frames(container: av.container.InputContainer, stream: av.VideoStream) -> Iterator[av.VideoFrame]:
-    """Decoded frames in presentation order; corrupt packets are skipped, a demuxer error
-    (truncated file) ends the stream."""
-    packets = container.demux(stream)
-    while True:
-        try:
-            packet = next(packets)
-        except StopIteration:
-            return
-        except av.FFmpegError:
-            return
-        try:
-            frames = packet.decode()
-        except av.FFmpegError:
-            continue
-        yield from frames
 
 
 def frames_from_list(
