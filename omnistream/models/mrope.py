@@ -34,6 +34,13 @@ def media_positions(item: MediaItem, start: int, tokens_per_second: float) -> to
         t_idx = torch.tensor([math.floor(k * step) for k in range(t)], dtype=torch.long)
     else:
         t_idx = torch.zeros(t, dtype=torch.long)
+    return grid_positions(t_idx, lh, lw, start)
+
+
+def grid_positions(t_idx: torch.Tensor, lh: int, lw: int, start: int) -> torch.Tensor:
+    """(3, t * lh * lw) positions of a media grid: the time index of each temporal step
+    t_idx (t,), the row and the column of each merged patch, all offset by start."""
+    t = t_idx.shape[0]
     tt = t_idx.view(t, 1, 1).expand(t, lh, lw)
     hh = torch.arange(lh).view(1, lh, 1).expand(t, lh, lw)
     ww = torch.arange(lw).view(1, 1, lw).expand(t, lh, lw)

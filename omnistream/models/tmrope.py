@@ -29,6 +29,7 @@ import torch
 from omnistream.errors import UserInputError
 from omnistream.media.hashing import item_hash
 from omnistream.media.item import MediaItem
+from omnistream.models.mrope import grid_positions
 
 
 def video_time_index(start: int, count: int, second_per_grid_t: float, per_second: int) -> torch.Tensor:
@@ -49,10 +50,7 @@ def item_positions(item: MediaItem, start: int, per_second: int) -> torch.Tensor
         t_idx = video_time_index(item.source_start, t, item.second_per_grid_t, per_second)
     else:
         t_idx = torch.zeros(t, dtype=torch.long)
-    tt = t_idx.view(t, 1, 1).expand(t, lh, lw)
-    hh = torch.arange(lh).view(1, lh, 1).expand(t, lh, lw)
-    ww = torch.arange(lw).view(1, 1, lw).expand(t, lh, lw)
-    return torch.stack([tt, hh, ww]).reshape(3, -1) + start
+    return grid_positions(t_idx, lh, lw, start)
 
 
 def is_audio_in_video(block: Sequence[MediaItem]) -> bool:
