@@ -177,11 +177,11 @@ class LLMEngine:
             return None
         if not all(self.blocks.can_grow(c.request, c.start + 1) for c in chunks):
             return None
-        out = SchedulerOutput(chunks, len(chunks), [])
-        if not self.runner.graphs.can_run(out):
-            return None
-        for c in chunks:
+        for c in chunks:  # the blocks the scheduler would give them next anyway
             self.blocks.grow(c.request, c.start + 1)
+        out = SchedulerOutput(chunks, len(chunks), [])
+        if not self.runner.graphs.can_run(out):  # checked with the grown tables (a new block may cross the graphs' width)
+            return None
         t0 = time.perf_counter()
         try:
             launched = self.runner.launch(out, prev.launched)
