@@ -38,7 +38,7 @@ from omnistream.errors import ConfigError, UnknownSessionError, UserInputError
 from omnistream.media.audio_items import load_audio_source
 from omnistream.media.item import MediaItem
 from omnistream.media.processor import MediaProcessor
-from omnistream.models.demo import ensure_demo_model, is_random_weights
+from omnistream.models.demo import builtin_model_dir, is_random_weights
 from omnistream.models.interface import MultimodalLM
 from omnistream.models.loader import load_weights
 from omnistream.models.prompt import build_prompt
@@ -111,7 +111,7 @@ class Engine:
 
     @classmethod
     def from_pretrained(cls, model: str | Path = "demo", *, device: str = "cpu", dtype: str = "auto", **options) -> "Engine":
-        model_dir = ensure_demo_model() if str(model) == "demo" else Path(model)
+        model_dir = builtin_model_dir(model)  # "demo", "omni-demo": built once into the cache
         if not (model_dir / "config.json").is_file():
             raise ConfigError(f"{model_dir}: not a checkpoint directory (no config.json)")
         cfg = EngineConfig.from_kwargs(str(model_dir), device=device, dtype=dtype, **options)

@@ -22,7 +22,7 @@ import shutil
 import uuid
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -33,6 +33,9 @@ from omnistream.models.tokenizer import QWEN2_5_VL_CHAT_TEMPLATE
 __all__ = [
     "write_model_dir",
     "ensure_demo_model",
+    "builtin_model_dir",
+    "install_once",
+    "BUILTIN_MODELS",
     "is_random_weights",
     "weight_specs",
     "qwen_tokenizer_files_dir",
@@ -344,7 +347,31 @@ def default_cache_dir() -> Path:
 
 def ensure_demo_model(cache_dir: str | Path | None = None) -> Path:
     """The "demo" preset model, built once into ``<cache>/demo-model`` (cache:
-    ``cache_dir``, else ``$OMNISTREAM_CACHE``, else ``~/.cache/omnistream``).
+    ``cache_dir``, else ``$OMNISTREAM_CACHE``, else ``~/.cache/omnistream``)."""
+    config = preset_config("demo").replace(torch_dtype=DEMO_DTYPE)
+    want = _fingerprint(config, 0, DEMO_INIT_STD, DEMO_DTYPE)
+    return install_once(cache_dir, "demo-model", want, lambda tmp: write_model_dir(
+        tmp, config, seed=0, init_std=DEMO_INIT_STD, dtype=DEMO_DTYPE, preset="demo"))
+
+
+BUILTIN_MODELS = ("demo", "omni-demo")  # names --model and Engine.from_pretrained take besides a directory
+
+
+def builtin_model_dir(model: str | Path, cache_dir: str | Path | None = None) -> Path:
+    """A built-in model's name -> its directory (written once to the cache); anything else is
+    taken as a checkpoint directory."""
+    if str(model) == "demo":
+        return ensure_demo_model(cache_dir)
+    if str(model) == "omni-demo":
+        from omnistream.models.omni_demo import ensure_omni_demo_model  # it builds on this module
+
+        return ensure_omni_demo_model(cache_dir)
+    return Path(model)
+
+
+def install_once(cache_dir: str | Path | None, name: str, want: str, write: Callable[[Path], Any]) -> Path:
+    """``<cache>/<name>``, written by ``write(tmp_dir)`` unless a copy whose marker holds the
+    fingerprint ``want`` is there already.
 
     Lock-free: each builder writes a private temporary directory next to the target and
     renames it into place; a loser of the race discards its copy. A cached model written by
@@ -352,20 +379,20 @@ def ensure_demo_model(cache_dir: str | Path | None = None) -> Path:
     """
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     root.mkdir(parents=True, exist_ok=True)
-    target = root / "demo-model"
-    config = preset_config("demo").replace(torch_dtype=DEMO_DTYPE)
-    want = _fingerprint(config, 0, DEMO_INIT_STD, DEMO_DTYPE)
+    target = root / name
     if _read_fingerprint(target) == want:
         return target
 
-    tmp = root / f".demo-model.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp = root / f".{name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
-        write_model_dir(tmp, config, seed=0, init_std=DEMO_INIT_STD, dtype=DEMO_DTYPE, preset="demo")
+        write(tmp)
+        if _read_fingerprint(tmp) != want:
+            raise ConfigError(f"the {name} writer recorded another fingerprint (a bug)")
         for _attempt in range(3):
             if _read_fingerprint(target) == want:
                 return target  # someone else finished first
             if target.exists():  # stale or half-broken: move it aside, then retry
-                stale = root / f".demo-model.stale-{uuid.uuid4().hex[:8]}"
+                stale = root / f".{name}.stale-{uuid.uuid4().hex[:8]}"
                 try:
                     os.rename(target, stale)
                     shutil.rmtree(stale, ignore_errors=True)
@@ -379,13 +406,13 @@ def ensure_demo_model(cache_dir: str | Path | None = None) -> Path:
                 continue  # lost the race (target appeared); check it again
         if _read_fingerprint(target) == want:
             return target
-        raise ConfigError(f"could not install the demo model at {target}")
+        raise ConfigError(f"could not install the {name} at {target}")
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _fingerprint(config: QwenVLConfig, seed: int, init_std: float, dtype: str) -> str:
+def _fingerprint(config, seed: int, init_std: float, dtype: str) -> str:
     blob = json.dumps(
         {
             "config": config.to_hf_dict(),

