@@ -18,18 +18,22 @@ from pathlib import Path
 
 from omnistream.entrypoints import options
 from omnistream.entrypoints.progress import Progress
-from omnistream.errors import OmnistreamError
+from omnistream.errors import OmnistreamError, UserInputError
 
-DESCRIPTION = """omnistream: multi-turn and live video question answering on Qwen2.5-VL.
+DESCRIPTION = """omnistream: multi-turn and live video question answering on Qwen2.5-VL and -Omni.
 
   omnistream demo                                   a question about a generated clip (random weights)
   omnistream ask clip.mp4 "What happens?" --model DIR
+  omnistream ask speech.wav "What is said?" --model omni-demo        (a Qwen2.5-Omni model hears)
+  omnistream ask clip.mp4 "Who speaks?" --audio-in-video --model omni-demo
   omnistream serve --model DIR                      OpenAI-compatible server on 127.0.0.1:8000
 
 `omnistream COMMAND --help` lists a command's options."""
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a program ended by Ctrl-C
 
+AUDIO_SUFFIXES = {".wav", ".mp3", ".flac", ".ogg", ".oga", ".opus", ".m4a", ".aac"}
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
 VIDEO_SUFFIXES = {".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v", ".flv", ".ts", ".mpg", ".mpeg", ".ogv", ".3gp", ".gif"}
 
 
@@ -52,7 +56,9 @@ def version() -> str:
 
 def _add_model_args(p: argparse.ArgumentParser, model_default: str | None = "demo") -> None:
     shown = "the default" if model_default == "demo" else "required"
-    p.add_argument("--model", default=model_default, help=f"checkpoint directory, or 'demo' (built-in random weights; {shown})")
+    p.add_argument("--model", default=model_default,
+                   help=f"checkpoint directory, or a built-in random-weight model: 'demo' (Qwen2.5-VL; {shown}) "
+                        "or 'omni-demo' (Qwen2.5-Omni: hears audio)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--dtype", default="auto", help="float32 | bfloat16 | float16 | auto (bfloat16 on a GPU, float32 on the CPU; the default)")
     p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
@@ -74,15 +80,23 @@ def _default_device(arg: str | None) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def media_part(path: str, fps: float | None, nframes: int | None, max_pixels: int | None) -> dict:
-    """Chooses image or video by extension (a still image answers through the image path)."""
+def media_part(path: str, fps: float | None, nframes: int | None, max_pixels: int | None,
+               audio_in_video: bool = False) -> dict:
+    """Chooses image, audio or video by extension (a still image answers through the image
+    path, a sound file through the audio path); audio_in_video: a video's audio track too."""
     suffix = Path(path).suffix.lower()
-    if suffix in VIDEO_SUFFIXES:
-        part = {"type": "video", "video": path, "fps": fps, "nframes": nframes}
-    elif suffix in {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}:
+    if suffix in AUDIO_SUFFIXES:
+        if audio_in_video:
+            raise UserInputError(f"--audio-in-video is for a video file; {Path(path).name} is audio (heard without it)")
+        return {"type": "audio", "audio": path}
+    if suffix in IMAGE_SUFFIXES:
+        if audio_in_video:
+            raise UserInputError(f"--audio-in-video is for a video file; {Path(path).name} is an image")
         part = {"type": "image", "image": path}
-    else:  # unknown extension: let the video decoder decide and explain
+    else:  # a video, or an unknown extension: the video decoder decides and explains
         part = {"type": "video", "video": path, "fps": fps, "nframes": nframes}
+        if audio_in_video:
+            part["use_audio_in_video"] = True
     if max_pixels is not None:  # 0 is a (bad) request, not "unset": the processor refuses it
         part["max_pixels"] = max_pixels
     return part
@@ -174,7 +188,8 @@ def cmd_ask(args) -> int:
     check_pixel_count("--max-pixels", args.max_pixels)
     sampling = options.sampling_params(args)
     device, dtype, engine_options = engine_args(args)
-    messages = [{"role": "user", "content": [media_part(args.media, args.fps, args.nframes, args.max_pixels), {"type": "text", "text": args.question}]}]
+    part = media_part(args.media, args.fps, args.nframes, args.max_pixels, getattr(args, "audio_in_video", False))
+    messages = [{"role": "user", "content": [part, {"type": "text", "text": args.question}]}]
     # closed before the process exits: a running loop thread aborted the interpreter at shutdown
     with load_engine(args.model, device, dtype, **engine_options) as engine:
         res = answer(engine, messages, sampling)
@@ -200,13 +215,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
     from omnistream.media.resize import FPS  # the processor's default rate
 
-    ask = sub.add_parser("ask", help="answer one question about an image or video",
-                         description="Answer one question about an image or a video file.")
-    ask.add_argument("media", help="an image or video file (chosen by its extension)")
+    ask = sub.add_parser("ask", help="answer one question about an image, video or audio file",
+                         description="Answer one question about an image, a video or (Qwen2.5-Omni) an audio file.")
+    ask.add_argument("media", help="an image, video or audio file (chosen by its extension; audio: "
+                                   + ", ".join(sorted(s.lstrip(".") for s in AUDIO_SUFFIXES)) + ")")
     ask.add_argument("question")
     ask.add_argument("--fps", type=float, default=None, help=f"frames sampled per second of video (default: {FPS:g})")
     ask.add_argument("--nframes", type=int, default=None, help="sample exactly this many frames instead (default: by --fps)")
     ask.add_argument("--max-pixels", type=int, default=None, help="largest image/frame area after resizing, in pixels (default: the processor's)")
+    ask.add_argument("--audio-in-video", action="store_true",
+                     help="also hear the video's audio track, interleaved with its frames (a Qwen2.5-Omni model)")
     add_run_args(ask, max_new_tokens=64)
     ask.set_defaults(func=cmd_ask)
     demo = sub.add_parser("demo", help="end-to-end example on a generated sample video",

@@ -12,6 +12,11 @@ are asked at its end.
   (a) all frames sampled so far, one user turn: video + question (what a stateless pipeline does)
   (b) the retained frames: exactly the engine's prompt (LiveSession.prompt_for: ids and media)
 and prints token agreement with the engine and latency side by side.
+
+--audio (a Qwen2.5-Omni model) also feeds the file's audio track (decoded to 16 kHz mono once)
+to the session with LiveSession.add_audio, on the frames' clock: before each frame, the sound
+since the previous one (timestamp: its first sample, in seconds on the same clock as the frame
+timestamps), and before each question the sound up to the question's time.
 """
 
 from __future__ import annotations
@@ -65,6 +70,44 @@ def print_compare(rows: list[tuple[str, int, int, dict, str]], out=None) -> None
         print(f"  {name:<34}{frames:>7}{prompt:>8}{_fmt_ms(r['ttft_s']):>10}{_fmt_ms(r['total_s']):>10}  {agree}", file=out)
 
 
+class AudioTrack:
+    """A file's audio track cut into pieces on the frames' clock: `until(t)` returns the samples
+    from where the last piece ended up to time t (and the piece's start time), or None when
+    less than `min_samples` are due (they wait for the next piece; a short tail is dropped)."""
+
+    def __init__(self, samples, sampling_rate: int, start_s: float = 0.0, min_samples: int = 480) -> None:
+        self.samples, self.rate, self.start_s, self.min_samples = samples, sampling_rate, start_s, min_samples
+        self.fed = 0  # samples handed out so far
+
+    def until(self, t: float):
+        end = min(len(self.samples), max(0, round((t - self.start_s) * self.rate)))
+        if end - self.fed < self.min_samples:
+            return None
+        piece, ts = self.samples[self.fed:end], self.start_s + self.fed / self.rate
+        self.fed = end
+        return piece, ts
+
+    @property
+    def seconds_fed(self) -> float:
+        return self.fed / self.rate
+
+
+def _audio_track(args, clip):
+    """The video file's audio track on the frames' clock (its first frame is time 0)."""
+    from omnistream.media.audio import decode_audio
+
+    with Progress(f"decoding the audio of {Path(args.video).name}"):
+        audio = decode_audio(args.video)  # MediaError: no audio stream, undecodable, too long
+    print(f"stream: audio track {audio.duration_s:.1f} s, fed with the frames")
+    return AudioTrack(audio.samples, audio.sampling_rate, start_s=-float(clip.timestamps[0]))
+
+
+def _check_hears(engine) -> None:
+    if getattr(engine.model, "audio_config", None) is None:
+        raise UserInputError(f"--audio: {Path(engine.model_dir).name} does not take audio "
+                             "(a Qwen2.5-Omni checkpoint does, e.g. --model omni-demo)")
+
+
 def cmd_stream(args) -> int:
     from omnistream.media.processor import check_pixel_count
     from omnistream.media.video import decode_video
@@ -74,6 +117,8 @@ def cmd_stream(args) -> int:
         raise ConfigError("give at least one --ask SECONDS:QUESTION")
     if args.speed not in ("1", "max"):
         raise ConfigError(f"--speed is 1 (real time) or max, got {args.speed!r}")
+    if args.audio and args.compare:
+        raise ConfigError("--compare answers over frames only (transformers' Qwen2.5-VL); leave out --audio or --compare")
     sampling = options.sampling_params(args)  # a bad value names its field
     check_pixel_count("--max-pixels", args.max_pixels)  # the live session would take 0 for "default"
     if Path(args.video).is_dir():
@@ -85,6 +130,7 @@ def cmd_stream(args) -> int:
     frames, stamps = clip.frames, [float(t) - float(clip.timestamps[0]) for t in clip.timestamps]
     print(f"stream: {args.video}: {len(frames)} frames {frames.shape[2]}x{frames.shape[1]} sampled at "
           f"{clip.sample_fps:.2f} fps over {clip.duration_s:.1f} s; speed {args.speed}")
+    track = _audio_track(args, clip) if args.audio else None
 
     from omnistream.bench.models import resolve_dtype
     from omnistream.entrypoints.cli import engine_args, load_engine
@@ -94,21 +140,29 @@ def cmd_stream(args) -> int:
     hf = None
     if args.compare:  # loaded first: the engine sizes its KV pool from the memory left free
         from omnistream.bench.native import load_native
-        from omnistream.models.demo import ensure_demo_model
+        from omnistream.models.demo import builtin_model_dir
 
-        model_dir = ensure_demo_model() if args.model == "demo" else Path(args.model)
+        model_dir = builtin_model_dir(args.model)
         if not (model_dir / "config.json").is_file():
             raise ConfigError(f"{model_dir}: not a checkpoint directory (no config.json)")
         hf = load_native(model_dir, device, dtype)
     # closing the engine closes the live session and stops the loop thread before the process
     # exits (on Ctrl-C too): left running, it aborted the interpreter at shutdown
     with load_engine(args.model, device, str(dtype).replace("torch.", ""), **engine_options) as engine:
+        if track is not None:
+            _check_hears(engine)
         live = engine.live_session(max_pixels=args.max_pixels, policy=args.policy)
-        _play(args, engine, live, hf, frames, stamps, asks, sampling)
+        _play(args, engine, live, hf, frames, stamps, asks, sampling, track)
     return 0
 
 
-def _play(args, engine, live, hf, frames, stamps, asks, sampling) -> None:
+def _feed_audio(live, track: AudioTrack | None, t: float) -> None:
+    piece = track.until(t) if track is not None else None
+    if piece is not None:
+        live.add_audio(piece[0], piece[1], track.rate)
+
+
+def _play(args, engine, live, hf, frames, stamps, asks, sampling, track: AudioTrack | None = None) -> None:
     real_time = args.speed == "1"
     start = time.perf_counter()
     fed = 0
@@ -118,17 +172,20 @@ def _play(args, engine, live, hf, frames, stamps, asks, sampling) -> None:
                 delay = start + stamps[fed] - time.perf_counter()
                 if delay > 0:
                     time.sleep(delay)
+            _feed_audio(live, track, stamps[fed])  # the sound heard since the previous frame
             live.add_frame(frames[fed], stamps[fed])
             fed += 1
         if real_time and t_ask <= stamps[-1]:  # the question comes at its time on the camera clock
             delay = start + t_ask - time.perf_counter()
             if delay > 0:
                 time.sleep(delay)
+        _feed_audio(live, track, t_ask)  # and up to the question (after the end: the whole track)
         with Progress("ingesting frames"):
             live.flush(timeout=600)
         shown = min(t_ask, stamps[-1]) if t_ask > stamps[-1] else t_ask
         late = " (after the end of the video)" if t_ask > stamps[-1] else ""
-        print(f"\n[t={shown:.1f}s{late}] frames so far {fed}; Q: {question}")
+        heard = f"; audio so far {track.seconds_fed:.1f} s" if track is not None else ""
+        print(f"\n[t={shown:.1f}s{late}] frames so far {fed}{heard}; Q: {question}")
         exact = live.prompt_for(question) if hf is not None else None
         with Progress("answering"):
             res = live.ask(question, sampling)
@@ -173,6 +230,8 @@ def add_stream_command(sub, add_run_args) -> None:
     p.add_argument("--policy", choices=("exact", "fast"), default="exact",
                    help="live KV policy: exact (default; equals a fresh run over the retained frames) or fast "
                         "(evicted frames' KV removed in place, no recompute; --compare shows its divergence)")
+    p.add_argument("--audio", action="store_true",
+                   help="also feed the file's audio track to the session on the frames' clock (a Qwen2.5-Omni model)")
     p.add_argument("--compare", action="store_true",
                    help="also answer natively with transformers over all frames so far and over the retained frames")
     add_run_args(p, max_new_tokens=64)
