@@ -1,10 +1,12 @@
 """Benchmark models: the transformers baseline and our Engine holding the same weights.
 
-A preset name ("3b", "7b", "demo", "tiny") builds a random-weight model directly on the device
-(no checkpoint on disk, no host copy): transformers initialises it, our model copies its state
-dict. A checkpoint directory loads both from that directory. The Engine needs a tokenizer: for a
-preset it comes from a small random-weight directory written to a temporary folder (only its
-tokenizer files are used).
+A preset name ("3b", "7b", "demo", "tiny"; "omni-3b", "omni-7b", "omni-tiny" for the
+Qwen2.5-Omni thinker) builds a random-weight model directly on the device (no checkpoint on disk,
+no host copy): transformers initialises it (Qwen2_5_VLForConditionalGeneration, or
+Qwen2_5OmniThinkerForConditionalGeneration for an Omni preset), our model copies its state dict.
+A checkpoint directory loads both from that directory. The Engine needs a tokenizer: for a preset
+it comes from a small random-weight directory of the same family written to a temporary folder
+(only its tokenizer files are used: the Omni one names <|AUDIO|> and the other Omni tokens).
 """
 
 from __future__ import annotations
@@ -20,8 +22,12 @@ from omnistream.entrypoints.api import Engine, build_model
 from omnistream.config import EngineConfig
 from omnistream.models.hf_config import PRESETS, QwenVLConfig, preset_config
 from omnistream.models.loader import load_state
+from omnistream.models.qwen2_5_omni_config import OMNI_PRESETS, THINKER_MODEL_TYPE, OmniConfig, omni_preset_config
 from omnistream.models.qwen2_5_vl import Qwen2_5_VLModel
 from omnistream.models.tokenizer import Tokenizer
+
+# every preset a benchmark's --model-config takes
+ALL_PRESETS = (*PRESETS, *OMNI_PRESETS)
 
 
 def resolve_dtype(dtype: str | torch.dtype, device: str) -> torch.dtype:
@@ -43,24 +49,50 @@ def init_std(hidden_size: int) -> float:
 
 
 def is_preset(model_config: str | Path) -> bool:
-    return isinstance(model_config, str) and model_config in PRESETS
+    return isinstance(model_config, str) and model_config in ALL_PRESETS
+
+
+def is_omni_preset(model_config: str | Path) -> bool:
+    return isinstance(model_config, str) and model_config in OMNI_PRESETS
+
+
+def _preset(model_config: str) -> tuple[QwenVLConfig | OmniConfig, type]:
+    """A preset's config and our model class."""
+    if is_omni_preset(model_config):
+        from omnistream.models.qwen2_5_omni import Qwen2_5OmniThinker
+
+        # the thinker-only layout: transformers' thinker names its tensors without "thinker."
+        return omni_preset_config(model_config, THINKER_MODEL_TYPE), Qwen2_5OmniThinker
+    return preset_config(model_config), Qwen2_5_VLModel
+
+
+def _hf_class(model_dir: Path):
+    """transformers' class for a checkpoint directory (the Omni thinker for either Omni layout)."""
+    from omnistream.models.registry import model_type_of
+
+    if model_type_of(model_dir).startswith("qwen2_5_omni"):
+        from transformers import Qwen2_5OmniThinkerForConditionalGeneration
+
+        return Qwen2_5OmniThinkerForConditionalGeneration
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    return Qwen2_5_VLForConditionalGeneration
 
 
 def make_pair(model_config: str | Path, device: str = "cuda", dtype: str | torch.dtype = "auto", seed: int = 0, **engine_options):
-    """-> (transformers Qwen2_5_VLForConditionalGeneration, Engine) with identical weights.
+    """-> (transformers Qwen2_5_VLForConditionalGeneration, or the Omni thinker's
+    Qwen2_5OmniThinkerForConditionalGeneration, and Engine) with identical weights.
 
     engine_options go to the EngineConfig (e.g. kv_cache_tokens=..., cuda_graphs=False)."""
     tdtype = resolve_dtype(dtype, device)
     if is_preset(model_config):
-        cfg = preset_config(model_config)
+        cfg, model_class = _preset(model_config)
         hf = _random_hf_model(cfg, device, tdtype, seed)
-        ours = build_model(Qwen2_5_VLModel, cfg, torch.device(device), tdtype)
+        ours = build_model(model_class, cfg, torch.device(device), tdtype)
         load_state(ours, hf.state_dict().items())  # same device and dtype: one copy each
         return hf, _engine_for_preset(ours, device, tdtype, engine_options)
     model_dir = Path(model_config)
-    from transformers import Qwen2_5_VLForConditionalGeneration
-
-    hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir, dtype=tdtype, attn_implementation="sdpa")
+    hf = _hf_class(model_dir).from_pretrained(model_dir, dtype=tdtype, attn_implementation="sdpa")
     hf = hf.to(device).eval().requires_grad_(False)
     engine = Engine.from_pretrained(model_dir, device=device, dtype=_dtype_name(tdtype), **engine_options)
     return hf, engine
@@ -72,30 +104,45 @@ def make_engine(model_config: str | Path, device: str = "cuda", dtype: str | tor
     tdtype = resolve_dtype(dtype, device)
     if not is_preset(model_config):
         return Engine.from_pretrained(Path(model_config), device=device, dtype=_dtype_name(tdtype), **engine_options)
-    cfg = preset_config(model_config)
-    ours = build_model(Qwen2_5_VLModel, cfg, torch.device(device), tdtype)
+    cfg, model_class = _preset(model_config)
+    ours = build_model(model_class, cfg, torch.device(device), tdtype)
     _random_init(ours, cfg, seed)
     return _engine_for_preset(ours, device, tdtype, engine_options)
 
 
-def _random_hf_model(cfg: QwenVLConfig, device: str, dtype: torch.dtype, seed: int):
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+def _random_hf_model(cfg: QwenVLConfig | OmniConfig, device: str, dtype: torch.dtype, seed: int):
+    if isinstance(cfg, OmniConfig):
+        from transformers import Qwen2_5OmniThinkerConfig as Config, Qwen2_5OmniThinkerForConditionalGeneration as Model
 
-    hc = Qwen2_5_VLConfig(**cfg.to_hf_dict())
+        hc = Config(**cfg.thinker_dict())
+        hc.audio_config.initializer_range = init_std(cfg.audio.d_model)
+    else:
+        from transformers import Qwen2_5_VLConfig as Config, Qwen2_5_VLForConditionalGeneration as Model
+
+        hc = Config(**cfg.to_hf_dict())
     hc.text_config.initializer_range = init_std(cfg.text.hidden_size)
     hc.vision_config.initializer_range = init_std(cfg.vision.hidden_size)
     torch.manual_seed(seed)  # seeds the CUDA generators too: initialisation runs on the device
     with torch.device(device):
-        hf = Qwen2_5_VLForConditionalGeneration._from_config(hc, dtype=dtype, attn_implementation="sdpa")
+        hf = Model._from_config(hc, dtype=dtype, attn_implementation="sdpa")
     return hf.eval().requires_grad_(False)
 
 
+def _tower_width(name: str, cfg: QwenVLConfig | OmniConfig) -> int:
+    if name.startswith("visual."):
+        return cfg.vision.hidden_size
+    if name.startswith("audio_tower."):
+        return cfg.audio.d_model
+    return cfg.text.hidden_size
+
+
 @torch.no_grad()
-def _random_init(model: Qwen2_5_VLModel, cfg: QwenVLConfig, seed: int) -> None:
+def _random_init(model: Qwen2_5_VLModel, cfg: QwenVLConfig | OmniConfig, seed: int) -> None:
     torch.manual_seed(seed)
     for name, p in model.named_parameters():
-        std = init_std(cfg.vision.hidden_size if name.startswith("visual.") else cfg.text.hidden_size)
-        if p.ndim == 1 and ("norm" in name or "ln_q" in name):
+        std = init_std(_tower_width(name, cfg))
+        # norm scales (RMSNorm, and the audio tower's LayerNorms: their biases are zeroed below)
+        if p.ndim == 1 and name.endswith("weight") and any(k in name for k in ("norm", "ln_q", "ln_post")):
             p.fill_(1.0)
         elif p.ndim == 1:
             p.zero_()
@@ -105,12 +152,18 @@ def _random_init(model: Qwen2_5_VLModel, cfg: QwenVLConfig, seed: int) -> None:
 
 def _engine_for_preset(model: Qwen2_5_VLModel, device: str, dtype: torch.dtype, options: dict) -> Engine:
     """Wraps an in-memory model in an Engine; the tokenizer comes from a throwaway tiny
-    checkpoint directory (Engine.__init__ reads its random-weights marker, nothing else)."""
-    from omnistream.models.demo import write_model_dir
-
+    checkpoint directory of the model's family (Engine.__init__ reads its random-weights
+    marker, nothing else)."""
     tmp = Path(tempfile.mkdtemp(prefix="omnistream-bench-"))
     try:
-        model_dir = write_model_dir(tmp / "tokenizer", preset_config("tiny"), dtype="bfloat16", preset="tiny")
+        if isinstance(model.cfg, OmniConfig):
+            from omnistream.models.omni_demo import write_omni_model_dir
+
+            model_dir = write_omni_model_dir(tmp / "tokenizer", omni_preset_config("omni-tiny"), dtype="bfloat16")
+        else:
+            from omnistream.models.demo import write_model_dir
+
+            model_dir = write_model_dir(tmp / "tokenizer", preset_config("tiny"), dtype="bfloat16", preset="tiny")
         cfg = EngineConfig.from_kwargs(str(model_dir), device=device, dtype=_dtype_name(dtype), **options)
         return Engine(cfg, model_dir, model, Tokenizer(model_dir))
     finally:
