@@ -52,7 +52,7 @@ def _media_key(item: MediaItem, off: int, lo: int, hi: int) -> str | None:
         return None if item.content_hash is None else f"|mm:{item.content_hash}:{lo - off}"
     per = item.tokens_per_temporal_patch
     first, last = max(0, (lo - off) // per), min(t - 1, (hi - 1 - off) // per)
-    parts = [f"|mm2:{item.kind}:{item.grid_thw[1]}x{item.grid_thw[2]}"]
+    parts = [f"|mm2:{item.kind}:{item.grid_thw[1]}x{item.grid_thw[2]}:{item.source_start}"]  # source_start places a piece
     for k in range(first, last + 1):
         parts.append(f"|{hashes[k]}:{_temporal_offset(item, k)!r}:{lo - off - k * per}")
     return "".join(parts)
@@ -60,7 +60,7 @@ def _media_key(item: MediaItem, off: int, lo: int, hi: int) -> str | None:
 
 def _temporal_offset(item: MediaItem, k: int) -> float:
     if item.patch_times is not None:
-        return item.patch_times[k] - item.patch_times[0]
+        return item.patch_times[k] - (item.patch_times[0] if item.time_origin is None else item.time_origin)
     return k * item.second_per_grid_t if item.kind == "video" else 0.0
 
 

@@ -184,10 +184,16 @@ class Engine:
                     video = self.processor.process_video(
                         src, fps=part.get("fps"), nframes=part.get("nframes"),
                         min_pixels=part.get("min_pixels"), max_pixels=part.get("max_pixels"), timestamps=stamps)
+                    if part.get("vad"):
+                        raise UserInputError('"vad" applies to audio parts: it would put a video\'s audio off its frames\' clock')
                     items += self._with_audio_track(video, src) if part.get("use_audio_in_video") else [video]
                 elif kind == "audio":
-                    items += load_audio_source(part.get("audio", part.get("path")), self._audio_config(),
-                                               model_key=self.processor.model_key)
+                    src = part.get("audio", part.get("path"))
+                    if part.get("vad"):  # opt-in, lossy: silent stretches dropped (media/vad.py)
+                        from omnistream.media.vad import vad_source
+
+                        src, _ = vad_source(src, self._audio_config())
+                    items += load_audio_source(src, self._audio_config(), model_key=self.processor.model_key)
                 elif kind not in ("text", None):
                     raise UserInputError(f"unsupported content part type {kind!r}")
         return items
@@ -237,8 +243,10 @@ class Engine:
 
     def live_session(self, system: str | None = None, tenant: str | None = None, *, memory=None,
                      min_pixels: int | None = None, max_pixels: int | None = None,
-                     prefill_on_arrival: bool = True, kv_budget_tokens: int | None = None, policy: str = "exact"):
-        """A session fed frame by frame (see sessions/live.py). Needs the encoder cache: one of
+                     prefill_on_arrival: bool = True, kv_budget_tokens: int | None = None, policy: str = "exact",
+                     audio_memory=None):
+        """A session fed frame by frame, and sound by sound for models that hear (see
+        sessions/live.py; audio_memory: a media.audio_memory.AudioMemoryConfig). Needs the encoder cache: one of
         LIVE_ENCODER_CACHE_BYTES is created if the engine has none."""
         from omnistream.media.frame_memory import FrameMemoryConfig
         from omnistream.sessions.live import LiveSession
@@ -250,7 +258,7 @@ class Engine:
 
         self.core.call(ensure_encoder_cache)
         s = LiveSession(self, f"live-{uuid.uuid4().hex[:12]}", system, tenant, kv_budget_tokens, memory or FrameMemoryConfig(),
-                        min_pixels, max_pixels, prefill_on_arrival, policy)
+                        min_pixels, max_pixels, prefill_on_arrival, policy, audio_memory)
         return self._register(s)
 
     def _register(self, s: Session) -> Session:

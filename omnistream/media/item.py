@@ -51,6 +51,9 @@ class MediaItem:
     # temporal patch (video) or first token (audio) in its source, which sets its time positions.
     block_id: str | None = None
     source_start: int = 0
+    # live pieces of one block on a shared timeline (a live session's frames and audio): the
+    # block's zero (s) for patch_times; None: patch_times[0]
+    time_origin: float | None = None
 
     @property
     def num_tokens(self) -> int:

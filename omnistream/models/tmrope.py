@@ -5,6 +5,9 @@ Positions are three rows (t, h, w); text advances all three together. A media bl
 token sits at s gets:
   image   t = s,                                   h = s + row, w = s + col
   video   t = s + int(k * second_per_grid_t * 25)   (float32 product, truncated; 25 per second)
+          a live video (patch_times set): t = s + floor((patch_times[k] - origin) * 25), origin the
+          item's time_origin (the block's zero when a live session's frames and audio share it)
+          or else patch_times[0]
   audio   s + i on all three rows (one position per 40 ms token)
 and the text after it starts at max(the block's positions) + 1.
 
@@ -22,6 +25,7 @@ with `get_rope_index` and still pass positions explicitly (its `rope_deltas` is 
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -46,7 +50,10 @@ def item_positions(item: MediaItem, start: int, per_second: int) -> torch.Tensor
         return torch.arange(start + item.source_start, start + item.source_start + item.num_tokens).expand(3, -1)
     t, h, w = item.grid_thw
     lh, lw = h // item.merge_size, w // item.merge_size
-    if item.kind == "video":
+    if item.kind == "video" and item.patch_times is not None:  # live: real timestamps on the block's timeline
+        origin = item.patch_times[0] if item.time_origin is None else item.time_origin
+        t_idx = torch.tensor([math.floor((ts - origin) * per_second) for ts in item.patch_times], dtype=torch.long)
+    elif item.kind == "video":
         t_idx = video_time_index(item.source_start, t, item.second_per_grid_t, per_second)
     else:
         t_idx = torch.zeros(t, dtype=torch.long)

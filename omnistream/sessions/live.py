@@ -2,7 +2,8 @@
 
     live = engine.live_session(max_pixels=448 * 448)
     live.add_frame(frame, timestamp)      # returns at once; a worker thread ingests
-    live.ask("What just happened?")       # answers over the frames ingested so far
+    live.add_audio(samples, timestamp)    # Qwen2.5-Omni: sound on the same clock (policy exact)
+    live.ask("What just happened?")       # answers over the frames and audio ingested so far
 
 Data flow of a frame (worker thread): resize once to the session's size -> pair into a
 temporal patch (2 frames, the unit the vision tower encodes) -> frame memory decides (Star of
@@ -16,12 +17,20 @@ not before the previous one): a bad one is refused for that call alone. A traili
 is part of the next answer, padded by repeating it as Qwen pads an odd frame count; when its
 pair arrives, the real patch replaces it.
 
+Audio (models that hear, policy `exact`): add_audio() puts the samples into the audio memory
+(media/audio_memory.py: 2 s chunks, the most recent `max_seconds` kept, oldest dropped first); a
+chunk is featurised and hashed once, the first time a context needs it; a trailing chunk shorter
+than 2 s is part of the next answer at its true length and replaced by the sealed chunk later
+(like the padded odd frame). The `fast` policy refuses audio for now (MediaError-free: a
+UserInputError naming the policy): its in-place KV edits know only video patches.
+
 Context = system, one user turn holding the retained patches as one video block in time order
-(temporal positions follow the patches' real timestamps), the conversation history (answer ids
-+ end-of-turn tokens), the question. Policy `exact`: each ask is a fresh request over exactly
+(temporal positions follow the patches' real timestamps) or, with audio, the retained frames and
+audio interleaved on one timeline as TMRoPE's audio-in-video block (sessions/live_media.py), the
+conversation history (answer ids + end-of-turn tokens), the question. Policy `exact`: each ask is a fresh request over exactly
 that sequence; the prefix cache reuses the longest unchanged KV prefix and recomputes from the
 first changed patch, the encoder cache keeps every retained patch encoded once. The answer
-equals a fresh run over the same retained frames. Policy `fast` (opt-in): the session owns its
+equals a fresh run over the same retained frames and audio. Policy `fast` (opt-in): the session owns its
 KV and edits it in place (evicted patches' K/V removed, new patches computed into place,
 positions kept, nothing recomputed; see live_kv.py); answers diverge from `exact`, by an amount
 `omnistream bench stream` measures.
@@ -43,7 +52,11 @@ import torch
 from omnistream.engine.protocol import EngineRequest, RequestOutput, Retain
 from omnistream.engine.sampling import SamplingParams
 from omnistream.errors import ConfigError, MediaError, UserInputError
+from omnistream.media.audio import AudioClip
+from omnistream.media.audio_items import audio_items
+from omnistream.media.audio_memory import AudioChunk, AudioMemory, AudioMemoryConfig, as_samples
 from omnistream.sessions.live_kv import LiveKV
+from omnistream.sessions.live_media import live_block
 from omnistream.media.frame_memory import FrameMemory, FrameMemoryConfig, FramePairer, TemporalPatch
 from omnistream.media.hashing import compute_patch_hashes, item_hash
 from omnistream.media.image import load_image
@@ -51,7 +64,7 @@ from omnistream.media.item import MediaItem
 from omnistream.media.patchify import patchify
 from omnistream.media.processor import check_pixel_count
 from omnistream.media.resize import VIDEO_MAX_PIXELS, VIDEO_MIN_PIXELS, resize_frames, smart_resize
-from omnistream.models.prompt import expand_placeholders
+from omnistream.models.prompt import block_kind, expand_placeholders
 from omnistream.sessions.session import PendingAnswer, Session
 
 if TYPE_CHECKING:
@@ -61,6 +74,7 @@ log = logging.getLogger(__name__)
 
 POLICIES = ("exact", "fast")
 _STOP = object()  # queue sentinel: the worker ends
+_AUDIO = object()  # queue marker: audio arrived (already in the audio memory): prefill after it
 # A worker with nothing to ingest for this long ends (the next frame starts another): a live
 # session dropped without close() holds no thread, so it and its engine can be collected.
 WORKER_IDLE_S = 2.0
@@ -84,6 +98,8 @@ class LiveMetrics:
     star_size: int
     stream_size: int
     compression_ratio: float
+    audio_tokens: int = 0  # retained audio the answer heard
+    audio_seconds: float = 0.0
 
 
 @dataclass
@@ -100,7 +116,8 @@ class LivePatch:
 class LiveSession(Session):
     def __init__(self, engine: "Engine", session_id: str, system: str | None, tenant: str | None,
                  kv_budget_tokens: int | None, memory: FrameMemoryConfig, min_pixels: int | None,
-                 max_pixels: int | None, prefill_on_arrival: bool = True, policy: str = "exact") -> None:
+                 max_pixels: int | None, prefill_on_arrival: bool = True, policy: str = "exact",
+                 audio_memory: AudioMemoryConfig | None = None) -> None:
         if policy not in POLICIES:
             raise ConfigError(f"unknown live KV policy {policy!r}; choose one of {', '.join(POLICIES)}")
         super().__init__(engine, session_id, system, tenant, kv_budget_tokens)
@@ -108,6 +125,8 @@ class LiveSession(Session):
         self.kv = LiveKV(engine, session_id, tenant) if policy == "fast" else None
         self.memory = FrameMemory(memory)
         self.pairer = FramePairer(memory)
+        self.audio = AudioMemory(audio_memory)
+        self._audio_inputs: dict[tuple[int, int], MediaItem | None] = {}  # chunk key -> its 1-chunk item
         check_pixel_count("max_pixels", max_pixels)  # 0 or negative is an error, not "the default"
         check_pixel_count("min_pixels", min_pixels)
         self.max_pixels = VIDEO_MAX_PIXELS if max_pixels is None else max_pixels
@@ -126,8 +145,9 @@ class LiveSession(Session):
         self._last_ts = -math.inf
         self._padded: LivePatch | None = None  # the trailing odd frame, repeated (replaced by its pair)
         self._stopping = False  # close() has begun
-        self._item: tuple[tuple[int, ...], MediaItem] | None = None  # last video block built
-        self._prefix_cache: tuple[MediaItem, tuple] | None = None  # its prefix tokens
+        self._item: tuple[tuple[int, ...], MediaItem] | None = None  # last video item built
+        self._block: tuple[tuple, list[MediaItem]] | None = None  # last context media block built
+        self._prefix_cache: tuple[list[MediaItem], tuple] | None = None  # its prefix tokens
         self.frames_received = 0
         self.frames_encoded_total = 0
         self._asking = 0  # questions waiting for ingestion: the worker leaves prefill to them
@@ -162,6 +182,31 @@ class LiveSession(Session):
         for f, t in zip(frames, timestamps):
             self.add_frame(f, t)
 
+    def add_audio(self, samples, timestamp: float, sampling_rate: int = 16000) -> None:
+        """Adds sound: `samples` 1-D float in [-1, 1] or int16 PCM, `timestamp` the seconds of
+        the first sample on add_frame's clock. Kept in the audio memory at once (cheap); the
+        worker prefills after it like after a frame. Unusable samples or a timestamp before the
+        end of the audio so far raise MediaError for this call alone; a model that does not hear
+        and the `fast` policy refuse with UserInputError."""
+        self._check_open()
+        if self._stopping:
+            raise UserInputError(f"session {self.id} is closed")
+        if self.kv is not None:
+            raise UserInputError("the live 'fast' KV policy does not take audio yet; use policy='exact'")
+        config = self.engine._audio_config()  # refuses a model that does not hear
+        x = as_samples(samples, sampling_rate, config)
+        ts = float(timestamp)
+        with self._intake:
+            with self._state:
+                dropped = self.audio.push(x, ts)  # raises MediaError (timestamp)
+                if dropped:
+                    gone = set(dropped)
+                    self._audio_inputs = {k: v for k, v in self._audio_inputs.items() if k[0] not in gone}
+            self._queue.put(_AUDIO)
+            if self._worker is None:
+                self._worker = threading.Thread(target=self._work, name=f"live-{self.id}", daemon=True)
+                self._worker.start()
+
     def flush(self, timeout: float | None = None) -> None:
         """Waits until every queued frame is ingested (and prefilled when the policy says so)."""
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -195,7 +240,7 @@ class LiveSession(Session):
             stop = any(x is _STOP for x in batch)
             try:
                 if not stop:
-                    dirty = any([self._ingest(f, t) for f, t in batch]) or dirty
+                    dirty = any([x is _AUDIO or self._ingest(*x) for x in batch]) or dirty
                 # prefill once the burst is over, and never ahead of a waiting question (it
                 # builds the same context itself; the worker would only delay it)
                 if (dirty and not stop and self.prefill_on_arrival and not self._stopping and self._queue.empty()
@@ -258,6 +303,44 @@ class LiveSession(Session):
         self._item = (key, item)
         return item
 
+    def context_media(self) -> list[MediaItem]:
+        """The items of the context's media block: the video item alone, or, with audio, the
+        retained frames and audio interleaved on one timeline (sessions/live_media.py)."""
+        video = self.video_item()
+        audio = self._audio_context()
+        key = (self._item[0] if video is not None else None, tuple(c.key for c, _ in audio))
+        cached = self._block
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        model = self.engine.model
+        items = live_block(video, [(c.start, item) for c, item in audio], getattr(model, "position_id_per_seconds", 25),
+                           getattr(model, "seconds_per_chunk", 2))
+        self._block = (key, items)
+        return items
+
+    def _audio_context(self) -> list[tuple[AudioChunk, MediaItem]]:
+        """Retained audio chunks with their items (featurised and hashed once per chunk; a
+        chunk too short for one token is left out)."""
+        with self._state:
+            chunks = self.audio.retained()
+        out = []
+        for c in chunks:
+            if c.key not in self._audio_inputs:  # new, or the open chunk grew: older snapshots go
+                self._audio_inputs = {k: v for k, v in self._audio_inputs.items() if k[0] != c.chunk_id}
+                self._audio_inputs[c.key] = self._audio_item(c)
+            item = self._audio_inputs[c.key]
+            if item is not None:
+                out.append((c, item))
+        return out
+
+    def _audio_item(self, chunk: AudioChunk) -> MediaItem | None:
+        config = self.engine._audio_config()
+        if chunk.samples.shape[0] < config.min_samples:
+            return None
+        items = audio_items(AudioClip(chunk.samples, config.sampling_rate, config.sampling_rate), config,
+                            model_key=self.engine.processor.model_key)
+        return items[0] if len(items) == 1 else None
+
     def _context_patches(self) -> list[LivePatch]:
         """The patches an answer sees now: the retained ones, then the padded odd frame."""
         with self._state:
@@ -281,31 +364,33 @@ class LiveSession(Session):
             patch_hashes=hashes, content_hash=item_hash("video", hashes, patch_times=times),
         )
 
-    def _prefix(self, item: MediaItem) -> tuple[list[int], list[tuple[int, MediaItem]]]:
-        """Tokens of system + the video turn, and the video's placeholder offset."""
-        if self._prefix_cache is not None and self._prefix_cache[0] is item:
+    def _prefix(self, items: list[MediaItem]) -> tuple[list[int], list[tuple[int, MediaItem]]]:
+        """Tokens of system + the media turn, and each item's placeholder offset."""
+        if self._prefix_cache is not None and self._prefix_cache[0] is items:
             return self._prefix_cache[1]
-        self._prefix_cache = (item, self._build_prefix(item))
+        self._prefix_cache = (items, self._build_prefix(items))
         return self._prefix_cache[1]
 
-    def _build_prefix(self, item: MediaItem) -> tuple[list[int], list[tuple[int, MediaItem]]]:
+    def _build_prefix(self, items: list[MediaItem]) -> tuple[list[int], list[tuple[int, MediaItem]]]:
         tok = self.engine.tokenizer
-        text = tok.apply_chat_template(self._base_messages(), add_generation_prompt=False)
-        ids, ranges = expand_placeholders(tok.encode(text), [item], image_token_id=tok.image_token_id, video_token_id=tok.video_token_id)
-        return ids, [(ranges[0].offset, item)]
+        text = tok.apply_chat_template(self._base_messages(block_kind(items)), add_generation_prompt=False)
+        ids, ranges = expand_placeholders(tok.encode(text), items, image_token_id=tok.image_token_id, video_token_id=tok.video_token_id,
+                                          audio_token_id=tok.audio_token_id, audio_start_token_id=tok.audio_start_token_id,
+                                          audio_end_token_id=tok.audio_end_token_id)
+        return ids, [(r.offset, item) for r, item in zip(ranges, items)]
 
-    def _base_messages(self) -> list[dict[str, Any]]:
+    def _base_messages(self, kind: str = "video") -> list[dict[str, Any]]:
         system = [m for m in self.messages[:1] if m["role"] == "system"]
-        return system + [{"role": "user", "content": [{"type": "video", "video": "live"}]}]
+        return system + [{"role": "user", "content": [{"type": kind, kind: "live"}]}]
 
     def _prefill_prefix(self) -> None:
         if self.kv is not None:
             self._sync_kv()
             return
-        item = self.video_item()
-        if item is None:
+        items = self.context_media()
+        if not items:
             return
-        ids, media = self._prefix(item)
+        ids, media = self._prefix(items)
         self.engine.submit(EngineRequest(ids, media, _PREFILL, cache_salt=self.tenant,
                                          retain=Retain(self.id, self.kv_budget_tokens))).result()
         self.token_ids, self.media, self._names = ids, media, []
@@ -338,12 +423,13 @@ class LiveSession(Session):
         return PendingAnswer(handle, commit, self._context.release)
 
     def _start_exact(self, question: str, sampling: SamplingParams, return_logits: bool, logprobs: int | None, asked: float):
-        item = self.video_item()  # snapshot: frames ingested later do not change this answer
-        if item is None:
-            raise UserInputError("no frames added yet: add frames before asking")
-        prompt, media = self.prompt_for(question, item)
-        prefix_len = len(self._prefix(item)[0])
+        items = self.context_media()  # snapshot: media ingested later does not change this answer
+        if not items:
+            raise UserInputError("no frames or audio added yet: add some before asking")
+        prompt, media = self.prompt_for(question, items)
+        prefix_len = len(self._prefix(items)[0])
         memory = self._memory_snapshot()
+        new_audio = _new_audio_tokens(media, self.media)  # encoded by this question (not in the last context)
         before = self.engine.vision_tokens_encoded
         handle = self.engine.submit(EngineRequest(
             prompt, media, sampling, cache_salt=self.tenant, retain=Retain(self.id, self.kv_budget_tokens),
@@ -353,16 +439,16 @@ class LiveSession(Session):
             self.history_ids = prompt[prefix_len:] + res.token_ids + self._end_of_turn(res.token_ids)
             self._add_turn(question, res.text)
             self.token_ids, self.media, self._names = prompt + res.token_ids, media, []
-            encoded = self.engine.vision_tokens_encoded - before
-            res.live = self._metrics(res, asked, encoded, item, res.metrics.prompt_tokens + res.metrics.output_tokens, memory)
+            encoded = max(0, self.engine.vision_tokens_encoded - before - new_audio)  # vision tokens
+            res.live = self._metrics(res, asked, encoded, items, res.metrics.prompt_tokens + res.metrics.output_tokens, memory)
             return res
 
         return handle, commit
 
-    def prompt_for(self, question: str, item: MediaItem | None = None):
-        """(ids, media) of the `exact` context for `question`: system, video, history, question."""
-        item = item or self.video_item()
-        prefix, media = self._prefix(item)
+    def prompt_for(self, question: str, items: list[MediaItem] | None = None):
+        """(ids, media) of the `exact` context for `question`: system, media block, history, question."""
+        items = items or self.context_media()
+        prefix, media = self._prefix(items)
         return prefix + self.history_ids + self._question_ids(question), media
 
     def _question_ids(self, question: str) -> list[int]:
@@ -383,7 +469,7 @@ class LiveSession(Session):
         try:
             if not self.kv.built:
                 item = self.video_item()
-                ids, media = self._prefix(item)
+                ids, media = self._prefix([item])
                 self.kv.build(ids, media[0], [_kv_key(lp) for lp in live])
                 return
             keep = {_kv_key(lp) for lp in live}
@@ -433,19 +519,21 @@ class LiveSession(Session):
         with self._state:
             return self.memory.stats(), self._padded is not None
 
-    def _metrics(self, res: RequestOutput, asked: float, vision_tokens: int, item: MediaItem | None, kv_length: int,
+    def _metrics(self, res: RequestOutput, asked: float, vision_tokens: int, items: list[MediaItem] | None, kv_length: int,
                  memory: tuple) -> LiveMetrics:
         m = res.metrics
         stats, padded = memory
-        per_patch = (self.size[0] // 28) * (self.size[1] // 28)
-        visual = item.num_tokens if item is not None else self.kv.visual_tokens
+        per_patch = (self.size[0] // 28) * (self.size[1] // 28) if self.size else 1
+        visual = sum(i.num_tokens for i in items if i.kind == "video") if items is not None else self.kv.visual_tokens
+        heard = [i for i in items or () if i.kind == "audio"]
         now = time.perf_counter()
         return LiveMetrics(
             total_latency=now - asked, encoding_latency=m.vision_encode_s, prefill_latency=m.prefill_s,
             generation_latency=max(0.0, now - asked - (m.ttft_s or 0.0)), frames_encoded=2 * vision_tokens // per_patch,
             frames_in_context=2 * (visual // per_patch) - (1 if padded else 0), visual_tokens=visual,
             kv_cache_length=kv_length, policy=self.policy, star_size=stats.star_size, stream_size=stats.stream_size,
-            compression_ratio=stats.compression_ratio,
+            compression_ratio=stats.compression_ratio, audio_tokens=sum(i.num_tokens for i in heard),
+            audio_seconds=sum(i.grid_thw[1] for i in heard) / 100.0,  # mel frames of 10 ms
         )
 
     def close(self) -> None:
@@ -464,8 +552,16 @@ class LiveSession(Session):
                 self.kv.close()
             with self._state:
                 self.patches.clear()
-                self._padded, self._item, self._prefix_cache = None, None, None
+                self.audio.clear()
+                self._audio_inputs.clear()
+                self._padded, self._item, self._block, self._prefix_cache = None, None, None, None
             super().close()
+
+
+def _new_audio_tokens(media: list[tuple[int, MediaItem]], before: list[tuple[int, MediaItem]]) -> int:
+    """Audio tokens of `media` whose chunk was not in the previous context (so were encoded now)."""
+    seen = {h for _, m in before if m.kind == "audio" for h in m.patch_hashes or ()}
+    return sum(m.num_tokens for _, m in media if m.kind == "audio" and not set(m.patch_hashes or ()) <= seen)
 
 
 def _kv_key(lp: LivePatch) -> float:

@@ -4,6 +4,8 @@
     s.add_video("clip.mp4", fps=2)         # decoded, resized and hashed now, once
     s.ask("What happens?")                 # prefill: system + video + question
     s.ask("And then?")                     # prefill: only the new turn's tokens
+    s.add_audio("speech.wav")              # Qwen2.5-Omni: audio parts, and add_video(...,
+                                           # use_audio_in_video=True) for a file's sound track
 
 The session's context is exactly the chat-template token sequence of its conversation: every
 answer joins the history as the generated token ids followed by the template's end-of-turn
@@ -20,15 +22,15 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 from omnistream.cache.prefix_hash import extend_hashes
 from omnistream.engine.handle import RequestHandle
 from omnistream.engine.protocol import EngineRequest, OutputDelta, RequestOutput, Retain
 from omnistream.engine.sampling import SamplingParams
 from omnistream.errors import UserInputError
-from omnistream.media.item import MediaItem
-from omnistream.models.prompt import expand_placeholders
+from omnistream.media.item import MediaItem, media_blocks
+from omnistream.models.prompt import block_kind, expand_placeholders
 
 if TYPE_CHECKING:
     from omnistream.entrypoints.api import Engine
@@ -44,7 +46,8 @@ class Session:
         self.token_ids: list[int] = []  # the conversation so far, as the model sees it
         self.media: list[tuple[int, MediaItem]] = []  # (offset in token_ids, item)
         self._pending_parts: list[dict[str, Any]] = []  # user content not yet asked about
-        self._pending_items: list[MediaItem] = []
+        self._pending_items: list[MediaItem] = []  # flat: one part may give several items (a block)
+        self._pending_sizes: list[int] = []  # items each pending part gave (0: text)
         self._names: list[bytes] = []  # prefix-cache names of token_ids' full blocks (grow with it)
         self._turn = threading.Lock()  # one question at a time: a conversation is sequential
         self.turns = 0  # answered questions
@@ -52,16 +55,27 @@ class Session:
 
     # ------------------------------------------------------------------ inputs
     def add_video(self, src, **options) -> MediaItem:
+        """A video part (options as in a message's video part). With use_audio_in_video=True
+        (Qwen2.5-Omni) the file's audio track joins it: one block of video and audio pieces;
+        returns the first piece (`pending_items()` has them all)."""
         part = {"type": "video", "video": src, **{k: v for k, v in options.items() if v is not None}}
-        return self._add_media(part)
+        return self._add_media(part)[0]
 
     def add_image(self, src, **options) -> MediaItem:
         part = {"type": "image", "image": src, **{k: v for k, v in options.items() if v is not None}}
+        return self._add_media(part)[0]
+
+    def add_audio(self, src, **options) -> list[MediaItem]:
+        """An audio part (Qwen2.5-Omni): a file path, or {"array": samples, "sampling_rate": hz}.
+        Decoded, featurised at its true length and hashed now, once; returns its items (a clip
+        whose last 2 s chunk is shorter is two items of one block)."""
+        part = {"type": "audio", "audio": src, **{k: v for k, v in options.items() if v is not None}}
         return self._add_media(part)
 
     def add_text(self, text: str) -> None:
         self._check_open()
         self._pending_parts.append({"type": "text", "text": text})
+        self._pending_sizes.append(0)
 
     @property
     def pending_count(self) -> int:
@@ -70,32 +84,43 @@ class Session:
 
     @property
     def pending_media(self) -> int:
-        return len(self._pending_items)
+        """Media parts added since the last question (a part may hold several items)."""
+        return sum(1 for n in self._pending_sizes if n)
+
+    def pending_items(self) -> list[MediaItem]:
+        return list(self._pending_items)
 
     def drop_pending(self, mark: int) -> None:
-        """Forgets the parts added after `pending_count` was `mark` (a turn that failed)."""
-        dropped = self._pending_parts[mark:]
-        del self._pending_parts[mark:]
-        n_media = sum(1 for p in dropped if p.get("type") != "text")
-        if n_media:
-            del self._pending_items[len(self._pending_items) - n_media:]
+        """Forgets the parts added after `pending_count` was `mark` (a turn that failed), with
+        every item each of them gave."""
+        n_items = sum(self._pending_sizes[mark:])
+        del self._pending_parts[mark:], self._pending_sizes[mark:]
+        if n_items:
+            del self._pending_items[len(self._pending_items) - n_items:]
 
-    def add_item(self, item: MediaItem) -> MediaItem:
-        """Adds an image or video already decoded and preprocessed (e.g. by a server's media
-        cache); it joins the next question's turn like add_image / add_video."""
+    def add_item(self, item: MediaItem | Sequence[MediaItem]) -> MediaItem:
+        """Adds an image, video or audio clip already decoded and preprocessed (e.g. by a
+        server's media cache), or the items of one block (an audio clip in two items, a video
+        with its audio track); it joins the next question's turn like add_image / add_video."""
         self._check_open()
-        if item.kind not in ("image", "video"):
-            raise UserInputError(f"cannot add a media item of kind {item.kind!r}")
-        self._pending_parts.append({"type": item.kind})
-        self._pending_items.append(item)
-        return item
+        items = [item] if isinstance(item, MediaItem) else list(item)
+        if len(media_blocks(items)) != 1:
+            raise UserInputError("add_item takes one media item, or the items of one block (sharing a block_id)")
+        if any(m.kind not in ("image", "video", "audio") for m in items):
+            raise UserInputError(f"cannot add a media item of kind {items[0].kind!r}")
+        self._append_part({"type": block_kind(items)}, items)
+        return items[0]
 
-    def _add_media(self, part: dict) -> MediaItem:
+    def _add_media(self, part: dict) -> list[MediaItem]:
         self._check_open()
-        [item] = self.engine.load_media([{"role": "user", "content": [part]}])
+        items = self.engine.load_media([{"role": "user", "content": [part]}])
+        self._append_part(part, items)
+        return items
+
+    def _append_part(self, part: dict, items: list[MediaItem]) -> None:
         self._pending_parts.append(part)
-        self._pending_items.append(item)
-        return item
+        self._pending_items.extend(items)
+        self._pending_sizes.append(len(items))
 
     # ------------------------------------------------------------------ asking
     def ask(self, question: str, sampling: SamplingParams | None = None, *, return_logits: bool = False,
@@ -148,7 +173,7 @@ class Session:
         self.token_ids = prompt + result.token_ids + self._end_of_turn(result.token_ids)
         self.media = self.media + new_media
         self.messages += [user, {"role": "assistant", "content": result.text}]
-        self._pending_parts, self._pending_items = [], []
+        self._pending_parts, self._pending_items, self._pending_sizes = [], [], []
         bs = self.engine.block_size
         # token_ids only grow between turns, so the names of earlier blocks stay valid
         extend_hashes(self._names, self.token_ids, self.media, bs, len(self.token_ids) // bs, self.tenant)
@@ -172,7 +197,9 @@ class Session:
         if not full.startswith(before):
             raise UserInputError("chat template does not render turns incrementally")
         ids = tok.encode(full[len(before):])
-        ids, ranges = expand_placeholders(ids, self._pending_items, image_token_id=tok.image_token_id, video_token_id=tok.video_token_id)
+        ids, ranges = expand_placeholders(ids, self._pending_items, image_token_id=tok.image_token_id, video_token_id=tok.video_token_id,
+                                          audio_token_id=tok.audio_token_id, audio_start_token_id=tok.audio_start_token_id,
+                                          audio_end_token_id=tok.audio_end_token_id)
         base = len(self.token_ids)
         return ids, [(base + r.offset, item) for r, item in zip(ranges, self._pending_items)]
 
@@ -205,6 +232,7 @@ class Session:
         other.messages = list(self.messages)  # messages are never mutated, only appended
         other.token_ids, other.media = list(self.token_ids), list(self.media)
         other._pending_parts, other._pending_items = list(self._pending_parts), list(self._pending_items)
+        other._pending_sizes = list(self._pending_sizes)
         other._names = list(self._names)
         other.turns = self.turns
         src, dst = self.id, other.id
