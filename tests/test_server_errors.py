@@ -148,6 +148,8 @@ def test_unknown_and_invalid_fields(client):
     assert ask(client, "hi", frequency_penalty=0, presence_penalty=0, user="u1", store=False,
                metadata={"k": "v"}).choices  # harmless fields are accepted
     body = rejected(client, 400, content=[{"type": "input_audio", "input_audio": {"data": "", "format": "wav"}}])
+    assert body["param"] == "messages[0].content[0]" and body["code"] == "audio_not_supported"  # a VL model
+    body = rejected(client, 400, content=[{"type": "input_sound", "input_sound": {}}])
     assert "messages.0.content" in body["param"]
 
 

@@ -34,7 +34,7 @@ from omnistream.models.prompt import build_prompt
 from omnistream.server.auth import tenant_for
 from omnistream.server.common import SSEResponse, max_tokens_for, sampling_for, sse
 from omnistream.server.errors import NotFound, Overloaded, as_api_error
-from omnistream.server.media_parts import MediaResolver, PreparedMessages
+from omnistream.server.media_parts import Hearing, MediaResolver, PreparedMessages
 from omnistream.server.openai_protocol import (
     AssistantMessage,
     ChatCompletion,
@@ -53,7 +53,7 @@ from omnistream.server.tokens import StopText, TokenText
 
 def install(app: FastAPI) -> None:
     state: ServerState = app.state.omni
-    resolver = MediaResolver(state.engine.processor, state.config)
+    resolver = MediaResolver(state.engine.processor, state.config, hearing=Hearing.of(state.engine.model))
     state.extras["media"] = resolver
     state.extras["token_text"] = TokenText(state.engine.tokenizer)
     app.router.on_shutdown.append(resolver.close)

@@ -22,6 +22,7 @@ class ServerConfig:
     max_image_pixels: int = 8192 * 8192  # decoded pixels of one image (checked from the header first)
     max_video_frames: int = 768  # frames sampled from one video
     max_video_seconds: float = 4 * 3600.0  # duration of one video
+    max_audio_seconds: float = 1200.0  # duration of one audio clip or a video's audio track (Qwen2.5-Omni)
     media_decode_timeout_s: float = 60.0  # wall time to decode one media item
     media_decode_threads: int = 16  # media decoded at once (PyAV and PIL decode outside the interpreter lock)
     max_sessions: int = 256  # open sessions + live sessions per server
@@ -36,7 +37,7 @@ class ServerConfig:
                      "max_live_questions_in_flight", "max_queued_requests"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("max_video_seconds", "media_decode_timeout_s", "session_ttl_s"):
+        for name in ("max_video_seconds", "max_audio_seconds", "media_decode_timeout_s", "session_ttl_s"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if self.allowed_media_path is not None and not Path(self.allowed_media_path).is_dir():

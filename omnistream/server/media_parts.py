@@ -4,6 +4,13 @@
     prepared = await resolver.prepare(body.messages, body.mm_processor_kwargs, tenant)
     build_prompt(tokenizer, prepared.messages, prepared.items)
 
+Audio (models that hear, Qwen2.5-Omni): `input_audio` {data: base64, format} and `audio_url`
+parts, and `use_audio_in_video` on a video (its audio track interleaved with its frames). A clip
+is refused over `ServerConfig.max_audio_seconds` (from the container header first, then from the
+decoded samples) and, for a model without an audio encoder, at once with `audio_not_supported`.
+An audio part is 1 or 2 items (media/audio_items.py), a video with its track several; they fill
+one placeholder together (one block).
+
 Sources: `data:<mime>;base64,...` URLs, local files (`file://...` or a plain path, relative
 paths from the root) only under `ServerConfig.allowed_media_path` (symlinks resolved: anything
 that lands outside is refused), http(s) only with `allow_remote_media`.
@@ -27,6 +34,7 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import dataclasses
 import hashlib
 import io
 import logging
@@ -35,8 +43,10 @@ import tempfile
 import threading
 import time
 import urllib.request
+import uuid
 import warnings
 from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,13 +55,24 @@ from urllib.parse import unquote, urlparse
 from PIL import Image, UnidentifiedImageError
 
 from omnistream.errors import MediaError, UserInputError
-from omnistream.media.item import MediaItem
+from omnistream.media.audio import AudioConfig
+from omnistream.media.audio_items import load_audio_source
+from omnistream.media.item import MediaItem, media_blocks
 from omnistream.media.processor import MediaProcessor
 from omnistream.media.pyav import av
 from omnistream.media.video import smart_nframes
+from omnistream.models.prompt import block_kind
 from omnistream.server.config import ServerConfig
 from omnistream.server.errors import APIError, BadRequest, TooLarge, as_api_error
-from omnistream.server.openai_protocol import ImagePart, MediaOptions, Message, ProcessorKwargs, TextPart
+from omnistream.server.openai_protocol import (
+    AudioURLPart,
+    ImagePart,
+    InputAudioPart,
+    MediaOptions,
+    Message,
+    ProcessorKwargs,
+    TextPart,
+)
 
 log = logging.getLogger(__name__)
 
@@ -65,10 +86,25 @@ class Forbidden(APIError):
     status, type, code = 403, "permission_error", "media_path_forbidden"
 
 
+@dataclass(frozen=True)
+class Hearing:
+    """What a model that hears needs from ingestion: its audio features' settings, and how it
+    interleaves a video with its audio track (Qwen2.5-Omni: per 2 s)."""
+
+    config: AudioConfig
+    interleave: Callable[[MediaItem, Sequence[MediaItem], str], list[MediaItem]]
+
+    @classmethod
+    def of(cls, model) -> "Hearing | None":
+        """None for a model without an audio encoder (it has no `audio_config`)."""
+        config = getattr(model, "audio_config", None)
+        return None if config is None else cls(config, model.interleave_media)
+
+
 @dataclass
 class PreparedMessages:
-    messages: list[dict]  # the engine's format: content parts {"type": "text" | "image" | "video"}
-    items: list[MediaItem]  # in message order
+    messages: list[dict]  # the engine's format: content parts {"type": "text" | "image" | "video" | "audio"}
+    items: list[MediaItem]  # in message order (an audio part, or a video with its audio, is a block of several)
     decode_s: float = 0.0  # decode + preprocess + hash paid by this request (0: all reused)
     reused: int = 0  # items served from the media cache
 
@@ -84,16 +120,16 @@ class _Source:
 
 
 class MediaCache:
-    """LRU from (tenant, kind, bytes sha256, options) to the processed MediaItem, bounded in
-    bytes of pixel_values. Items are shared read-only (the engine never mutates them)."""
+    """LRU from (tenant, kind, bytes sha256, options) to the processed MediaItems of one part,
+    bounded in bytes of pixel_values. Items are shared read-only (the engine never mutates them)."""
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes, self.bytes = max_bytes, 0
-        self._items: OrderedDict[tuple, MediaItem] = OrderedDict()
+        self._items: OrderedDict[tuple, list[MediaItem]] = OrderedDict()
         self._lock = threading.Lock()
         self.hits = self.misses = 0
 
-    def get(self, key: tuple) -> MediaItem | None:
+    def get(self, key: tuple) -> list[MediaItem] | None:
         with self._lock:
             item = self._items.get(key)
             if item is None:
@@ -103,7 +139,7 @@ class MediaCache:
             self.hits += 1
             return item
 
-    def put(self, key: tuple, item: MediaItem) -> None:
+    def put(self, key: tuple, item: list[MediaItem]) -> None:
         size = _nbytes(item)
         if size > self.max_bytes:
             return
@@ -120,14 +156,22 @@ class MediaCache:
         return len(self._items)
 
 
-def _nbytes(item: MediaItem) -> int:
-    return item.pixel_values.numel() * item.pixel_values.element_size()
+def _nbytes(items: list[MediaItem]) -> int:
+    return sum(m.pixel_values.numel() * m.pixel_values.element_size() for m in items)
+
+
+def _fresh_block(items: list[MediaItem]) -> list[MediaItem]:
+    """A reused block under a new block_id: two equal clips in a row stay two blocks."""
+    if len(items) < 2:
+        return items
+    block_id = uuid.uuid4().hex
+    return [dataclasses.replace(m, block_id=block_id) for m in items]
 
 
 class MediaResolver:
     def __init__(self, processor: MediaProcessor, config: ServerConfig, *, cache_bytes: int = MEDIA_CACHE_BYTES,
-                 threads: int | None = None) -> None:
-        self.processor, self.config = processor, config
+                 threads: int | None = None, hearing: Hearing | None = None) -> None:
+        self.processor, self.config, self.hearing = processor, config, hearing
         self.cache = MediaCache(cache_bytes)
         # 4 threads queued 32 clients' images and videos behind each other: +400 ms TTFT over HTTP (H200 bench serve)
         self.pool = ThreadPoolExecutor(threads or config.media_decode_threads, thread_name_prefix="media-decode")
@@ -152,24 +196,30 @@ class MediaResolver:
                     continue
                 where = f"messages[{i}].content[{j}]"
                 try:
-                    item, spent, reused = await self._item(part, fallback, tenant)
+                    items, spent, reused = await self._item(part, fallback, tenant)
                 except (APIError, UserInputError) as e:
                     raise _located(e, where) from None
-                parts.append({"type": item.kind})
-                out.items.append(item)
+                parts.append({"type": block_kind(items)})
+                out.items += _fresh_block(items) if reused else items
                 out.decode_s += spent
                 out.reused += reused
             out.messages.append({"role": role, "content": parts})
         return out
 
-    async def _item(self, part, fallback: MediaOptions | None, tenant: str | None) -> tuple[MediaItem, float, bool]:
-        """(item, seconds spent, reused) for one image/video part, within the decode timeout."""
+    async def _item(self, part, fallback: MediaOptions | None, tenant: str | None) -> tuple[list[MediaItem], float, bool]:
+        """(the part's items, seconds spent, reused) for one media part, within the decode timeout."""
         if isinstance(part, ImagePart):
             kind, url, opts = "image", part.image_url.url, part.image_url.over(part.over(fallback))
             if part.image_url.detail == "low" and opts.max_pixels is None:
                 opts = MediaOptions(**{**opts.model_dump(), "max_pixels": LOW_DETAIL_MAX_PIXELS})
+        elif isinstance(part, (InputAudioPart, AudioURLPart)):
+            self._hearing()  # refused before any byte is decoded
+            kind, opts = "audio", MediaOptions()
+            url = part.audio_url.url if isinstance(part, AudioURLPart) else part  # base64 decoded off the loop
         else:
             kind, url, opts = "video", part.video_url.url, part.video_url.over(part.over(fallback))
+            if opts.use_audio_in_video:
+                self._hearing()
         future = self.pool.submit(self._load, kind, url, opts, tenant)
         try:
             return await asyncio.wait_for(asyncio.wrap_future(future), self.config.media_decode_timeout_s)
@@ -178,17 +228,29 @@ class MediaResolver:
             raise BadRequest(f"the {kind} took longer than {self.config.media_decode_timeout_s:g} s to decode",
                              code="media_decode_timeout") from None
 
+    def _hearing(self) -> Hearing:
+        if self.hearing is None:
+            raise BadRequest("this model does not take audio (input_audio, audio_url, use_audio_in_video): "
+                             "serve a Qwen2.5-Omni checkpoint", code="audio_not_supported")
+        return self.hearing
+
     # ---------------------------------------------------------------- worker thread
-    def _load(self, kind: str, url: str, opts: MediaOptions, tenant: str | None) -> tuple[MediaItem, float, bool]:
-        src = self._read(url, kind)
-        key = (tenant, kind, src.digest, opts.fps, opts.nframes, opts.min_pixels, opts.max_pixels)
-        item = self.cache.get(key)
-        if item is not None:
-            return item, 0.0, True
+    def _load(self, kind: str, url: str | InputAudioPart, opts: MediaOptions, tenant: str | None) -> tuple[list[MediaItem], float, bool]:
+        src = _input_audio_bytes(url) if isinstance(url, InputAudioPart) else self._read(url, kind)
+        key = (tenant, kind, src.digest, opts.fps, opts.nframes, opts.min_pixels, opts.max_pixels,
+               bool(opts.use_audio_in_video) and kind == "video")
+        items = self.cache.get(key)
+        if items is not None:
+            return items, 0.0, True
         t0 = time.perf_counter()
-        item = self._image(src, opts) if kind == "image" else self._video(src, opts)
-        self.cache.put(key, item)
-        return item, time.perf_counter() - t0, False
+        if kind == "image":
+            items = [self._image(src, opts)]
+        elif kind == "audio":
+            items = self._audio(src)
+        else:
+            items = self._video(src, opts)
+        self.cache.put(key, items)
+        return items, time.perf_counter() - t0, False
 
     def _read(self, url: str, kind: str) -> _Source:
         scheme = urlparse(url).scheme.lower() if "://" in url or url.startswith("data:") else ""
@@ -212,10 +274,10 @@ class MediaResolver:
         raw = unquote(urlparse(url).path) if url.lower().startswith("file://") else url
         path = _inside(Path(root), raw)
         try:
-            if kind == "image":  # small: read once, decoded from memory
+            if kind in ("image", "audio"):  # small: read once, decoded from memory
                 size = path.stat().st_size
                 if size > self.config.max_body_bytes:
-                    raise TooLarge(f"image file of {size} bytes exceeds the limit of {self.config.max_body_bytes}")
+                    raise TooLarge(f"{kind} file of {size} bytes exceeds the limit of {self.config.max_body_bytes}")
                 data = path.read_bytes()
                 return _Source(hashlib.sha256(data).hexdigest(), data=data, label=raw)
             digest = hashlib.sha256()  # a video may be long: hashed as it is read, decoded from the file
@@ -244,28 +306,38 @@ class MediaResolver:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             return self.processor.process_image(image, min_pixels=opts.min_pixels, max_pixels=opts.max_pixels)
 
-    def _video(self, src: _Source, opts: MediaOptions) -> MediaItem:
-        if src.path is not None:
-            return self._video_file(src.path, src.label, opts)
-        with tempfile.TemporaryDirectory(prefix="omnistream-video-") as tmp:
-            path = Path(tmp) / "video"
-            path.write_bytes(src.data)
+    def _video(self, src: _Source, opts: MediaOptions) -> list[MediaItem]:
+        with _as_file(src, "video") as path:
             return self._video_file(path, src.label, opts)
 
-    def _video_file(self, path: Path, label: str, opts: MediaOptions) -> MediaItem:
-        try:
-            with _hostile(label):
-                self._check_video_header(path, opts)
-                item = self.processor.process_video(path, fps=opts.fps, nframes=opts.nframes,
-                                                    min_pixels=opts.min_pixels, max_pixels=opts.max_pixels)
-        except (MediaError, UserInputError) as e:
-            if isinstance(e, APIError):
-                raise
-            raise type(e)(str(e).replace(str(path), label)) from None
+    def _video_file(self, path: Path, label: str, opts: MediaOptions) -> list[MediaItem]:
+        with _labelled(path, label):
+            self._check_video_header(path, opts)
+            item = self.processor.process_video(path, fps=opts.fps, nframes=opts.nframes,
+                                                min_pixels=opts.min_pixels, max_pixels=opts.max_pixels)
         frames = len(item.timestamps)
         if frames > self.config.max_video_frames:  # the header announced fewer
             raise TooLarge(f"video samples {frames} frames, over the limit of {self.config.max_video_frames}")
-        return item
+        if not opts.use_audio_in_video:
+            return [item]
+        hearing = self._hearing()
+        return hearing.interleave(item, self._audio_file(path, label), uuid.uuid4().hex)
+
+    def _audio(self, src: _Source) -> list[MediaItem]:
+        with _as_file(src, "audio") as path:
+            return self._audio_file(path, src.label)
+
+    def _audio_file(self, path: Path, label: str) -> list[MediaItem]:
+        """The file's first audio stream -> its items: the duration from the header first (a
+        413 before decoding), then the decoded samples against the same limit (headers lie)."""
+        limit = self.config.max_audio_seconds
+        config = self._hearing().config
+        config = dataclasses.replace(config, max_seconds=min(config.max_seconds, limit))
+        with _labelled(path, label):
+            seconds = _audio_seconds(path)
+            if seconds is not None and seconds > limit:
+                raise TooLarge(f"audio of {seconds:.1f} s exceeds the limit of {limit:g} s")
+            return load_audio_source(path, config, model_key=self.processor.model_key)
 
     def _check_video_header(self, path: Path, opts: MediaOptions) -> None:
         """Duration, frame size and sampled frame count from the container header (no decoding)."""
@@ -294,6 +366,57 @@ def _hostile(label: str):
     except Exception as e:  # noqa: BLE001
         log.warning("decoding %s failed", label, exc_info=True)
         raise MediaError(f"cannot decode {label}: {type(e).__name__}: {_one_line(e)}") from None
+
+
+@contextlib.contextmanager
+def _as_file(src: _Source, kind: str):
+    """The source as a file PyAV can open: its verified path, or its bytes in a temp file."""
+    if src.path is not None:
+        yield src.path
+        return
+    with tempfile.TemporaryDirectory(prefix=f"omnistream-{kind}-") as tmp:
+        path = Path(tmp) / kind
+        path.write_bytes(src.data)
+        yield path
+
+
+@contextlib.contextmanager
+def _labelled(path: Path, label: str):
+    """Decoding errors name the media as the client knows it, never a server-side temp path."""
+    try:
+        with _hostile(label):
+            yield
+    except (MediaError, UserInputError) as e:
+        if isinstance(e, APIError):
+            raise
+        raise type(e)(str(e).replace(str(path), label)) from None
+
+
+def _input_audio_bytes(part: InputAudioPart) -> _Source:
+    """OpenAI's input_audio: base64 of the file (its `format` names the container; FFmpeg
+    reads the header anyway)."""
+    try:
+        data = base64.b64decode("".join(part.input_audio.data.split()), validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise BadRequest(f"invalid base64 in input_audio.data: {e}", code="invalid_base64") from None
+    if not data:
+        raise MediaError("input_audio.data holds no bytes")
+    return _Source(hashlib.sha256(data).hexdigest(), data=data, label=f"the input_audio data ({part.input_audio.format})")
+
+
+def _audio_seconds(path: Path) -> float | None:
+    """The first audio stream's duration from the container header; None when it has none
+    (the decoded samples are checked then). No audio stream: the decoder's error says so."""
+    try:
+        with av.open(str(path), "r") as c:
+            if not c.streams.audio:
+                return None
+            s = c.streams.audio[0]
+            if s.duration and s.time_base:
+                return float(s.duration * s.time_base)
+            return c.duration / av.time_base if c.duration else None
+    except (av.FFmpegError, OSError, ValueError):
+        return None  # the decoder reports what is wrong with it
 
 
 def _located(e: Exception, where: str) -> APIError:

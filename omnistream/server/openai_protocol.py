@@ -3,9 +3,11 @@ models. Requests are strict: an unknown field is a 400 naming it (a typo must no
 ignored), except a few fields that do not change the answer and that SDKs and frameworks send
 (`user`, `metadata`, `store`, `service_tier`, neutral penalties, ...): accepted and ignored.
 
-Content parts: `text`, `image_url` {url, detail?}, `video_url` {url} (vLLM's convention). Media
-options (fps, nframes, max_pixels, min_pixels) may sit inside the url object, on the part, or in
-the request-level `mm_processor_kwargs` (vLLM); the innermost wins.
+Content parts: `text`, `image_url` {url, detail?}, `video_url` {url} (vLLM's convention),
+`input_audio` {data: base64, format} (OpenAI's) and `audio_url` {url} (vLLM's), the audio ones
+for models that hear (Qwen2.5-Omni). Media options (fps, nframes, max_pixels, min_pixels, and
+use_audio_in_video for videos) may sit inside the url object, on the part, or in the
+request-level `mm_processor_kwargs` (vLLM); the innermost wins.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ class MediaOptions(_Strict):
     nframes: int | None = Field(None, ge=2)  # video: exactly this many frames (even), wins over fps
     max_pixels: int | None = Field(None, gt=0)  # largest area of a resized image / frame
     min_pixels: int | None = Field(None, gt=0)
+    use_audio_in_video: bool | None = None  # video: also hear the file's audio track (Qwen2.5-Omni); images ignore it
 
     def over(self, fallback: "MediaOptions | None") -> "MediaOptions":
         """These options, falling back to `fallback`'s where unset."""
@@ -47,7 +50,8 @@ class ProcessorKwargs(MediaOptions):
 
     def options(self) -> MediaOptions:
         nframes = self.nframes if self.nframes is not None else self.num_frames
-        return MediaOptions(fps=self.fps, nframes=nframes, max_pixels=self.max_pixels, min_pixels=self.min_pixels)
+        return MediaOptions(fps=self.fps, nframes=nframes, max_pixels=self.max_pixels, min_pixels=self.min_pixels,
+                            use_audio_in_video=self.use_audio_in_video)
 
 
 class ImageURL(MediaOptions):
@@ -74,7 +78,30 @@ class VideoPart(MediaOptions):
     video_url: VideoURL
 
 
-ContentPart = Annotated[TextPart | ImagePart | VideoPart, Field(discriminator="type")]
+AUDIO_FORMATS = ("wav", "mp3", "flac", "ogg", "m4a")  # OpenAI names wav and mp3; FFmpeg reads the others too
+
+
+class InputAudio(_Strict):
+    data: str  # base64 of the file's bytes
+    format: Literal[AUDIO_FORMATS]  # type: ignore[valid-type]
+
+
+class InputAudioPart(_Strict):
+    type: Literal["input_audio"]
+    input_audio: InputAudio
+
+
+class AudioURL(_Strict):
+    url: str  # data: URL, an allowed local path (file:// or plain), http(s) if allowed
+
+
+class AudioURLPart(_Strict):
+    type: Literal["audio_url"]
+    audio_url: AudioURL
+
+
+AudioPart = InputAudioPart | AudioURLPart
+ContentPart = Annotated[TextPart | ImagePart | VideoPart | InputAudioPart | AudioURLPart, Field(discriminator="type")]
 
 
 class Message(_Strict):

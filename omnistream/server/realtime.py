@@ -1,7 +1,9 @@
 """/v1/realtime: a live video session over a WebSocket, in the OpenAI Realtime event model.
 
 One socket = one live session (engine.live_session). The client streams camera frames
-(`input_image_buffer.append`, Qwen-Omni-Realtime's event, plus `timestamp_ms`), adds questions
+(`input_image_buffer.append`, Qwen-Omni-Realtime's event, plus `timestamp_ms`) and, to a model
+that hears (Qwen2.5-Omni), sound (`input_audio_buffer.append`: base64 PCM16, 16 kHz mono, OpenAI's
+default format, plus an optional `timestamp_ms` on the frames' clock), adds questions
 (`conversation.item.create` with `input_text`) and asks for answers (`response.create`); the
 server streams `response.output_text.delta`s and ends each answer with `response.done`, which
 carries the per-question metrics. docs/realtime.md lists every event and field.
@@ -54,6 +56,8 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_OUTPUT_TOKENS = 128
 INTAKE_QUEUE = 64  # frames / questions received but not yet decoded or started (then the socket waits)
 FRAME_FORMATS = ["JPEG", "PNG", "WEBP"]  # what a camera page or client sends; nothing exotic is parsed
+AUDIO_RATE = 16_000  # input_audio_buffer.append: PCM16 little-endian mono at 16 kHz (OpenAI's default pcm16)
+AUDIO_TIMESTAMP_SLACK_S = 0.001  # a timestamp_ms rounded to the millisecond may start that much before the previous end
 
 
 # every `error.code` this module sends for a client's mistake (docs/realtime.md lists them)
@@ -63,10 +67,13 @@ ERROR_CODES = {
     "unknown_event": "an event type the server does not know",
     "session_in_use": "session.update of the frame memory, frame size, policy or instructions after the first frame or question",
     "missing_image": "input_image_buffer.append without `image`",
-    "invalid_base64": "`image` is not base64",
+    "missing_audio": "input_audio_buffer.append without `audio`",
+    "invalid_base64": "`image` or `audio` is not base64",
+    "invalid_audio": "`audio` is not whole PCM16 samples, or the live session refused it",
+    "audio_not_supported": "input_audio_buffer.append to a model that does not hear (not a Qwen2.5-Omni checkpoint)",
     "invalid_image": "`image` is not a decodable JPEG, PNG or WebP",
     "payload_too_large": "a frame over ServerConfig.max_image_pixels (read from its header)",
-    "invalid_timestamp": "`timestamp_ms` negative, not a number, or before the previous frame's",
+    "invalid_timestamp": "`timestamp_ms` negative, not a number, or before the previous frame's (audio: before the end of the previous audio)",
     "no_question": "response.create with no conversation.item.create since the last answer",
     "too_many_questions": "response.create while ServerConfig.max_live_questions_in_flight answers are in flight",
     "response_not_found": "response.cancel of a response that is not in flight",
@@ -102,6 +109,7 @@ class SessionFields(_Strict):
     instructions: str | None = None  # the system prompt
     model: str | None = None  # accepted (OpenAI clients send it); the server serves one model
     modalities: list[Literal["text"]] | None = None  # text out only
+    input_audio_format: Literal["pcm16"] | None = None  # accepted: the one format taken (16 kHz mono)
 
 
 class ResponseFields(_Strict):
@@ -168,6 +176,9 @@ class RealtimeConnection:
         self.opened = time.monotonic()
         self.last_ts = -math.inf  # of the last frame accepted
         self.frames_accepted = 0  # frames queued for the live session (decoded or not yet)
+        self.hears = getattr(state.engine.model, "audio_config", None) is not None
+        self.audio_end: float | None = None  # where the last accepted audio chunk ends (s)
+        self.audio_generation = 0  # input_audio_buffer.clear drops queued chunks of older generations
         # frames and answers to start, in the order the client sent them (see _intake_loop)
         self._intake: asyncio.Queue = asyncio.Queue(maxsize=INTAKE_QUEUE)
         self._intake_task: asyncio.Task | None = None
@@ -235,7 +246,7 @@ class RealtimeConnection:
     # ------------------------------------------------------------------ client events
     async def _session_update(self, event: dict) -> None:
         fields = _model(SessionFields, event.get("session", {}), "session")
-        changes = fields.model_dump(exclude_none=True, exclude={"model", "modalities"})
+        changes = fields.model_dump(exclude_none=True, exclude={"model", "modalities", "input_audio_format"})
         new = replace(self.config, **changes)
         if new != self.config:
             if self.frames_accepted or self.live.turns or self.responses:
@@ -273,6 +284,45 @@ class RealtimeConnection:
             raise EventError(f"timestamp_ms {value} is before the previous frame's ({self.last_ts * 1000:.0f} ms)",
                              "invalid_timestamp", "timestamp_ms")
         return ts
+
+    async def _append_audio(self, event: dict) -> None:
+        """A chunk of sound: validated here, queued in order with frames and questions."""
+        if not self.hears:
+            raise EventError(f"{self.state.model_name} does not take audio (serve a Qwen2.5-Omni checkpoint)",
+                             "audio_not_supported", "audio")
+        audio = event.get("audio")
+        if not isinstance(audio, str) or not audio:
+            raise EventError("input_audio_buffer.append needs `audio`: base64 PCM16 (16 kHz mono)", "missing_audio", "audio")
+        try:
+            raw = base64.b64decode(audio, validate=True)
+        except (binascii.Error, ValueError):
+            raise EventError("input_audio_buffer.append: `audio` is not valid base64", "invalid_base64", "audio") from None
+        if len(raw) % 2:
+            raise EventError(f"input_audio_buffer.append: `audio` is {len(raw)} bytes, not whole PCM16 samples",
+                             "invalid_audio", "audio")
+        samples = np.frombuffer(raw, dtype="<i2")
+        ts = self._audio_timestamp(event.get("timestamp_ms"))
+        self.audio_end = ts + len(samples) / AUDIO_RATE
+        await self._intake.put(("audio", samples, ts, event.get("event_id"), self.audio_generation))
+
+    def _audio_timestamp(self, value: Any) -> float:
+        """timestamp_ms -> seconds; absent: right where the previous chunk ended (a PCM stream
+        is contiguous), the first one at the time since the socket opened."""
+        if value is None:
+            return self.audio_end if self.audio_end is not None else time.monotonic() - self.opened
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise EventError(f"timestamp_ms must be a finite number >= 0, got {value!r}", "invalid_timestamp", "timestamp_ms")
+        ts = value / 1000.0
+        if self.audio_end is not None and ts < self.audio_end - AUDIO_TIMESTAMP_SLACK_S:
+            raise EventError(f"timestamp_ms {value} is before the end of the previous audio ({self.audio_end * 1000:.0f} ms)",
+                             "invalid_timestamp", "timestamp_ms")
+        return ts
+
+    async def _clear_audio(self, event: dict) -> None:
+        """Drops the audio chunks still queued (not yet handed to the live session); what the
+        session has taken stays in its audio memory, as frames do."""
+        self.audio_generation += 1
+        await self.send({"type": "input_audio_buffer.cleared"})
 
     async def _item_create(self, event: dict) -> None:
         item = _model(MessageItem, event.get("item", {}), "item")
@@ -314,6 +364,8 @@ class RealtimeConnection:
     _handlers = {
         "session.update": _session_update,
         "input_image_buffer.append": _append_frame,
+        "input_audio_buffer.append": _append_audio,
+        "input_audio_buffer.clear": _clear_audio,
         "conversation.item.create": _item_create,
         "response.create": _response_create,
         "response.cancel": _response_cancel,
@@ -336,6 +388,16 @@ class RealtimeConnection:
                     if not isinstance(e, UserInputError):
                         log.exception("realtime %s: frame failed", self.id)
                     await self._send_error(e, event_id)
+            elif kind == "audio":
+                samples, ts, event_id, generation = args
+                if generation != self.audio_generation:
+                    continue  # input_audio_buffer.clear came after it
+                try:
+                    await asyncio.to_thread(self._add_audio, samples, ts)
+                except Exception as e:  # noqa: BLE001 - this chunk alone is refused
+                    if not isinstance(e, UserInputError):
+                        log.exception("realtime %s: audio failed", self.id)
+                    await self._send_error(e, event_id)
             else:
                 r, question, sampling = args
                 try:
@@ -350,6 +412,12 @@ class RealtimeConnection:
         except UserInputError as e:
             raise EventError(f"input_image_buffer.append: {e}", getattr(e, "code", None) or "invalid_image", "image") from None
         self.live.add_frame(frame, ts)
+
+    def _add_audio(self, samples: np.ndarray, ts: float) -> None:
+        try:
+            self.live.add_audio(samples, ts, AUDIO_RATE)
+        except UserInputError as e:  # MediaError: too short, a bad timestamp; the session goes on
+            raise EventError(f"input_audio_buffer.append: {e}", "invalid_audio", "audio") from None
 
     # ------------------------------------------------------------------ answers
     async def _start(self, r: Response, question: str, sampling: SamplingParams) -> None:
@@ -432,8 +500,10 @@ class RealtimeConnection:
             pass
 
     def _describe(self) -> dict[str, Any]:
+        audio = {"input_audio_format": "pcm16", "input_audio_sampling_rate": AUDIO_RATE} if self.hears else {
+            "input_audio_format": None}
         return {"id": self.id, "object": "realtime.session", "model": self.state.model_name, "modalities": ["text"],
-                **asdict(self.config), "max_questions_in_flight": self.state.config.max_live_questions_in_flight}
+                **asdict(self.config), **audio, "max_questions_in_flight": self.state.config.max_live_questions_in_flight}
 
     # ------------------------------------------------------------------ the end
     async def _expire(self) -> None:
