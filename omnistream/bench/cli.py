@@ -74,6 +74,7 @@ def add_bench_commands(sub, add_model_args) -> None:
     _add_stream_bench(bsub, add_model_args)
     _add_concurrency_bench(bsub, add_model_args)
     _add_serve_bench(bsub, add_model_args)
+    _add_audio_bench(bsub, add_model_args)
 
 
 def _stream(args) -> int:
@@ -180,3 +181,30 @@ def _add_serve_bench(bsub, add_model_args) -> None:
     sv.add_argument("--serve-args", default="", help="more flags for the server it starts, e.g. '--replicas 2 --replica-gpus 0.5'")
     add_engine_args(sv)
     sv.set_defaults(func=_serve)
+
+
+def _audio(args) -> int:
+    from omnistream.bench.audio import cmd_audio
+
+    return cmd_audio(args)
+
+
+def _add_audio_bench(bsub, add_model_args) -> None:
+    """E5, E6: audio questions (features, audio encoder, TTFT) and W1 over a clip with sound,
+    vs transformers' processor (padded to 300 s, truncated) and model, on a Qwen2.5-Omni thinker."""
+    from omnistream.models.qwen2_5_omni_config import OMNI_PRESETS
+
+    au = bsub.add_parser("audio", help="Qwen2.5-Omni: feature shape/padding/time, audio encoder time and TTFT per clip length, "
+                                       "the VAD's tokens saved, and W1 over a clip with sound, vs transformers")
+    add_model_args(au)
+    au.add_argument("--model-config", choices=sorted(OMNI_PRESETS), default=None,
+                    help="random-weight Qwen2.5-Omni thinker of this size, built on the device (wins over --model)")
+    au.add_argument("--clips", default="2,10,60,300,600", help="clip lengths in seconds, comma separated")
+    au.add_argument("--new-tokens", type=_positive, default=16, help="greedy tokens per answer")
+    au.add_argument("--turns", type=int, default=10, help="questions of the W1 conversation over a clip with sound (0: skip W1)")
+    au.add_argument("--w1-seconds", type=float, default=60.0, help="length of the W1 clip (mp4 with an audio track)")
+    au.add_argument("--w1-size", type=_positive, default=224, help="W1 frame side in px (multiple of 28)")
+    au.add_argument("--no-vad", action="store_true", help="skip the lossy VAD runs (silero-vad)")
+    au.add_argument("--seed", type=int, default=0, help="seed of the weights and the clips")
+    au.add_argument("--json", default=None, help="write all raw numbers and the environment to this file")
+    au.set_defaults(func=_audio)
