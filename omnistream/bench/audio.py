@@ -34,12 +34,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from omnistream.bench.latency import MemoryMeter, Prepared, environment, hf_greedy, median
+from omnistream.bench.latency import Prepared, environment, hf_greedy, median
 from omnistream.bench.models import make_pair, resolve_dtype
 from omnistream.bench.multiturn import (
-    TURN_TEXT_TOKENS, VisionProbe, cuda_device, fmt, question, ratio, times, without_last_answer, write_json,
+    TURN_TEXT_TOKENS, VisionProbe, cuda_device, fmt, ratio, times, without_last_answer, write_json,
 )
-from omnistream.bench.workload import synthetic_video_frames
+from omnistream.bench.workload import synthetic_video_frames, video_tokens
 from omnistream.engine.sampling import SamplingParams
 from omnistream.errors import MediaError
 from omnistream.media.audio import AudioConfig, decode_audio, log_mel_features
@@ -364,7 +364,9 @@ def run_audio(model, device: str, dtype: str, seconds: list[float], new_tokens: 
 
     dev = cuda_device(device)
     tdtype = resolve_dtype(dtype, str(dev))
-    longest = int(max(seconds + [w1_seconds]) * 25) + 2048  # 25 audio tokens per second, then the text and video
+    # the longest context: a clip (25 audio tokens per second) or the W1 clip with its frames, + text
+    w1_tokens = int(w1_seconds * 25) + video_tokens(int(w1_seconds * 2), w1_size) if turns > 0 else 0
+    longest = max(int(max(seconds) * 25), w1_tokens) + 2048
     options = {"enable_prefix_caching": True, "kv_cache_tokens": 2 * longest + turns * (new_tokens + TURN_TEXT_TOKENS) + 8192,
                "encoder_cache_bytes": 512 << 20}
     hf, engine = make_pair(model, str(dev), tdtype, seed, **options)
