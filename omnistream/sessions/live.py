@@ -21,8 +21,8 @@ Audio (models that hear, policy `exact`): add_audio() puts the samples into the 
 (media/audio_memory.py: 2 s chunks, the most recent `max_seconds` kept, oldest dropped first); a
 chunk is featurised and hashed once, the first time a context needs it; a trailing chunk shorter
 than 2 s is part of the next answer at its true length and replaced by the sealed chunk later
-(like the padded odd frame). The `fast` policy refuses audio for now (MediaError-free: a
-UserInputError naming the policy): its in-place KV edits know only video patches.
+(like the padded odd frame). The `fast` policy refuses audio for now (UserInputError naming the
+policy): its in-place KV edits know only video patches.
 
 Context = system, one user turn holding the retained patches as one video block in time order
 (temporal positions follow the patches' real timestamps) or, with audio, the retained frames and
@@ -198,10 +198,7 @@ class LiveSession(Session):
         ts = float(timestamp)
         with self._intake:
             with self._state:
-                dropped = self.audio.push(x, ts)  # raises MediaError (timestamp)
-                if dropped:
-                    gone = set(dropped)
-                    self._audio_inputs = {k: v for k, v in self._audio_inputs.items() if k[0] not in gone}
+                self.audio.push(x, ts)  # raises MediaError (timestamp); drops the oldest chunks past the bound
             self._queue.put(_AUDIO)
             if self._worker is None:
                 self._worker = threading.Thread(target=self._work, name=f"live-{self.id}", daemon=True)
@@ -322,16 +319,11 @@ class LiveSession(Session):
         """Retained audio chunks with their items (featurised and hashed once per chunk; a
         chunk too short for one token is left out)."""
         with self._state:
-            chunks = self.audio.retained()
-        out = []
-        for c in chunks:
-            if c.key not in self._audio_inputs:  # new, or the open chunk grew: older snapshots go
-                self._audio_inputs = {k: v for k, v in self._audio_inputs.items() if k[0] != c.chunk_id}
-                self._audio_inputs[c.key] = self._audio_item(c)
-            item = self._audio_inputs[c.key]
-            if item is not None:
-                out.append((c, item))
-        return out
+            chunks, known = self.audio.retained(), self._audio_inputs
+        items = {c.key: known[c.key] if c.key in known else self._audio_item(c) for c in chunks}
+        with self._state:
+            self._audio_inputs = items  # only what is retained now: dropped chunks and old snapshots go
+        return [(c, items[c.key]) for c in chunks if items[c.key] is not None]
 
     def _audio_item(self, chunk: AudioChunk) -> MediaItem | None:
         config = self.engine._audio_config()
