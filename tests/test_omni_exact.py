@@ -243,3 +243,24 @@ def test_audio_without_audio_model_is_refused(tiny_model_dir):
             eng.generate([[_user(_noise(1.0, 0), "Hm?")]], GREEDY)
     finally:
         eng.close()
+
+
+def test_a_video_with_its_sound_is_encoded_in_one_forward_per_encoder(omni_dirs, av_file):
+    """Audio-in-video pieces alternate video and audio every 2 s; grouping only neighbours ran
+    one encoder forward per piece (6 for this 5 s clip), now one per encoder."""
+    eng = Engine.from_pretrained(omni_dirs[FULL_MODEL_TYPE], device="cpu", kv_cache_tokens=16384, block_size=16,
+                                 enable_prefix_caching=False)
+    model = eng.llm.runner.model
+    calls = []
+    encode = model.encode_media
+
+    def counting(pixels, grids, kind="video"):
+        calls.append(kind)
+        return encode(pixels, grids, kind)
+
+    model.encode_media = counting
+    try:
+        eng.generate([_user(_av(av_file), "Describe it.")], SamplingParams(max_new_tokens=1))
+    finally:
+        eng.close()
+    assert sorted(calls) == ["audio", "video"], calls

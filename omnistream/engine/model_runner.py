@@ -249,22 +249,33 @@ class ModelRunner:
         patches it misses are encoded (runs of consecutive missing patches become sub-items)
         and the new ones are inserted."""
         plan = VisionPlan(self.encoder_cache, items) if self.encoder_cache is not None else None
-        out, group, count = [], [], 0
-        for item in plan.to_encode if plan is not None else items:
-            n = item.pixel_values.shape[0]
-            other_encoder = group and self.model.media_encoder(item.kind) is not self.model.media_encoder(group[0].kind)
-            if group and (count + n > self.max_vision_patches or other_encoder):  # one encoder per forward
-                out += self._vision_group(group)
-                group, count = [], 0
-            group.append(item)
-            count += n
-        if group:
-            out += self._vision_group(group)
+        todo = plan.to_encode if plan is not None else items
+        out: list[torch.Tensor | None] = [None] * len(todo)
+        # one forward per encoder (a video with its sound alternates video and audio pieces
+        # every 2 s: grouping only neighbours cost one forward per piece), in item order within it
+        by_encoder: dict[int, list[int]] = {}
+        for i, item in enumerate(todo):
+            by_encoder.setdefault(id(self.model.media_encoder(item.kind)), []).append(i)
+        for indices in by_encoder.values():
+            group, count = [], 0
+            for i in indices:
+                n = todo[i].pixel_values.shape[0]
+                if group and count + n > self.max_vision_patches:
+                    self._encode_group(todo, group, out)
+                    group, count = [], 0
+                group.append(i)
+                count += n
+            self._encode_group(todo, group, out)
         self.last_encoded_tokens = plan.encoded_tokens if plan is not None else [it.num_tokens for it in items]
         self.vision_tokens_encoded += sum(self.last_encoded_tokens)
         if plan is not None:
             return plan.finish_patches(out)
         return [list(e.split(it.tokens_per_temporal_patch)) for e, it in zip(out, items)]
+
+    def _encode_group(self, todo: list, indices: list[int], out: list) -> None:
+        """Items todo[i] (i in indices, one encoder) in one forward -> out[i]."""
+        for i, emb in zip(indices, self._vision_group([todo[i] for i in indices])):
+            out[i] = emb
 
     def _vision_group(self, items) -> list[torch.Tensor]:
         rows = [it.pixel_values for it in items]
