@@ -275,10 +275,10 @@ def _pool_tokens(model_dir, **options) -> int:
 def test_budget_sizes_the_host_kv_pool(tiny_model_dir, tiny_config):
     assert _pool_tokens(tiny_model_dir) == CPU_DEFAULT_KV_TOKENS  # no budget: as before
     assert _pool_tokens(tiny_model_dir, memory_budget_bytes=64 << 30) == CPU_DEFAULT_KV_TOKENS
-    weights = weight_bytes(tiny_config, 4)
-    reserve = activation_reserve_bytes(tiny_config, EngineConfig.from_kwargs("m"), MAX_VISION_PATCHES, 4, graphs=False)
     # a budget just above weights + activations gets a small pool, and the engine still answers
     with Engine.from_pretrained(tiny_model_dir, device="cpu") as eng:
+        weights = weight_bytes(eng.model, 4)
+        reserve = activation_reserve_bytes(eng.model, EngineConfig.from_kwargs("m"), MAX_VISION_PATCHES, 4, graphs=False)
         assert weights == sum(p.numel() * p.element_size() for p in eng.model.parameters())
         per_token = eng.model.kv_spec.bytes_per_token(torch.float32)
     with Engine.from_pretrained(tiny_model_dir, device="cpu", memory_budget_bytes=weights + reserve + 1024 * per_token) as small:

@@ -1,10 +1,9 @@
 """Memory budget: how many KV blocks the pool gets.
 
 On the GPU the budget (default 90% of the card) is split as: weights (measured after loading)
-+ an activation reserve for the largest step (a vision chunk of `max_vision_patches` patches, an
-audio forward of as many mel frames (Qwen2.5-Omni: the runner groups audio items under the same
-limit), or a prefill of `max_num_batched_tokens` tokens, whichever is larger, plus CUDA-graph
-buffers) + the KV pool (the rest). Work that would not fit is queued or refused by the scheduler, never
++ an activation reserve for the largest step (the model's estimate, MultimodalLM.memory_estimate:
+a prefill of `max_num_batched_tokens` tokens or one media-encoder forward of `max_vision_patches`
+rows, whichever is larger, plus CUDA-graph buffers) + the KV pool (the rest). Work that would not fit is queued or refused by the scheduler, never
 left to run out of memory.
 
 On the CPU without a budget the pool has CPU_DEFAULT_KV_TOKENS tokens. A budget given there is
@@ -15,14 +14,11 @@ minimal pool is refused, as on the GPU. A kv_cache_tokens given with a budget mu
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from omnistream.config import EngineConfig
 from omnistream.errors import BudgetError
-from omnistream.models.hf_config import QwenVLConfig
-from omnistream.models.qwen2_5_omni_config import AudioEncoderConfig, OmniConfig
+from omnistream.models.interface import MultimodalLM
 
 CPU_DEFAULT_KV_TOKENS = 65536
 # CUDA-graph memory: row-batch graphs up to 256 rows (activations ~25 MB, split-K scratch 64 MB,
@@ -35,49 +31,27 @@ GRAPH_RESERVE_BYTES = 384 << 20
 MIN_POOL_BLOCKS = 16
 
 
-def activation_reserve_bytes(mcfg: QwenVLConfig | OmniConfig, cfg: EngineConfig, max_vision_patches: int, itemsize: int, *, graphs: bool = True) -> int:
-    t, v = mcfg.text, mcfg.vision
-    n = cfg.scheduler.max_num_batched_tokens
-    # prefill: gate_up output + activation product + a few hidden-sized buffers + qkv, per token
-    prefill = n * (3 * t.intermediate_size + 8 * t.hidden_size) * itemsize
-    # vision: same pattern per patch, plus the float32 rotary tables and merger input
-    vision = max_vision_patches * (3 * v.intermediate_size + 10 * v.hidden_size) * itemsize
-    audio = audio_activation_bytes(mcfg.audio, max_vision_patches, itemsize) if isinstance(mcfg, OmniConfig) else 0
+def activation_reserve_bytes(model: MultimodalLM, cfg: EngineConfig, max_encoder_rows: int, itemsize: int, *, graphs: bool = True) -> int:
+    """The model's peak step activations (MultimodalLM.memory_estimate) with headroom, plus the
+    CUDA graphs' memory."""
+    peak = model.memory_estimate(itemsize, cfg.scheduler.max_num_batched_tokens, max_encoder_rows).activation_bytes
     # 25% headroom: allocator rounding and the transient copies the estimate does not list
     # (measured: the 3B W1 run peaked 0.3% over a 10 GiB budget without it)
-    return int(1.25 * max(prefill, vision, audio)) + (GRAPH_RESERVE_BYTES if graphs else 0)
+    return int(1.25 * peak) + (GRAPH_RESERVE_BYTES if graphs else 0)
 
 
-def audio_activation_bytes(a: AudioEncoderConfig, frames: int, itemsize: int) -> int:
-    """Peak activations of one audio-encoder forward over `frames` mel frames
-    (models/qwen2_5_omni_audio.py): the float32 input rows and their padded copy, conv1's output
-    with its GELU and mask (3 buffers of d per frame), then per frame after the stride-2 conv
-    the layers' pattern (fc1 output and its GELU, a few d-sized buffers, q/k/v and the padded
-    per-chunk attention batch)."""
-    after_conv = frames // 2 + 1
-    inputs = 2 * frames * a.num_mel_bins * 4
-    conv1 = 3 * frames * a.d_model * itemsize
-    layers = after_conv * (2 * a.encoder_ffn_dim + 10 * a.d_model) * itemsize
-    return inputs + max(conv1, layers)
+def weight_bytes(model: MultimodalLM, itemsize: int) -> int:
+    """Bytes of the model's weights as loaded, counted from its config (a host budget)."""
+    return model.memory_estimate(itemsize, 1, 1).weight_bytes
 
 
-def weight_bytes(mcfg: QwenVLConfig | OmniConfig, itemsize: int) -> int:
-    """Bytes of the model's weights, from the checkpoint's tensor shapes (the Omni thinker's:
-    decoder, vision tower and audio tower; the talker and token2wav are not loaded)."""
-    if isinstance(mcfg, OmniConfig):
-        from omnistream.models.omni_demo import omni_weight_specs as specs
-    else:
-        from omnistream.models.demo import weight_specs as specs  # the one list of a checkpoint's tensors
-    return itemsize * sum(math.prod(shape) for _, shape, _ in specs(mcfg))
-
-
-def kv_pool_tokens(mcfg: QwenVLConfig | OmniConfig, cfg: EngineConfig, device: torch.device, kv_bytes_per_token: int, max_vision_patches: int, transient_bytes: int = 0) -> int:
+def kv_pool_tokens(model: MultimodalLM, cfg: EngineConfig, device: torch.device, kv_bytes_per_token: int, max_vision_patches: int, transient_bytes: int = 0) -> int:
     """transient_bytes: weights that come onto the device only while used (an offloaded
     vision tower); they need room at encode time, so the KV pool cannot have it."""
     if device.type != "cuda":
-        return _host_pool_tokens(mcfg, cfg, kv_bytes_per_token, max_vision_patches)
+        return _host_pool_tokens(model, cfg, kv_bytes_per_token, max_vision_patches)
     itemsize = torch.finfo(cfg.torch_dtype).bits // 8
-    reserve = activation_reserve_bytes(mcfg, cfg, max_vision_patches, itemsize) + transient_bytes
+    reserve = activation_reserve_bytes(model, cfg, max_vision_patches, itemsize) + transient_bytes
     encoder = cfg.cache.encoder_cache_bytes  # the encoder cache's GPU tier is part of the budget
     weights = torch.cuda.memory_allocated(device)
     if cfg.cache.kv_cache_tokens is not None:
@@ -97,15 +71,15 @@ def kv_pool_tokens(mcfg: QwenVLConfig | OmniConfig, cfg: EngineConfig, device: t
     return int(tokens)
 
 
-def _host_pool_tokens(mcfg: QwenVLConfig | OmniConfig, cfg: EngineConfig, kv_bytes_per_token: int, max_vision_patches: int) -> int:
+def _host_pool_tokens(model: MultimodalLM, cfg: EngineConfig, kv_bytes_per_token: int, max_vision_patches: int) -> int:
     """The pool of a CPU engine. Host allocations cannot be told apart from the rest of the
     process, so the weights are counted from the config; there are no CUDA graphs."""
     requested, budget = cfg.cache.kv_cache_tokens, cfg.cache.memory_budget_bytes
     if budget is None:
         return CPU_DEFAULT_KV_TOKENS if requested is None else requested
     itemsize = torch.finfo(cfg.torch_dtype).bits // 8
-    weights = weight_bytes(mcfg, itemsize)
-    reserve = activation_reserve_bytes(mcfg, cfg, max_vision_patches, itemsize, graphs=False)
+    weights = weight_bytes(model, itemsize)
+    reserve = activation_reserve_bytes(model, cfg, max_vision_patches, itemsize, graphs=False)
     encoder = cfg.cache.encoder_cache_bytes
     pool = requested if requested is not None else cfg.cache.block_size * MIN_POOL_BLOCKS
     _check_fits(budget, weights, reserve, encoder, pool, kv_bytes_per_token)

@@ -16,15 +16,13 @@ from collections import OrderedDict
 
 import torch
 
-from omnistream.models.qwen2_5_vl_vision import build_layout
-
 MAX_PATCHES = 2048  # larger inputs run eagerly: their GPU time hides the launch cost
 MAX_GRAPHS = 2  # each keeps its activations (~50 MB for one 448x448 patch)
 
 
 class _Captured:
     def __init__(self, visual, pixels: torch.Tensor, grids: tuple) -> None:
-        self.layout = build_layout(list(grids), visual.cfg, pixels.device)
+        self.layout = visual.layout(list(grids), pixels.device)  # the tower's own index tables
         self.input = torch.zeros_like(pixels)
         # the eager kernels, not the compiled ones: a replay is then bit for bit the eager
         # forward (the first sighting of a patch is encoded eagerly, later ones replayed)

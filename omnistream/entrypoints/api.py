@@ -91,7 +91,7 @@ class Engine:
 
             offload = VisionOffloader(model.media_encoder("video"), self.device)
         per_token = model.kv_spec.bytes_per_token(cfg.torch_dtype)
-        tokens = kv_pool_tokens(model.cfg, cfg, self.device, per_token, MAX_VISION_PATCHES, offload.bytes if offload else 0)
+        tokens = kv_pool_tokens(model, cfg, self.device, per_token, MAX_VISION_PATCHES, offload.bytes if offload else 0)
         num_blocks = tokens // cfg.cache.block_size
         llm = LLMEngine(model, cfg, num_blocks)
         llm.runner.max_vision_patches = MAX_VISION_PATCHES

@@ -30,6 +30,16 @@ class KVSpec:
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * torch.finfo(dtype).bits // 8
 
 
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """What the memory budget (cache/budget.py) needs from a model, in bytes: its weights as
+    loaded, and the peak activations of its largest step (a prefill of the batch budget or one
+    media-encoder forward of the encoder budget), before any headroom."""
+
+    weight_bytes: int
+    activation_bytes: int
+
+
 @runtime_checkable
 class MultimodalLM(Protocol):
     kv_spec: KVSpec
@@ -64,6 +74,11 @@ class MultimodalLM(Protocol):
     def encode_media(self, pixels: torch.Tensor, grids: list[tuple[int, int, int]], kind: str = "video") -> torch.Tensor:
         """Prepared rows of several items of one encoder (media_encoder(kind), the same for all
         of them) -> (sum of their tokens, hidden)."""
+
+    def memory_estimate(self, itemsize: int, max_batched_tokens: int, max_encoder_rows: int) -> MemoryEstimate:
+        """Weights and peak activations, from the config alone (a CPU budget cannot measure
+        host allocations): a prefill of max_batched_tokens tokens, an encoder forward of
+        max_encoder_rows rows (patches, mel frames)."""
 
 
 # Models that hear (Qwen2.5-Omni) also have:

@@ -10,6 +10,7 @@ qkv), and ``audio_tower.*``.
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -17,7 +18,8 @@ from torch import nn
 
 from omnistream.media.audio import AudioConfig
 from omnistream.media.item import MediaItem
-from omnistream.models.qwen2_5_omni_audio import AudioEncoder
+from omnistream.models.interface import MemoryEstimate
+from omnistream.models.qwen2_5_omni_audio import AudioEncoder, audio_activation_bytes
 from omnistream.models.qwen2_5_omni_config import OmniConfig
 from omnistream.models.qwen2_5_vl import Qwen2_5_VLModel
 from omnistream.models.tmrope import interleave_audio_in_video, item_positions, tmrope_positions
@@ -82,6 +84,15 @@ class Qwen2_5OmniThinker(Qwen2_5_VLModel):
         if kind == "audio":
             return self.audio_tower(rows, grids)
         return self.visual(rows, grids)
+
+    def memory_estimate(self, itemsize: int, max_batched_tokens: int, max_encoder_rows: int) -> MemoryEstimate:
+        """The VL estimate with the audio tower's weights (the talker and token2wav are not
+        loaded) and an audio-encoder forward of as many mel frames as the encoder budget."""
+        from omnistream.models.omni_demo import omni_weight_specs
+
+        vl = super().memory_estimate(itemsize, max_batched_tokens, max_encoder_rows)
+        weights = itemsize * sum(math.prod(shape) for _, shape, _ in omni_weight_specs(self.cfg))
+        return MemoryEstimate(weights, max(vl.activation_bytes, audio_activation_bytes(self.cfg.audio, max_encoder_rows, itemsize)))
 
     def interleave_media(self, video: MediaItem, audio: Sequence[MediaItem], block_id: str) -> list[MediaItem]:
         """A video and its audio track's items -> the pieces of one audio-in-video block."""

@@ -121,3 +121,15 @@ def _pair_starts(frames: list[int], tokens: list[int], device: torch.device) -> 
     counts = torch.tensor(tokens, device=device)
     local = torch.arange(int(counts.sum()), device=device) - torch.repeat_interleave(counts.cumsum(0) - counts, counts)
     return torch.repeat_interleave(starts, counts) + 2 * local
+
+
+def audio_activation_bytes(a, frames: int, itemsize: int) -> int:
+    """Peak activations of one audio-encoder forward over `frames` mel frames (AudioEncoder
+    above): the float32 input rows and their padded copy, conv1's output with its GELU and mask
+    (3 buffers of d per frame), then per frame after the stride-2 conv the layers' pattern (fc1
+    output and its GELU, a few d-sized buffers, q/k/v and the padded per-chunk attention batch)."""
+    after_conv = frames // 2 + 1
+    inputs = 2 * frames * a.num_mel_bins * 4
+    conv1 = 3 * frames * a.d_model * itemsize
+    layers = after_conv * (2 * a.encoder_ffn_dim + 10 * a.d_model) * itemsize
+    return inputs + max(conv1, layers)

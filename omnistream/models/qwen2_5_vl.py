@@ -9,6 +9,8 @@ vision-tower outputs before the first layer. Parameter names follow the hub chec
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -20,7 +22,7 @@ from omnistream.layers.rotary import MRotaryEmbedding
 from omnistream.media.item import MediaItem
 from omnistream.media.patchify import normalize_rows
 from omnistream.models.hf_config import QwenVLConfig, TextConfig
-from omnistream.models.interface import KVSpec
+from omnistream.models.interface import KVSpec, MemoryEstimate
 from omnistream.models.mrope import media_positions, mrope_positions
 from omnistream.models.qwen2_5_vl_vision import VisionTransformer
 
@@ -143,9 +145,30 @@ class Qwen2_5_VLModel(nn.Module):
     def forward(self, embeds, positions, kv_caches, meta) -> torch.Tensor:
         return self.model(embeds, positions, kv_caches, meta)
 
+    def memory_estimate(self, itemsize: int, max_batched_tokens: int, max_encoder_rows: int) -> MemoryEstimate:
+        """Weights from the checkpoint's tensor shapes; activations of the larger of a prefill and
+        a vision forward (see MultimodalLM.memory_estimate)."""
+        from omnistream.models.demo import weight_specs  # the one list of a checkpoint's tensors
+
+        return MemoryEstimate(itemsize * sum(math.prod(shape) for _, shape, _ in weight_specs(self.cfg)),
+                              max(prefill_activation_bytes(self.cfg.text, max_batched_tokens, itemsize),
+                                  vision_activation_bytes(self.cfg.vision, max_encoder_rows, itemsize)))
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
 
     def encode_media(self, pixel_values: torch.Tensor, grids: list[tuple[int, int, int]], kind: str = "video") -> torch.Tensor:
         """Prepared patch rows of several images / videos -> (their tokens, hidden)."""
         return self.visual(pixel_values, grids)
+
+
+def prefill_activation_bytes(t: TextConfig, tokens: int, itemsize: int) -> int:
+    """Peak activations of a decoder prefill of `tokens` tokens: gate_up output + activation
+    product + a few hidden-sized buffers + qkv, per token."""
+    return tokens * (3 * t.intermediate_size + 8 * t.hidden_size) * itemsize
+
+
+def vision_activation_bytes(v, patches: int, itemsize: int) -> int:
+    """Peak activations of a vision-tower forward of `patches` patches: the same pattern per
+    patch, plus the float32 rotary tables and the merger input."""
+    return patches * (3 * v.intermediate_size + 10 * v.hidden_size) * itemsize

@@ -151,9 +151,14 @@ class VisionTransformer(nn.Module):
         self.merger = PatchMerger(cfg.out_hidden_size, cfg.hidden_size, cfg.spatial_merge_size)
         self.full_blocks = set(cfg.fullatt_block_indexes)
 
+    def layout(self, grids: list[tuple[int, int, int]], device: torch.device) -> VisionLayout:
+        """The index tables of a forward over these grids, made before a CUDA-graph capture
+        (which cannot copy them to the GPU)."""
+        return build_layout(grids, self.cfg, device)
+
     def forward(self, pixel_values: torch.Tensor, grids: list[tuple[int, int, int]], layout: VisionLayout | None = None) -> torch.Tensor:
         """pixel_values: (P, 1176) for all items concatenated -> (P/4, out_hidden) embeddings.
-        layout: build_layout(grids) made beforehand (CUDA-graph capture cannot copy to the GPU)."""
+        layout: self.layout(grids) made beforehand (CUDA-graph capture cannot copy to the GPU)."""
         layout = layout or build_layout(grids, self.cfg, pixel_values.device)
         unit = self.cfg.spatial_merge_size**2
         x = self.patch_embed(pixel_values)
