@@ -1,6 +1,8 @@
 """`omnistream bench serve` on the CPU: a tiny model, a few streaming clients, a few seconds.
 Checks the report's fields, zero errors in both phases, and that the server gives the same
-greedy answers as the engine in-process (same seeded weights, same requests)."""
+greedy answers as the engine in-process (same seeded weights, same requests): chat completions
+with text, images and videos; then pinned sessions (a first question and follow-ups) and live
+streams over /v1/realtime (frames and questions), per kind."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ import sys
 
 import pytest
 
-from omnistream.bench.serve import Sample, overhead, parse_mix, summarize
+from omnistream.bench.serve import FOLLOWUP, Sample, overhead, parse_mix, summarize
 from omnistream.entrypoints.cli import main
 
 ARGS = ["bench", "serve", "--model-config", "tiny", "--device", "cpu", "--clients", "3", "--requests", "6",
@@ -42,7 +44,9 @@ def test_report_fields_and_zero_errors(report):
 
 
 def test_same_greedy_answers_over_http_and_in_process(report):
-    assert report["answers"] == {"compared": 6, "equal": 6}
+    a = report["answers"]
+    assert (a["compared"], a["equal"], a["not_compared"]) == (6, 6, 0)
+    assert {k: v["equal"] for k, v in a["by_kind"].items()} == report["workload"]["kinds"]
 
 
 def test_nothing_left_in_the_engine(report):
@@ -72,7 +76,7 @@ def test_statistics_helpers():
     assert o["ttft_p50_delta_s"] == pytest.approx(0.002) and o["tokens_per_s_ratio"] == pytest.approx(0.8)
 
 
-@pytest.mark.parametrize("bad", ["audio", "text=x", "text=-1", "text=0"])
+@pytest.mark.parametrize("bad", ["audio", "text=x", "text=-1", "text=0", "live=-2"])
 def test_bad_mix_is_refused(bad):
     with pytest.raises(SystemExit, match="--mix"):
         parse_mix(bad)
@@ -96,3 +100,72 @@ def test_short_soak_leaves_nothing_behind(tmp_path):
     failed = [c for name, c in checks.items() if not c["ok"] and name != "RSS flat after warm-up"]
     assert not failed, failed
     assert {"chat_text", "chat_stream", "chat_image", "chat_video", "disconnect"} <= set(report["done"])
+
+
+# ------------------------------------------------------------------ sessions and live streams
+MIXED = ["bench", "serve", "--model-config", "tiny", "--device", "cpu", "--clients", "3", "--requests", "6",
+         "--new-tokens", "6", "--size", "56", "--prompt-tokens", "48", "--mix", "text=1,session=1,live=1",
+         "--session-turns", "3", "--live-frames", "6", "--live-fps", "20", "--live-questions", "2"]
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory):
+    path = tmp_path_factory.mktemp("bench") / "mixed.json"
+    assert main([*MIXED, "--json", str(path)]) == 0
+    return json.loads(path.read_text())
+
+
+def test_sessions_and_live_streams_per_kind(mixed):
+    kinds = mixed["workload"]["kinds"]
+    assert set(kinds) == {"text", "session", "live"} and sum(kinds.values()) == 6  # seeded: every kind drawn
+    timed = {"text": kinds["text"], "session": kinds["session"], "session_followup": 2 * kinds["session"], "live": 2 * kinds["live"]}
+    for phase in ("http", "in_process"):
+        r = mixed[phase]
+        assert set(PHASE_FIELDS) <= set(r), phase
+        assert r["errors"] == {} and r["errors_by_kind"] == {}, (phase, r["errors_by_kind"])
+        assert {k: v["requests"] for k, v in r["by_kind"].items()} == timed, phase  # a session's first question apart
+        assert r["requests"] == r["ok"] == sum(timed.values())
+        for kind, k in r["by_kind"].items():
+            assert k["ok"] == k["requests"] and k["errors"] == {}, (phase, kind)
+            assert 0 < k["ttft_p50_s"] <= k["ttft_p99_s"] and k["e2e_p50_s"] >= k["ttft_p50_s"], (phase, kind)
+            assert k["mean_output_tokens"] == 6 or kind == "live", (phase, kind)  # live answers may end at EOS
+        followup = r["by_kind"]["session_followup"]
+        assert followup["mean_cached_tokens"] > r["by_kind"]["session"]["mean_cached_tokens"]  # from the pinned KV
+        assert 0 < r["by_kind"]["live"]["mean_output_tokens"] <= 6
+    assert mixed["server"]["exit_code"] in (0, 130) and "Traceback" not in mixed["server"]["stderr_tail"]
+    assert mixed["in_process_engine_stats_after"]["sessions"] == 0  # every session and live session closed
+
+
+def test_session_and_live_answers_equal_over_http_and_in_process(mixed):
+    """Sessions: exact. Live (`exact` policy): each answer sees exactly the frames sent before it, both ways."""
+    kinds = mixed["workload"]["kinds"]
+    a = mixed["answers"]
+    assert a["by_kind"]["session"] == {"compared": kinds["session"], "equal": kinds["session"], "not_compared": 0}
+    assert a["by_kind"]["session_followup"] == {"compared": 2 * kinds["session"], "equal": 2 * kinds["session"], "not_compared": 0}
+    assert a["by_kind"]["live"] == {"compared": 2 * kinds["live"], "equal": 2 * kinds["live"], "not_compared": 0}
+    assert a["compared"] == a["equal"] == mixed["http"]["requests"] and a["not_compared"] == 0
+
+
+def test_mixed_printed_rows(mixed, capsys):
+    from omnistream.bench.serve import print_report
+
+    print_report(mixed)
+    out = capsys.readouterr().out
+    for text in ("per kind (HTTP / in-process)", "session_followup", "sessions: an image + 3 questions",
+                 "live: 6 JPEG frames 56x56 at 20 fps, 2 questions, policy exact", "greedy answers equal over HTTP and in-process: 10/10"):
+        assert text in out, text
+
+
+def test_live_script_and_fast_answers_not_compared():
+    """The live schedule: question k after its share of the frames; `fast` answers are timing-dependent."""
+    from omnistream.bench.serve import _cuts, equal_answers
+
+    assert _cuts(6, 2) == [3, 6] and _cuts(16, 3) == [5, 11, 16] and _cuts(2, 2) == [1, 2]
+    http = [Sample(0, "live", text="a", turn=0, exact=False), Sample(0, "live", text="b", turn=1, exact=False),
+            Sample(1, "session", text="x"), Sample(1, FOLLOWUP, text="y", turn=1)]
+    local = [Sample(0, "live", text="a", turn=0, exact=False), Sample(0, "live", text="c", turn=1, exact=False),
+             Sample(1, "session", text="x"), Sample(1, FOLLOWUP, text="z", turn=1)]
+    a = equal_answers(http, local)
+    assert (a["compared"], a["equal"], a["not_compared"]) == (2, 1, 2)
+    assert a["by_kind"]["live"] == {"compared": 0, "equal": 0, "not_compared": 2}
+    assert a["by_kind"][FOLLOWUP] == {"compared": 1, "equal": 0, "not_compared": 0}

@@ -170,7 +170,7 @@ def _add_serve_bench(bsub, add_model_args) -> None:
                     help="random-weight model of this architecture, built on the device (wins over --model)")
     sv.add_argument("--clients", type=_positive, default=8, help="concurrent streaming clients, each sending its requests back to back")
     sv.add_argument("--rate", type=float, default=None, help="instead: Poisson arrivals at this many requests/s (open loop)")
-    sv.add_argument("--requests", type=_positive, default=None, help="timed requests in all (default: 4 per client)")
+    sv.add_argument("--requests", type=_positive, default=None, help="work items in all, a session or live stream counting once (default: 4 per client)")
     sv.add_argument("--mix", default="text=2,image=1,video=1",
                     help="work kinds and weights: text, image, video, session, live (KIND=WEIGHT, comma separated)")
     sv.add_argument("--new-tokens", type=_positive, default=64, help="max_tokens of each request (greedy)")

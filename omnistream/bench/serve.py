@@ -255,6 +255,7 @@ class Sample:
     ended: float | None = None
     text: str = ""
     output_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens served from KV already there (a session's pinned KV, the prefix cache)
     error: str | None = None  # HTTP status ("503"), realtime error code or exception type; None: ok
     turn: int = 0  # the question's place in its session or live stream
     exact: bool = True  # a greedy answer both phases must agree on (not a live `fast` one)
@@ -322,6 +323,7 @@ def _take_chunk(s: Sample, chunk: dict) -> None:
     usage = chunk.get("usage")
     if usage:
         s.output_tokens = usage.get("completion_tokens", 0)
+        s.cached_tokens = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
     for choice in chunk.get("choices") or []:
         content = (choice.get("delta") or {}).get("content")
         if content:
@@ -410,7 +412,9 @@ async def http_live(url: str, model: str, spec: Spec, max_tokens: int) -> list[S
             elif kind == "response.done":
                 resp = event["response"]
                 s.ended = time.perf_counter()
-                s.output_tokens = (resp.get("usage") or {}).get("output_tokens", 0)
+                usage = resp.get("usage") or {}
+                s.output_tokens = usage.get("output_tokens", 0)
+                s.cached_tokens = (usage.get("input_token_details") or {}).get("cached_tokens") or 0
                 if resp.get("status") not in ("completed", "incomplete"):
                     s.error = s.error or f"done:{resp.get('status')}"
                 elif resp.get("output_text") != s.text:
@@ -461,7 +465,7 @@ async def _read_answer(s: Sample, answer) -> None:
             s.chunk_times.append(time.perf_counter())
             s.text += delta.text
     res = await asyncio.get_running_loop().run_in_executor(None, answer.finish)
-    s.output_tokens = len(res.token_ids)
+    s.output_tokens, s.cached_tokens = len(res.token_ids), res.metrics.cached_tokens
     s.ended = time.perf_counter()
 
 
@@ -476,7 +480,8 @@ async def engine_request(engine, pool: ThreadPoolExecutor, spec: Spec, sampling)
             if delta.text:
                 s.chunk_times.append(time.perf_counter())
                 s.text += delta.text
-        s.output_tokens = len(handle.result().token_ids)
+        res = handle.result()
+        s.output_tokens, s.cached_tokens = len(res.token_ids), res.metrics.cached_tokens
     except Exception as e:  # noqa: BLE001
         s.error = type(e).__name__
     s.ended = time.perf_counter()
@@ -681,7 +686,8 @@ def summarize(samples: list[Sample], start: float, end: float) -> dict[str, Any]
         by_kind[kind] = {"requests": sum(s.kind == kind for s in samples), "ok": len(mine),
                          "errors": dict(Counter(s.error for s in samples if s.kind == kind and s.error)),
                          **_percentiles("ttft", [s.ttft_s for s in mine]), "itl_p50_s": pct(_itl(mine), 50),
-                         "e2e_p50_s": pct([s.e2e_s for s in mine], 50), "mean_output_tokens": mean([s.output_tokens for s in mine])}
+                         "e2e_p50_s": pct([s.e2e_s for s in mine], 50), "mean_output_tokens": mean([s.output_tokens for s in mine]),
+                         "mean_cached_tokens": mean([s.cached_tokens for s in mine])}
     return {
         "requests": len(samples), "ok": len(ok), "errors": dict(Counter(s.error for s in samples if s.error)),
         "errors_by_kind": {k: v["errors"] for k, v in by_kind.items() if v["errors"]},
@@ -876,14 +882,14 @@ def print_report(r: dict, out=None) -> None:
           f"{_f(s['e2e_p50_s'], 1000):>9}{_f(s['e2e_p90_s'], 1000):>8}{_f(s['e2e_p99_s'], 1000):>8}")
     p("")
     p(f"  {'per kind (HTTP / in-process)':<30}{'requests':>9}{'errors':>14}{'TTFT p50 ms':>18}{'TTFT p99 ms':>18}"
-      f"{'ITL p50 ms':>16}{'E2E p50 ms':>18}{'answers equal':>15}")
+      f"{'ITL p50 ms':>16}{'E2E p50 ms':>18}{'cached tok':>14}{'answers equal':>15}")
     for kind, k in r["http"]["by_kind"].items():
         lk = r["in_process"]["by_kind"].get(kind, {})
         a = r["answers"].get("by_kind", {}).get(kind)
         eq = "n/a" if a is None else (f"{a['equal']}/{a['compared']}" + (f" (+{a['not_compared']} timing-dep.)" if a["not_compared"] else ""))
         both = lambda key, scale=1000, digits=1: f"{_f(k.get(key), scale, digits)} / {_f(lk.get(key), scale, digits)}"  # noqa: E731
         p(f"  {kind:<30}{k['requests']:>9}{_errors(k['errors']) + ' / ' + _errors(lk.get('errors', {})):>14}"
-          f"{both('ttft_p50_s'):>18}{both('ttft_p99_s'):>18}{both('itl_p50_s', digits=2):>16}{both('e2e_p50_s'):>18}{eq:>15}")
+          f"{both('ttft_p50_s'):>18}{both('ttft_p99_s'):>18}{both('itl_p50_s', digits=2):>16}{both('e2e_p50_s'):>18}{both('mean_cached_tokens', 1, 0):>14}{eq:>15}")
     o, a = r["overhead"], r["answers"]
     p(f"HTTP overhead: TTFT p50 {_f(o['ttft_p50_delta_s'], 1000, 2)} ms, p99 {_f(o['ttft_p99_ratio'], digits=3)}x; "
       f"ITL p50 {_f(o['itl_p50_delta_s'], 1000, 2)} ms, p99 {_f(o['itl_p99_ratio'], digits=3)}x; "
