@@ -2,10 +2,13 @@
 that this module starts on 127.0.0.1 and stops (no Ray process left behind), with Serve's HTTP
 proxy on 127.0.0.1 and a free port. Sessions spread over both replicas and every later request
 of a session lands on its replica; answers equal the single-process server's; a restarted
-proxy (a new router) keeps the placement; a killed replica's sessions get 410 session_lost
-while the other's go on, new sessions are served and Serve replaces the replica.
+proxy (a new router) keeps the placement; a drained replica takes no new sessions or stateless
+requests while its sessions and running requests go on; a killed replica's sessions get 410
+session_lost (its live socket an `error` event naming the session, then close 1011) while the
+other's go on, new sessions are served and Serve replaces the replica.
 
-The first tests need no Ray: they check the placement logic on its own (placement.py).
+The first tests need no Ray: they check the placement logic (placement.py), the drain status
+and the proxy's lost-socket middleware (ingress.py) on their own.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import io
 import json
 import os
 import socket
+import asyncio
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -38,6 +42,8 @@ from omnistream.cluster.placement import (
     session_id_prefix,
     target_key,
 )
+from omnistream.cluster.drain import drain_status
+from omnistream.cluster.ingress import LostSocketMiddleware
 from omnistream.server.config import ServerConfig
 
 KEY = "cluster-key"
@@ -105,6 +111,56 @@ def test_ledger_counts_placements_until_the_next_report():
     assert ledger.placed("a") == 0
     ledger.forget_others(["a"])
     assert ledger.placed("b") == 0
+
+
+def test_drain_status():
+    assert drain_status(False, 3, 1) == "running"
+    assert drain_status(True, 1, 0) == "draining" and drain_status(True, 0, 1) == "draining"
+    assert drain_status(True, 0, 0) == "drained"  # nothing left on it: it can go
+
+
+def relay(replica_app, client: list[dict]) -> list[dict]:
+    """What the client gets of a /v1/realtime socket through LostSocketMiddleware."""
+    sent, incoming = [], list(client)
+
+    async def receive():
+        if incoming:
+            return incoming.pop(0)
+        await asyncio.sleep(3600)
+
+    async def send(msg):
+        sent.append(msg)
+
+    asyncio.run(LostSocketMiddleware(replica_app)(scope("/v1/realtime", kind="websocket"), receive, send))
+    return sent
+
+
+def dying_replica(then: str):
+    async def app(scope, receive, send):
+        await receive()
+        await send({"type": "websocket.accept", "headers": [(REPLICA_HEADER.encode(), b"k3x9q2ab")]})
+        await send({"type": "websocket.send", "text": json.dumps({"type": "session.created",
+                                                                  "session": {"id": "s-k3x9q2ab-00ff"}})})
+        if then == "dies":
+            raise RuntimeError("ActorDiedError")  # what the proxy's relay raises (or it returns: "drops")
+        if then == "closes":
+            await send({"type": "websocket.close", "code": 1000})
+        if then == "client_left":
+            assert (await receive())["type"] == "websocket.disconnect"
+    return app
+
+
+def test_proxy_tells_a_live_socket_its_replica_died():
+    for then in ("dies", "drops"):
+        sent = relay(dying_replica(then), [{"type": "websocket.connect"}])
+        *_, event, close = sent
+        err = json.loads(event["text"])["error"]
+        assert err["code"] == "session_lost" and "s-k3x9q2ab-00ff" in err["message"] and "k3x9q2ab" in err["message"]
+        assert (close["type"], close["code"], close["reason"]) == ("websocket.close", 1011, "session_lost")
+    # a socket the replica closed, or the client left, gets nothing more
+    assert relay(dying_replica("closes"), [{"type": "websocket.connect"}])[-1] == {"type": "websocket.close", "code": 1000}
+    left = relay(dying_replica("client_left"), [{"type": "websocket.connect"}, {"type": "websocket.disconnect"}])
+    assert [m["type"] for m in left] == ["websocket.accept", "websocket.send"]
 
 
 # ---------------------------------------------------------------------------------- the cluster
@@ -351,6 +407,66 @@ def wait_for(predicate, timeout_s: float, what: str):
     raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
 
 
+def test_a_draining_replica_takes_no_new_work_and_serves_its_sessions(cluster, spread):
+    """POST /v1/replicas/{name}/drain: no new sessions, live sockets or stateless requests go to
+    it; its sessions and a stream it is running go on; DELETE ends the drain."""
+    url, _ = cluster
+    drained, other = sorted(set(spread.values()))
+    assert http(url, key=None).post(f"/v1/replicas/{drained}/drain").status_code == 401
+    r = http(url).post("/v1/replicas/nosuchreplica/drain")
+    assert (r.status_code, r.json()["error"]["code"]) == (404, "replica_not_found")
+    mine = [sid for sid, r in spread.items() if r == drained]
+    body = {"model": "demo-model", "messages": [{"role": "user", "content": "count"}], "max_tokens": 24,
+            "temperature": 0, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    with http(url).stream("POST", "/v1/chat/completions", json=body, headers={"X-Session-Id": mine[0]}) as stream:
+        lines = stream.iter_lines()
+        first = next(line for line in lines if line.startswith("data: "))  # running on the replica
+        r = http(url).post(f"/v1/replicas/{drained}/drain")
+        assert r.status_code == 200 and r.json()["status"] == "draining", r.text
+        events = [first] + [line for line in lines if line.startswith("data: ")]
+    assert events[-1] == "data: [DONE]"  # the running request finished, all of it
+    assert json.loads(events[-2][6:])["usage"]["completion_tokens"] == 24
+    opened = []  # closed at the end: the later tests expect the spread's balance
+    try:
+        listed = replicas(url)
+        assert listed[drained]["status"] == "draining" and listed[drained]["draining_since"]
+        assert listed[other]["status"] == "running"
+        for _ in range(6):  # new sessions, live sockets and stateless requests: all to the other
+            sid, replica = new_session(url)
+            opened.append(sid)
+            assert replica == other
+        live = LiveClient(url)
+        assert live.replica == other
+        live.close()
+        stateless = {k: v for k, v in body.items() if k not in ("stream", "stream_options")}
+        for _ in range(4):
+            r = http(url).post("/v1/chat/completions", json={**stateless, "max_tokens": 2})
+            assert r.status_code == 200 and r.headers[REPLICA_HEADER] == other
+        for sid in mine[1:4]:  # its sessions are served on, there
+            r = turn(url, sid, "still here?")
+            assert r.status_code == 200 and r.headers[REPLICA_HEADER] == drained, r.text
+    finally:
+        r = http(url).delete(f"/v1/replicas/{drained}/drain")
+    assert r.status_code == 200 and r.json()["status"] == "running", r.text
+    assert replicas(url)[drained]["status"] == "running"
+    sid, replica = new_session(url)  # the least loaded again (it has fewer sessions now)
+    assert replica == drained
+    for sid in opened + [sid]:
+        assert http(url).delete(f"/v1/sessions/{sid}").status_code == 200
+
+
+def read_until_close(ws, timeout_s: float) -> tuple[list[dict], int | None, str]:
+    """The events a socket gets until its close frame: (events, close code, close reason)."""
+    ws.settimeout(timeout_s)
+    events = []
+    while True:
+        opcode, data = ws.recv_data(control_frame=True)
+        if opcode == websocket.ABNF.OPCODE_CLOSE:
+            return events, (int.from_bytes(data[:2], "big") if len(data) >= 2 else None), data[2:].decode()
+        if opcode == websocket.ABNF.OPCODE_TEXT:
+            events.append(json.loads(data))
+
+
 def test_a_restarted_proxy_routes_every_session_to_its_replica(cluster, spread):
     """Serve's proxy (and the router in it) is killed and replaced by Serve's controller: the
     new router has seen no session, and still sends each to its replica."""
@@ -374,10 +490,12 @@ def test_a_killed_replica_loses_only_its_sessions(cluster, spread):
     url, _ = cluster
     victim, survivor = sorted(set(spread.values()))
     sockets = {}
-    for _ in range(4):  # live sessions are placed by load too: one lands on each replica
+    for _ in range(10):  # live sessions are placed by load too: until one lands on each replica
         live = LiveClient(url)
         if sockets.setdefault(live.replica, live) is not live:
             live.close()
+        if len(sockets) == 2:
+            break
     assert set(sockets) == {victim, survivor}
     name = next(a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].endswith("#" + victim))
     ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
@@ -397,11 +515,13 @@ def test_a_killed_replica_loses_only_its_sessions(cluster, spread):
     for _ in range(4):
         sid, replica = new_session(url)
         assert replica != victim and turn(url, sid, "new").status_code == 200
-    # the live session on the killed replica ends with its socket; the other's goes on
+    # the live session on the killed replica is told it is lost, then its socket closes; the other's goes on
+    events, code, reason = read_until_close(sockets[victim].ws, 20)
+    err = events[-1]
+    assert err["type"] == "error" and err["error"]["code"] == "session_lost", events
+    assert sockets[victim].session_id in err["error"]["message"] and victim in err["error"]["message"]
+    assert (code, reason) == (1011, "session_lost")
     assert sockets[survivor].ask(2, "anyone?")
-    sockets[victim].ws.settimeout(20)
-    with pytest.raises((websocket.WebSocketConnectionClosedException, ConnectionError)):
-        sockets[victim].ask(2, "anyone?")
     for live in sockets.values():
         live.close()
     # Serve replaces the replica; the listing shows the new one, not the dead one

@@ -13,6 +13,10 @@ cluster use 127.0.0.1 (raylet, GCS, agents, workers). It is read when `ray` is i
 is set before that and checked after. Ray 2.60's Serve replicas still open their inter-
 deployment gRPC port on [::] (hard-coded in ray/serve/_private/replica.py); the cluster's
 token authentication (on by default) guards it.
+
+It also puts omnistream's proxy middleware (ingress.py) into the environment the cluster's
+processes inherit, so Serve's proxies tell a live socket whose replica died that its session
+is lost.
 """
 
 from __future__ import annotations
@@ -40,8 +44,12 @@ class LocalRay:
 
 
 def start_local_ray(num_cpus: float | None = None, num_gpus: float | None = None, **init_options: Any) -> None:
+    from omnistream.cluster.ingress import CALLBACK, CALLBACK_ENV
+
     if "ray" not in sys.modules:
         os.environ[_LOOPBACK_ENV] = "0"  # workers inherit it from the raylet, the raylet from us
+    # Serve's proxies (workers of this cluster) read it: a live socket whose replica dies is told so
+    os.environ.setdefault(CALLBACK_ENV, CALLBACK)
     import ray
     from ray._private import ray_constants
 

@@ -2,6 +2,7 @@
 
     GET /v1/replicas   each replica's sessions (the caller's own), KV use and queue
     GET /metrics       every replica's metrics, labelled replica="<name>" (metrics_merge.py)
+    POST|DELETE /v1/replicas/{name}/drain   (drain.py)
 
 The replica asks every replica (itself included) through a handle to its own deployment, one
 call addressed to each (`replica:<name>` keys: the router sends it there and nowhere else). The
@@ -64,9 +65,9 @@ class Fanout:
         calls made while serving one request share its internal request id, and Serve's router
         hands a replica to the pending request *of that id* it indexed first, so concurrent
         calls to different replicas would take each other's replica (Ray 2.60)."""
-        return {name: await self._call(name, method, *args) for name in await self.replicas()}
+        return {name: await self.call(name, method, *args) for name in await self.replicas()}
 
-    async def _call(self, name: str, method: str, *args: Any) -> Any:
+    async def call(self, name: str, method: str, *args: Any) -> Any:
         call = self.handle().options(method_name=method, session_id=target_key(name)).remote(name, *args)
         try:
             return await asyncio.wait_for(_awaited(call), CALL_TIMEOUT_S)

@@ -5,6 +5,7 @@ class only adds what a replica of a cluster needs:
 
     its name in its session ids (engine.session_id_prefix: placement.py routes by it)
     410 session_lost for a session whose replica is gone (lost.py)
+    draining: no new sessions or stateless requests, open sessions served on (drain.py)
     x-omnistream-replica on every response, requests counted per session (served.py)
     GET /v1/replicas and the cluster-wide /metrics (ops.py), answered with the methods below
     record_routing_stats (the router's load figures) and check_health (Serve restarts a
@@ -23,7 +24,7 @@ from typing import Any
 
 from ray import serve
 
-from omnistream.cluster import lost, ops
+from omnistream.cluster import drain, lost, ops
 from omnistream.cluster.placement import session_id_prefix
 from omnistream.cluster.report import engine_snapshot, replica_report, routing_stats
 from omnistream.cluster.served import ServedByMiddleware, ServedRequests
@@ -47,8 +48,10 @@ class EngineReplica:
         self.state = self.server_app.state.omni
         self.state.default_max_tokens = spec.default_max_tokens
         self.served = ServedRequests()
+        self.drain = drain.DrainState()
         lost.install(self.server_app, self.name)
         ops.install(self.server_app, ops.Fanout(context.app_name, context.deployment))
+        drain.install(self.server_app, self.name, self.drain)
         self.server_app.add_middleware(ServedByMiddleware, replica=self.name, served=self.served)
         log.info("replica %s: %s on %s", self.name, self.state.model_name, self.engine.cfg.device)
 
@@ -58,7 +61,7 @@ class EngineReplica:
     # ------------------------------------------------------------------ Serve's calls
     async def record_routing_stats(self) -> dict[str, Any]:
         snapshot = await asyncio.to_thread(engine_snapshot, self.state)
-        return routing_stats(self.state, snapshot)
+        return routing_stats(self.state, snapshot, self.drain)
 
     async def check_health(self) -> None:
         """Raises (Serve then replaces the replica) when the engine loop is closed or stuck."""
@@ -80,7 +83,15 @@ class EngineReplica:
         snapshot = await asyncio.to_thread(engine_snapshot, self.state)
         registry = self.state.extras.get("sessions")
         open_ids = {e.id for e in registry.entries()} if registry is not None else set()
-        return replica_report(self.state, self.name, snapshot, tenant, self.served.snapshot(open_ids)).as_dict()
+        served = self.served.snapshot(open_ids)
+        return replica_report(self.state, self.name, snapshot, tenant, served, self.drain).as_dict()
+
+    async def set_draining(self, expect: str, on: bool, tenant: str | None) -> dict[str, Any] | None:
+        """Starts (on) or ends draining (drain.py); answers the new report."""
+        if expect != self.name:
+            return None
+        self.drain.set(on)
+        return await self.report(expect, tenant)
 
     async def metrics_text(self, expect: str) -> str | None:
         """This replica's own /metrics text (the single server's), for the cluster's /metrics."""

@@ -10,6 +10,7 @@ import itertools
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from omnistream.cluster.drain import DrainState, drain_status
 from omnistream.server.state import ServerState
 
 _REPORTS = itertools.count(1)
@@ -36,7 +37,8 @@ class ReplicaReport:
     requests_running: int
     requests_waiting: int  # the engine's queue
     sessions: list[SessionInfo] = field(default_factory=list)  # the caller's own (ids are per tenant)
-    status: str = "running"
+    status: str = "running"  # "draining", "drained" (drain.drain_status)
+    draining_since: int | None = None  # unix seconds
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -47,7 +49,7 @@ def engine_snapshot(state: ServerState) -> dict[str, Any]:
     return state.engine.stats()
 
 
-def routing_stats(state: ServerState, snapshot: dict[str, Any]) -> dict[str, Any]:
+def routing_stats(state: ServerState, snapshot: dict[str, Any], drain: DrainState) -> dict[str, Any]:
     """The router's view (placement.ReplicaLoad.from_stats reads it); `report` changes on
     every report, so a router knows which of its placements the figures already include."""
     counts = _counts(state)
@@ -58,11 +60,12 @@ def routing_stats(state: ServerState, snapshot: dict[str, Any]) -> dict[str, Any
         "kv_used": snapshot["kv_blocks_total"] - snapshot["kv_blocks_free"],
         "kv_total": snapshot["kv_blocks_total"],
         "queued": snapshot["requests_running"] + snapshot["requests_waiting"],
+        "draining": drain.draining,  # the routers place nothing new here
     }
 
 
 def replica_report(state: ServerState, replica: str, snapshot: dict[str, Any], tenant: str | None,
-                   served: dict[str, int]) -> ReplicaReport:
+                   served: dict[str, int], drain: DrainState) -> ReplicaReport:
     """This replica's entry in GET /v1/replicas; only `tenant`'s sessions are listed (another
     tenant's ids stay unknown to the caller, as everywhere else), all are counted."""
     counts = _counts(state)
@@ -74,7 +77,10 @@ def replica_report(state: ServerState, replica: str, snapshot: dict[str, Any], t
         max_sessions=state.config.max_sessions, kv_blocks_total=snapshot["kv_blocks_total"],
         kv_blocks_used=snapshot["kv_blocks_total"] - snapshot["kv_blocks_free"],
         kv_blocks_retained=snapshot["kv_blocks_retained"], requests_running=snapshot["requests_running"],
-        requests_waiting=snapshot["requests_waiting"], sessions=sorted(mine, key=lambda s: s.created))
+        requests_waiting=snapshot["requests_waiting"], sessions=sorted(mine, key=lambda s: s.created),
+        status=drain_status(drain.draining, counts["session"] + counts["live"],
+                            snapshot["requests_running"] + snapshot["requests_waiting"]),
+        draining_since=int(drain.since) if drain.since is not None else None)
 
 
 def _counts(state: ServerState) -> dict[str, int]:

@@ -12,6 +12,8 @@ retrying with backoff while none has. We answer (placement.py says what each rou
     STATELESS         one rank with every replica: Serve picks the one with the fewest
                       requests in flight (its own, always fresh, count)
 
+OPEN and STATELESS leave out the replicas that report draining (drain.py), unless all do.
+
 Loads come from the replicas' routing stats (`EngineReplica.record_routing_stats`, every
 `request_routing_stats_period_s`) plus the sessions this router placed since. The router
 subclasses the base RequestRouter and none of its mixins: the base fulfils exactly the request
@@ -57,7 +59,7 @@ class SessionAffinityRouter(RequestRouter):
         super().update_replicas(replicas)
         names = tuple(sorted(replica_name(r) for r in replicas))
         self._ledger.forget_others(names)
-        peers.publish(self.app_name, names)
+        peers.publish(self.app_name, names, frozenset(replica_name(r) for r in replicas if _draining(r)))
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
@@ -74,6 +76,8 @@ class SessionAffinityRouter(RequestRouter):
                 pending_request.routing_context.should_backoff = True
                 return [[home]]
             # its replica is gone: whichever replica gets it says so (410)
+        if route.kind is not Kind.TARGET:  # new work: not to a draining replica
+            candidate_replicas = [r for r in candidate_replicas if not _draining(r)] or candidate_replicas
         if route.kind is Kind.OPEN:
             ranked = rank_for_sessions(self._load(r) for r in candidate_replicas)
             self._ledger.record(ranked[0], pending_request.metadata.internal_request_id)
@@ -84,6 +88,10 @@ class SessionAffinityRouter(RequestRouter):
         name, stats = replica_name(replica), replica.routing_stats or {}
         self._ledger.observe_report(name, stats.get("report"))
         return ReplicaLoad.from_stats(name, stats, self._ledger.placed(name))
+
+
+def _draining(replica: RunningReplica) -> bool:
+    return bool((replica.routing_stats or {}).get("draining"))
 
 
 def route_of_request(pending_request: PendingRequest) -> Route:
