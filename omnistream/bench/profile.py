@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from omnistream.bench.latency import environment, now
+from omnistream.bench.latency import environment
 from omnistream.bench.models import make_engine, resolve_dtype
 from omnistream.bench.workload import video_question, video_tokens
 from omnistream.engine.protocol import EngineRequest

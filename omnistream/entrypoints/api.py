@@ -32,7 +32,7 @@ from omnistream.config import EngineConfig
 from omnistream.engine.core import EngineCore
 from omnistream.engine.handle import RequestHandle
 from omnistream.engine.llm_engine import LLMEngine
-from omnistream.engine.protocol import EngineRequest, RequestMetrics, RequestOutput, TokenLogprob
+from omnistream.engine.protocol import EngineRequest, RequestOutput
 from omnistream.engine.sampling import SamplingParams
 from omnistream.errors import ConfigError, UnknownSessionError, UserInputError
 from omnistream.media.audio_items import load_audio_source

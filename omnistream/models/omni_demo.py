@@ -23,8 +23,6 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from omnistream.errors import ConfigError
 from omnistream.models.demo import (
     DEMO_DTYPE,

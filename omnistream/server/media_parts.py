@@ -57,7 +57,7 @@ from PIL import Image, UnidentifiedImageError
 from omnistream.errors import MediaError, UserInputError
 from omnistream.media.audio import AudioConfig
 from omnistream.media.audio_items import load_audio_source
-from omnistream.media.item import MediaItem, media_blocks
+from omnistream.media.item import MediaItem
 from omnistream.media.processor import MediaProcessor
 from omnistream.media.pyav import av
 from omnistream.media.video import smart_nframes
