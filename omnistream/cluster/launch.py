@@ -4,7 +4,9 @@ Serve's HTTP proxy at --host/--port.
 
 Without --ray-address a Ray cluster of this machine is started on the loopback address
 (local.py) and stopped on exit; with it (`ray start --head` on one host, `ray start
---address=...` on the others) the replicas are spread over that cluster. Every other flag of
+--address=...` on the others) the replicas are spread over that cluster (start its nodes with
+RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=omnistream.cluster.ingress:proxy_middlewares, so a
+live socket whose replica dies is told; ingress.py). Every other flag of
 `serve` (model, engine options, limits, default sampling) applies to each replica. Ctrl-C
 deletes the application (the replicas close their engines) and exits 130.
 
