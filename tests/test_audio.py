@@ -4,16 +4,16 @@ WhisperFeatureExtractor on the same unpadded samples."""
 
 from __future__ import annotations
 
-from fractions import Fraction
 from pathlib import Path
 
-import av
 import numpy as np
 import pytest
 import torch
 
 from omnistream.errors import MediaError
+from omnistream.media import samples
 from omnistream.media.audio import AudioConfig, audio_from_array, decode_audio, log_mel_features, num_mel_frames
+from omnistream.media.samples import write_audio  # noqa: F401 - other test modules import it from here
 
 
 def tone(seconds: float, rate: int, freq: float = 440.0, channels: int = 1, seed: int = 0) -> np.ndarray:
@@ -35,44 +35,11 @@ FORMATS = [
 ]
 
 
-def write_audio(path: Path, samples: np.ndarray, rate: int, codec: str, fmt: str) -> Path:
-    layout = "mono" if samples.shape[0] == 1 else "stereo"
-    with av.open(str(path), "w") as out:
-        stream = out.add_stream(codec, rate=rate, layout=layout)
-        frame_size = stream.codec_context.frame_size or 1024
-        pcm = (samples * 32767).astype(np.int16) if fmt == "s16" else samples
-        for start in range(0, pcm.shape[1], frame_size):
-            block = pcm[:, start : start + frame_size]
-            data = block.T.reshape(1, -1) if not fmt.endswith("p") else block  # packed or planar
-            frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(data), format=fmt, layout=layout)
-            frame.sample_rate, frame.pts, frame.time_base = rate, start, Fraction(1, rate)
-            out.mux(stream.encode(frame))
-        out.mux(stream.encode(None))
-    return path
-
-
 def write_video_with_audio(path: Path, seconds: float, fps: int = 4, size: int = 56, rate: int = 44100, seed: int = 0) -> Path:
     """An mp4 (mpeg4 video, aac audio): moving noise frames and a tone."""
-    rng = np.random.default_rng(seed)
-    base = rng.integers(0, 255, (size, size, 3), dtype=np.uint8)
-    audio = tone(seconds, rate, freq=330.0, seed=seed)
-    with av.open(str(path), "w") as out:
-        v = out.add_stream("mpeg4", rate=fps)
-        v.width = v.height = size
-        v.pix_fmt = "yuv420p"
-        a = out.add_stream("aac", rate=rate, layout="mono")
-        for i in range(int(seconds * fps)):
-            frame = av.VideoFrame.from_ndarray(np.roll(base, 5 * i, axis=1), format="rgb24")
-            frame.pts = i
-            out.mux(v.encode(frame))
-        n = a.codec_context.frame_size or 1024
-        for start in range(0, audio.shape[1], n):
-            frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(audio[:, start : start + n]), format="fltp", layout="mono")
-            frame.sample_rate, frame.pts, frame.time_base = rate, start, Fraction(1, rate)
-            out.mux(a.encode(frame))
-        out.mux(v.encode(None))
-        out.mux(a.encode(None))
-    return path
+    base = np.random.default_rng(seed).integers(0, 255, (size, size, 3), dtype=np.uint8)
+    frames = [np.roll(base, 5 * i, axis=1) for i in range(int(seconds * fps))]
+    return samples.write_video_with_audio(path, frames, tone(seconds, rate, freq=330.0, seed=seed), fps, rate)
 
 
 @pytest.mark.parametrize("suffix,codec,fmt,rate,channels", FORMATS, ids=[f[0] for f in FORMATS])

@@ -28,7 +28,6 @@ Per turn: TTFT of both and encoder calls (audio tower, vision tower) of both.
 from __future__ import annotations
 
 import time
-from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +43,7 @@ from omnistream.engine.sampling import SamplingParams
 from omnistream.errors import MediaError
 from omnistream.media.audio import AudioConfig, decode_audio, log_mel_features
 from omnistream.media.patchify import normalize_rows
-from omnistream.media.pyav import av
+from omnistream.media.samples import write_audio, write_video_with_audio
 from omnistream.models.prompt import build_prompt
 
 RATE = 16_000
@@ -103,41 +102,14 @@ def _syllable(rng: np.random.Generator, length: int, rate: int) -> np.ndarray:
 
 
 def write_wav(path: Path, samples: np.ndarray, rate: int = RATE) -> Path:
-    """16-bit PCM mono wav, written with PyAV."""
-    pcm = (np.clip(samples, -1, 1) * 32767).astype(np.int16)[None, :]
-    with av.open(str(path), "w", format="wav") as out:
-        stream = out.add_stream("pcm_s16le", rate=rate, layout="mono")
-        for start in range(0, pcm.shape[1], 4096):
-            frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(pcm[:, start : start + 4096]), format="s16", layout="mono")
-            frame.sample_rate, frame.pts, frame.time_base = rate, start, Fraction(1, rate)
-            out.mux(stream.encode(frame))
-        out.mux(stream.encode(None))
-    return path
+    """16-bit PCM mono wav."""
+    return write_audio(path, samples[None, :], rate)
 
 
 def write_av_clip(path: Path, seconds: float, size: int, seed: int = 0, fps: int = 2, rate: int = 44100) -> Path:
-    """An mp4 (mpeg4 video of the benchmark's moving squares at `fps`, aac audio of
-    speech_like at `rate`), written with PyAV."""
+    """An mp4: the benchmark's moving squares at `fps`, speech_like audio at `rate`."""
     frames = synthetic_video_frames(int(seconds * fps), size, seed)
-    audio = speech_like(seconds, seed, rate)[None, :]
-    with av.open(str(path), "w") as out:
-        v = out.add_stream("mpeg4", rate=fps)
-        v.width = v.height = size
-        v.pix_fmt = "yuv420p"
-        v.bit_rate = 4_000_000
-        a = out.add_stream("aac", rate=rate, layout="mono")
-        for i, f in enumerate(frames):
-            frame = av.VideoFrame.from_ndarray(f, format="rgb24")
-            frame.pts = i
-            out.mux(v.encode(frame))
-        n = a.codec_context.frame_size or 1024
-        for start in range(0, audio.shape[1], n):
-            frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(audio[:, start : start + n]), format="fltp", layout="mono")
-            frame.sample_rate, frame.pts, frame.time_base = rate, start, Fraction(1, rate)
-            out.mux(a.encode(frame))
-        out.mux(v.encode(None))
-        out.mux(a.encode(None))
-    return path
+    return write_video_with_audio(path, frames, speech_like(seconds, seed, rate)[None, :], fps, rate, bit_rate=4_000_000)
 
 
 # ------------------------------------------------------------------------------ transformers

@@ -212,3 +212,47 @@ def _write_no_frames(path: Path, count: int = 3) -> Path:
             packet.stream, packet.pts, packet.dts, packet.time_base = stream, i, i, Fraction(1, 10)
             out.mux(packet)
     return path
+
+
+def write_audio(path: str | Path, samples: np.ndarray, rate: int, codec: str = "pcm_s16le", fmt: str = "s16") -> Path:
+    """(channels, n) float samples in [-1, 1] as an audio file (codec and sample format as
+    FFmpeg names them: pcm_s16le/s16, flac/s16, libmp3lame/fltp, libopus/flt, aac/fltp)."""
+    path = Path(path)
+    layout = "mono" if samples.shape[0] == 1 else "stereo"
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream(codec, rate=rate, layout=layout)
+        _mux_audio(out, stream, samples, rate, fmt, layout)
+    return path
+
+
+def write_video_with_audio(path: str | Path, frames: list[np.ndarray], audio: np.ndarray, fps: int, rate: int,
+                           bit_rate: int | None = None) -> Path:
+    """An mp4 of RGB frames (H, W, 3) uint8 as mpeg4 at `fps` and (1, n) float audio as aac."""
+    path = Path(path)
+    with av.open(str(path), "w") as out:
+        v = out.add_stream("mpeg4", rate=fps)
+        v.height, v.width = frames[0].shape[:2]
+        v.pix_fmt = "yuv420p"
+        if bit_rate is not None:
+            v.bit_rate = bit_rate
+        a = out.add_stream("aac", rate=rate, layout="mono")
+        for i, f in enumerate(frames):
+            frame = av.VideoFrame.from_ndarray(f, format="rgb24")
+            frame.pts = i
+            out.mux(v.encode(frame))
+        _mux_audio(out, a, audio, rate, "fltp", "mono")
+        out.mux(v.encode(None))
+    return path
+
+
+def _mux_audio(out, stream, samples: np.ndarray, rate: int, fmt: str, layout: str) -> None:
+    """Encodes (channels, n) float samples into `stream` in the codec's frame size, then flushes it."""
+    frame_size = stream.codec_context.frame_size or 1024
+    pcm = (np.clip(samples, -1, 1) * 32767).astype(np.int16) if fmt.startswith("s16") else samples
+    for start in range(0, pcm.shape[1], frame_size):
+        block = pcm[:, start : start + frame_size]
+        data = block.T.reshape(1, -1) if not fmt.endswith("p") else block  # packed or planar
+        frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(data), format=fmt, layout=layout)
+        frame.sample_rate, frame.pts, frame.time_base = rate, start, Fraction(1, rate)
+        out.mux(stream.encode(frame))
+    out.mux(stream.encode(None))
