@@ -7,16 +7,13 @@ from __future__ import annotations
 import argparse
 import importlib
 
+from omnistream.entrypoints.options import at_least
 from omnistream.models.hf_config import PRESETS
 
 SESSION_BENCHES = ("multiturn", "repeat", "shared")
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+_positive = at_least(int, 1)
 
 
 def _add_workload_args(p: argparse.ArgumentParser, add_model_args, frames: int, size: int, new_tokens: int) -> None:

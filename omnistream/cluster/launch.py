@@ -28,13 +28,13 @@ INSTALL_HINT = "--replicas needs Ray Serve: pip install 'omnistream[cluster]'"
 
 def add_cluster_args(p: argparse.ArgumentParser) -> None:
     group = p.add_argument_group("replicas (Ray Serve; pip install 'omnistream[cluster]')")
-    group.add_argument("--replicas", type=_positive_int, default=None,
+    group.add_argument("--replicas", type=options.at_least(int, 1), default=None,
                        help="serve with this many engine replicas under Ray Serve, sessions pinned to their replica "
                             "(default: one process, no Ray)")
-    group.add_argument("--replica-gpus", type=_non_negative_float, default=None,
+    group.add_argument("--replica-gpus", type=options.at_least(float, 0), default=None,
                        help="GPUs per replica: 1, or a fraction to share one (0.5: two replicas per GPU, each with "
                             "half its memory); 0: CPU replicas (default: 1 where the GPU is visible, else 0)")
-    group.add_argument("--replica-cpus", type=_non_negative_float, default=1.0,
+    group.add_argument("--replica-cpus", type=options.at_least(float, 0), default=1.0,
                        help="CPU cores reserved per replica (default: 1)")
     group.add_argument("--ray-address", default=None,
                        help="an existing Ray cluster (e.g. 10.0.0.1:6379); default: start one on this machine, "
@@ -123,23 +123,3 @@ def _gpu_visible(device: str | None) -> bool:
     import torch
 
     return torch.cuda.is_available()
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value

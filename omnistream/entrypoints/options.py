@@ -71,6 +71,23 @@ def parse_int_list(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected integers, comma separated, got {text!r}") from None
 
 
+def at_least(kind: type, minimum: float, *, strict: bool = False) -> Callable[[str], Any]:
+    """argparse type: an int (kind int) or a number (kind float) >= minimum (> with strict)."""
+    what = "an integer" if kind is int else "a number"
+
+    def convert(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not (value > minimum if strict else value >= minimum):  # NaN is refused too
+            bound = f"> {minimum}" if strict else (f"at least {minimum}" if kind is int else f">= {minimum}")
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {text}")
+        return value
+
+    return convert
+
+
 def _typed(parse: Callable[[str], Any], what: str) -> Callable[[str], Any]:
     def convert(text: str) -> Any:
         try:

@@ -179,16 +179,6 @@ def cmd_serve(args) -> int:
     return 0
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
-
-
 def add_serve_command(sub, add_run_args) -> None:
     from omnistream.models.hf_config import PRESETS
 
@@ -201,7 +191,7 @@ def add_serve_command(sub, add_run_args) -> None:
                    help="log level of the engine, the server and uvicorn (default: warning)")
     p.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=True,
                    help="one line per request on stderr: id, method, path, status, ms (default: on)")
-    p.add_argument("--shutdown-timeout-s", type=_positive_float, default=5.0,
+    p.add_argument("--shutdown-timeout-s", type=options.at_least(float, 0, strict=True), default=5.0,
                    help="on Ctrl-C, seconds open requests get to finish before they are cut (default: 5)")
     options.add_server_args(p)
     from omnistream.cluster.launch import add_cluster_args
