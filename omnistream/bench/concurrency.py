@@ -522,11 +522,11 @@ def check_targets(r: dict) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------- output
-def _f(x, scale: float = 1.0, digits: int = 1) -> str:
+def fmt_num(x, scale: float = 1.0, digits: int = 1) -> str:
     return "n/a" if x is None else f"{x * scale:,.{digits}f}"
 
 
-def _mark(ok) -> str:
+def target_mark(ok) -> str:
     return "n/a" if ok is None else ("ok" if ok else "MISSED")
 
 
@@ -535,13 +535,13 @@ def _target_note(row: dict) -> str:
     for mix, n, key, op, bound, label in TARGETS:
         if row["mix"] == mix and row["clients"] == n and row["arrival"] == "burst":
             v = row.get(key)
-            notes.append(f"target {label}: {_mark(None if v is None else (v >= bound if op == '>=' else v <= bound))}")
+            notes.append(f"target {label}: {target_mark(None if v is None else (v >= bound if op == '>=' else v <= bound))}")
     return ("  [" + "; ".join(notes) + "]") if notes else ""
 
 
 def config_line(row: dict) -> str:
-    return (f"[{row['mix']} x{row['clients']} {row['arrival']}] {_f(row['tokens_per_s'])} tok/s (floor {_f(row['floor_tokens_per_s'])}), "
-            f"TTFT p99 {_f(row['ttft_p99_s'], 1000)} ms, batch {_f(row['mean_running_batch'], digits=2)}")
+    return (f"[{row['mix']} x{row['clients']} {row['arrival']}] {fmt_num(row['tokens_per_s'])} tok/s (floor {fmt_num(row['floor_tokens_per_s'])}), "
+            f"TTFT p99 {fmt_num(row['ttft_p99_s'], 1000)} ms, batch {fmt_num(row['mean_running_batch'], digits=2)}")
 
 
 def print_report(r: dict, out=None) -> None:
@@ -557,24 +557,24 @@ def print_report(r: dict, out=None) -> None:
     for row in r["configs"]:
         b = r["baseline"].get(row["mix"])
         p("")
-        p(f"[{row['mix']}, {row['clients']} client{'s' if row['clients'] > 1 else ''}, {row['arrival']}] prompt {_f(row['mean_prompt_tokens'], digits=0)} tokens "
-          f"(cached {_f(row['mean_cached_tokens'], digits=0)}), {row['output_tokens']} output tokens in {_f(row['wall_s'], 1000)} ms")
-        p(f"  omnistream  {_f(row['tokens_per_s'])} tok/s; floor for {row['clients']} row{'s' if row['clients'] > 1 else ''} {_f(row['floor_tokens_per_s'])} tok/s "
-          f"(with KV reads {_f(row['floor_with_kv_tokens_per_s'])}); {_f(row['fraction_of_floor'], 100)}% of floor{_target_note(row)}")
-        p(f"  TTFT ms p50/p90/p99 {_f(row['ttft_p50_s'], 1000)} / {_f(row['ttft_p90_s'], 1000)} / {_f(row['ttft_p99_s'], 1000)}; "
-          f"ITL ms p50/p99 {_f(row['itl_p50_s'], 1000, 2)} / {_f(row['itl_p99_s'], 1000, 2)} ({row['itl_samples']} intervals)")
+        p(f"[{row['mix']}, {row['clients']} client{'s' if row['clients'] > 1 else ''}, {row['arrival']}] prompt {fmt_num(row['mean_prompt_tokens'], digits=0)} tokens "
+          f"(cached {fmt_num(row['mean_cached_tokens'], digits=0)}), {row['output_tokens']} output tokens in {fmt_num(row['wall_s'], 1000)} ms")
+        p(f"  omnistream  {fmt_num(row['tokens_per_s'])} tok/s; floor for {row['clients']} row{'s' if row['clients'] > 1 else ''} {fmt_num(row['floor_tokens_per_s'])} tok/s "
+          f"(with KV reads {fmt_num(row['floor_with_kv_tokens_per_s'])}); {fmt_num(row['fraction_of_floor'], 100)}% of floor{_target_note(row)}")
+        p(f"  TTFT ms p50/p90/p99 {fmt_num(row['ttft_p50_s'], 1000)} / {fmt_num(row['ttft_p90_s'], 1000)} / {fmt_num(row['ttft_p99_s'], 1000)}; "
+          f"ITL ms p50/p99 {fmt_num(row['itl_p50_s'], 1000, 2)} / {fmt_num(row['itl_p99_s'], 1000, 2)} ({row['itl_samples']} intervals)")
         c = row["engine_counters"]
-        p(f"  mean running batch {_f(row['mean_running_batch'], digits=2)} seqs/step ({c['steps']} steps, {c['decode_steps']} sampling "
-          f">1 sequence, {c['rows']} rows)" + (f"; add_video (outside TTFT) mean {_f(row['add_video_mean_s'], 1000)} ms, max "
-                                                f"{_f(row['add_video_max_s'], 1000)} ms; vision encode mean {_f(row['vision_encode_mean_s'], 1000)} ms"
+        p(f"  mean running batch {fmt_num(row['mean_running_batch'], digits=2)} seqs/step ({c['steps']} steps, {c['decode_steps']} sampling "
+          f">1 sequence, {c['rows']} rows)" + (f"; add_video (outside TTFT) mean {fmt_num(row['add_video_mean_s'], 1000)} ms, max "
+                                                f"{fmt_num(row['add_video_max_s'], 1000)} ms; vision encode mean {fmt_num(row['vision_encode_mean_s'], 1000)} ms"
                                                 if row["add_video_mean_s"] is not None else ""))
         if b:
             eq = " ".join(f"{x['equal_tokens_to_engine']}/{x['compared_tokens']}" for x in b["requests"])
             p(f"  transformers one request at a time (measured on {b['requests_measured']} of the {max(w['clients'])}-client requests): "
-              f"{_f(b['per_request_s'], 1000)} ms per request (TTFT {_f(b['ttft_mean_s'], 1000)} ms), {_f(b['tokens_per_s'])} tok/s; "
+              f"{fmt_num(b['per_request_s'], 1000)} ms per request (TTFT {fmt_num(b['ttft_mean_s'], 1000)} ms), {fmt_num(b['tokens_per_s'])} tok/s; "
               f"greedy tokens equal to the engine's: {eq}")
             what = "this request" if row["clients"] == 1 else f"these {row['clients']} requests one at a time"
-            p(f"  transformers serving {what}: {_f(row['baseline_serial_s_computed'], digits=3)} s "
+            p(f"  transformers serving {what}: {fmt_num(row['baseline_serial_s_computed'], digits=3)} s "
               f"(computed: {row['clients']} x the measured per-request time, not run)")
     i = r["interference"]
     if i is not None:
@@ -584,13 +584,13 @@ def print_report(r: dict, out=None) -> None:
         p(f"[encoder interference] {wc['text_clients']} text streams of {wc['text_tokens']} tokens; one client asks about a "
           f"{clip['frames']}-frame {clip['size']}x{clip['size']} clip ({clip['video_tokens']} video tokens) once every stream has "
           f"{wc['stream_tokens_before_clip']} tokens")
-        p(f"  clip TTFT {_f(clip['ttft_s'], 1000)} ms (vision {_f(clip['vision_encode_s'], 1000)} ms, prefill {_f(clip['prefill_s'], 1000)} ms; "
-          f"add_video {_f(clip['add_video_s'], 1000)} ms outside it); streams still running at its first token {wc['streams_running_at_clip_first_token']}/{wc['text_clients']}")
-        p(f"  text ITL ms p50/p99 while the clip is encoded/prefilled {_f(wc['itl_window_p50_s'], 1000, 2)} / {_f(wc['itl_window_p99_s'], 1000, 2)} "
-          f"({len(wc['itl_window'])} intervals); without the clip {_f(wo['itl_steady_p50_s'], 1000, 2)} / {_f(wo['itl_steady_p99_s'], 1000, 2)} "
-          f"({len(wo['itl_steady'])} intervals); outside the window {_f(wc['itl_outside_window_p50_s'], 1000, 2)} / {_f(wc['itl_outside_window_p99_s'], 1000, 2)}")
-        p(f"  ratio p50 {_f(i['itl_p50_ratio'], digits=2)}x, p99 {_f(i['itl_p99_ratio'], digits=2)}x "
-          f"[target p99 ratio <= {INTERFERENCE_TARGET:g}x: {_mark(None if i['itl_p99_ratio'] is None else i['itl_p99_ratio'] <= INTERFERENCE_TARGET)}]")
+        p(f"  clip TTFT {fmt_num(clip['ttft_s'], 1000)} ms (vision {fmt_num(clip['vision_encode_s'], 1000)} ms, prefill {fmt_num(clip['prefill_s'], 1000)} ms; "
+          f"add_video {fmt_num(clip['add_video_s'], 1000)} ms outside it); streams still running at its first token {wc['streams_running_at_clip_first_token']}/{wc['text_clients']}")
+        p(f"  text ITL ms p50/p99 while the clip is encoded/prefilled {fmt_num(wc['itl_window_p50_s'], 1000, 2)} / {fmt_num(wc['itl_window_p99_s'], 1000, 2)} "
+          f"({len(wc['itl_window'])} intervals); without the clip {fmt_num(wo['itl_steady_p50_s'], 1000, 2)} / {fmt_num(wo['itl_steady_p99_s'], 1000, 2)} "
+          f"({len(wo['itl_steady'])} intervals); outside the window {fmt_num(wc['itl_outside_window_p50_s'], 1000, 2)} / {fmt_num(wc['itl_outside_window_p99_s'], 1000, 2)}")
+        p(f"  ratio p50 {fmt_num(i['itl_p50_ratio'], digits=2)}x, p99 {fmt_num(i['itl_p99_ratio'], digits=2)}x "
+          f"[target p99 ratio <= {INTERFERENCE_TARGET:g}x: {target_mark(None if i['itl_p99_ratio'] is None else i['itl_p99_ratio'] <= INTERFERENCE_TARGET)}]")
     print_table(r, out)
 
 
@@ -602,15 +602,15 @@ def print_table(r: dict, out=None) -> None:
       f"{'batch':>7}{'tf tok/s':>10}{'tf serial s':>12}")
     for row in r["configs"]:
         b = r["baseline"].get(row["mix"])
-        p(f"{row['mix']:<14}{row['clients']:>4} {row['arrival']:<8}{_f(row['tokens_per_s'], digits=0):>10}{_f(row['floor_tokens_per_s'], digits=0):>10}"
-          f"{_f(row['ttft_p50_s'], 1000):>10}{_f(row['ttft_p90_s'], 1000):>8}{_f(row['ttft_p99_s'], 1000):>8}"
-          f"{_f(row['itl_p50_s'], 1000, 2):>9}{_f(row['itl_p99_s'], 1000, 2):>8}{_f(row['mean_running_batch'], digits=2):>7}"
-          f"{_f(b['tokens_per_s'] if b else None):>10}{_f(row['baseline_serial_s_computed'], digits=2):>12}")
+        p(f"{row['mix']:<14}{row['clients']:>4} {row['arrival']:<8}{fmt_num(row['tokens_per_s'], digits=0):>10}{fmt_num(row['floor_tokens_per_s'], digits=0):>10}"
+          f"{fmt_num(row['ttft_p50_s'], 1000):>10}{fmt_num(row['ttft_p90_s'], 1000):>8}{fmt_num(row['ttft_p99_s'], 1000):>8}"
+          f"{fmt_num(row['itl_p50_s'], 1000, 2):>9}{fmt_num(row['itl_p99_s'], 1000, 2):>8}{fmt_num(row['mean_running_batch'], digits=2):>7}"
+          f"{fmt_num(b['tokens_per_s'] if b else None):>10}{fmt_num(row['baseline_serial_s_computed'], digits=2):>12}")
     i = r["interference"]
     if i is not None:
         wc, wo = i["with_clip"], i["without_clip"]
-        p(f"{'interference':<14}{wc['text_clients']:>4} {'+clip':<8} text ITL p50/p99 ms {_f(wc['itl_window_p50_s'], 1000, 2)}/{_f(wc['itl_window_p99_s'], 1000, 2)} "
-          f"with the clip vs {_f(wo['itl_steady_p50_s'], 1000, 2)}/{_f(wo['itl_steady_p99_s'], 1000, 2)} without: p99 ratio {_f(i['itl_p99_ratio'], digits=2)}x")
+        p(f"{'interference':<14}{wc['text_clients']:>4} {'+clip':<8} text ITL p50/p99 ms {fmt_num(wc['itl_window_p50_s'], 1000, 2)}/{fmt_num(wc['itl_window_p99_s'], 1000, 2)} "
+          f"with the clip vs {fmt_num(wo['itl_steady_p50_s'], 1000, 2)}/{fmt_num(wo['itl_steady_p99_s'], 1000, 2)} without: p99 ratio {fmt_num(i['itl_p99_ratio'], digits=2)}x")
     env, w = r["env"], r["workload"]
     note = "" if (str(w["model"]) == "3b" and env["gpu"]) else f" (set for 3B on an H200; this run is {w['model']} on {env['gpu'] or 'CPU'}: indicative only)"
     p(f"targets{note}:")
@@ -620,7 +620,7 @@ def print_table(r: dict, out=None) -> None:
         if t["value"] is None:
             p(f"  {t['target']:<40} {'(not in this run)':>17}")
         else:
-            p(f"  {t['target']:<40} {_f(t['value'], scale, 2 if unit == 'x' else 0) + unit:>17}  {_mark(t['ok'])}")
+            p(f"  {t['target']:<40} {fmt_num(t['value'], scale, 2 if unit == 'x' else 0) + unit:>17}  {target_mark(t['ok'])}")
 
 
 def cmd_concurrency(args) -> int:

@@ -65,7 +65,7 @@ from typing import Any, Awaitable, Callable
 
 import numpy as np
 
-from omnistream.bench.concurrency import context_words, mean, pct
+from omnistream.bench.concurrency import context_words, fmt_num, mean, pct, target_mark
 from omnistream.bench.workload import synthetic_video_frames
 from omnistream.server.config import ServerConfig
 
@@ -834,14 +834,6 @@ def run_bench_serve(cfg: BenchServeConfig, log=print) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------- output
-def _f(x, scale: float = 1.0, digits: int = 1) -> str:
-    return "n/a" if x is None else f"{x * scale:,.{digits}f}"
-
-
-def _mark(ok) -> str:
-    return "n/a" if ok is None else ("ok" if ok else "MISSED")
-
-
 def _errors(errors: dict) -> str:
     return ",".join(f"{k}:{v}" for k, v in sorted(errors.items())) or "0"
 
@@ -876,10 +868,10 @@ def print_report(r: dict, out=None) -> None:
       f"{'E2E p50':>9}{'p90':>8}{'p99 ms':>8}")
     for name, key in (("HTTP (SSE)", "http"), ("in-process", "in_process")):
         s = r[key]
-        p(f"{name:<12}{s['ok']:>5}{_errors(s['errors']):>10}{_f(s['tokens_per_s'], digits=0):>10}"
-          f"{_f(s['ttft_p50_s'], 1000):>10}{_f(s['ttft_p90_s'], 1000):>8}{_f(s['ttft_p99_s'], 1000):>8}"
-          f"{_f(s['itl_p50_s'], 1000, 2):>9}{_f(s['itl_p90_s'], 1000, 2):>7}{_f(s['itl_p99_s'], 1000, 2):>8}"
-          f"{_f(s['e2e_p50_s'], 1000):>9}{_f(s['e2e_p90_s'], 1000):>8}{_f(s['e2e_p99_s'], 1000):>8}")
+        p(f"{name:<12}{s['ok']:>5}{_errors(s['errors']):>10}{fmt_num(s['tokens_per_s'], digits=0):>10}"
+          f"{fmt_num(s['ttft_p50_s'], 1000):>10}{fmt_num(s['ttft_p90_s'], 1000):>8}{fmt_num(s['ttft_p99_s'], 1000):>8}"
+          f"{fmt_num(s['itl_p50_s'], 1000, 2):>9}{fmt_num(s['itl_p90_s'], 1000, 2):>7}{fmt_num(s['itl_p99_s'], 1000, 2):>8}"
+          f"{fmt_num(s['e2e_p50_s'], 1000):>9}{fmt_num(s['e2e_p90_s'], 1000):>8}{fmt_num(s['e2e_p99_s'], 1000):>8}")
     p("")
     p(f"  {'per kind (HTTP / in-process)':<30}{'requests':>9}{'errors':>14}{'TTFT p50 ms':>18}{'TTFT p99 ms':>18}"
       f"{'ITL p50 ms':>16}{'E2E p50 ms':>18}{'cached tok':>14}{'answers equal':>15}")
@@ -887,20 +879,20 @@ def print_report(r: dict, out=None) -> None:
         lk = r["in_process"]["by_kind"].get(kind, {})
         a = r["answers"].get("by_kind", {}).get(kind)
         eq = "n/a" if a is None else (f"{a['equal']}/{a['compared']}" + (f" (+{a['not_compared']} timing-dep.)" if a["not_compared"] else ""))
-        both = lambda key, scale=1000, digits=1: f"{_f(k.get(key), scale, digits)} / {_f(lk.get(key), scale, digits)}"  # noqa: E731
+        both = lambda key, scale=1000, digits=1: f"{fmt_num(k.get(key), scale, digits)} / {fmt_num(lk.get(key), scale, digits)}"  # noqa: E731
         p(f"  {kind:<30}{k['requests']:>9}{_errors(k['errors']) + ' / ' + _errors(lk.get('errors', {})):>14}"
           f"{both('ttft_p50_s'):>18}{both('ttft_p99_s'):>18}{both('itl_p50_s', digits=2):>16}{both('e2e_p50_s'):>18}{both('mean_cached_tokens', 1, 0):>14}{eq:>15}")
     o, a = r["overhead"], r["answers"]
-    p(f"HTTP overhead: TTFT p50 {_f(o['ttft_p50_delta_s'], 1000, 2)} ms, p99 {_f(o['ttft_p99_ratio'], digits=3)}x; "
-      f"ITL p50 {_f(o['itl_p50_delta_s'], 1000, 2)} ms, p99 {_f(o['itl_p99_ratio'], digits=3)}x; "
-      f"E2E p50 {_f(o['e2e_p50_delta_s'], 1000, 2)} ms, p99 {_f(o['e2e_p99_ratio'], digits=3)}x; tokens/s {_f(o['tokens_per_s_ratio'], digits=3)}x")
+    p(f"HTTP overhead: TTFT p50 {fmt_num(o['ttft_p50_delta_s'], 1000, 2)} ms, p99 {fmt_num(o['ttft_p99_ratio'], digits=3)}x; "
+      f"ITL p50 {fmt_num(o['itl_p50_delta_s'], 1000, 2)} ms, p99 {fmt_num(o['itl_p99_ratio'], digits=3)}x; "
+      f"E2E p50 {fmt_num(o['e2e_p50_delta_s'], 1000, 2)} ms, p99 {fmt_num(o['e2e_p99_ratio'], digits=3)}x; tokens/s {fmt_num(o['tokens_per_s_ratio'], digits=3)}x")
     extra = f" ({a['not_compared']} live `fast` answers not compared: timing-dependent)" if a.get("not_compared") else ""
     p(f"greedy answers equal over HTTP and in-process: {a['equal']}/{a['compared']}{extra}")
     note = "" if (str(w["model"]) == "3b" and env["gpu"]) else f" (set for 3B on an H200, 32 clients; this run: {w['model']} on {env['gpu'] or 'CPU'}, indicative only)"
     p(f"targets{note}:")
     for t in r["targets"]:
         scale, unit, digits = (1000, " ms", 2) if t["metric"].endswith("_s") else (1, "x", 3)
-        p(f"  {t['target']:<40} {_f(t['value'], scale, digits) + unit:>12}  {_mark(t['ok'])}")
+        p(f"  {t['target']:<40} {fmt_num(t['value'], scale, digits) + unit:>12}  {target_mark(t['ok'])}")
 
 
 def cmd_bench_serve(args) -> int:
