@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from omnistream.entrypoints.api import Engine
 from omnistream.engine.sampling import SamplingParams
@@ -153,3 +154,22 @@ def test_row_path_mixed_steps(tiny_model_dir, hf_tiny_model):
              and any(row and n > 1 and start > 0 for start, n, row in s)  # a short chunk over a cached prefix
              and any(not row for *_, row in s)]  # a long chunk
     assert mixed, f"no step mixed decodes, short chunks and a long chunk: {steps}"
+
+
+def test_raw_and_normalised_rows_in_one_encoder_forward(engine, hf_tiny_model):
+    """The processor keeps rows uint8 (normalised on the device); an item with float rows (as a
+    caller may build one) encoded in the same vision forward is normalised apart, not promoted
+    to float by torch.cat and left raw. Same logits as transformers either way."""
+    from omnistream.engine.protocol import EngineRequest
+    from omnistream.media.patchify import normalize_rows
+    from omnistream.models.prompt import build_prompt
+
+    conv = CASES["image_and_video"]
+    items = engine.load_media(conv)
+    assert all(m.pixel_values.dtype == torch.uint8 for m in items)
+    items[0].pixel_values = normalize_rows(items[0].pixel_values)  # the image as float rows
+    items[0].content_hash = items[0].patch_hashes = None  # a caller's item: not in any cache
+    prompt = build_prompt(engine.tokenizer, conv, items)
+    media = [(r.offset, m) for r, m in zip(prompt.ranges, prompt.media)]
+    res = engine.submit(EngineRequest(token_ids=prompt.token_ids, media=media, sampling=GREEDY, return_logits=True)).result()
+    assert_close_logits(res.logits, reference_logits(hf_tiny_model, prompt.token_ids, media, res.token_ids))

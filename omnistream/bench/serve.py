@@ -259,6 +259,10 @@ class Sample:
     error: str | None = None  # HTTP status ("503"), realtime error code or exception type; None: ok
     turn: int = 0  # the question's place in its session or live stream
     exact: bool = True  # a greedy answer both phases must agree on (not a live `fast` one)
+    # the engine's own timings of this request (RequestMetrics.as_dict: the server's final usage
+    # chunk over HTTP); TTFT minus their ttft_s is what lies outside the engine (transport,
+    # parsing, the client)
+    server: dict = field(default_factory=dict)
 
     @property
     def ttft_s(self) -> float | None:
@@ -321,6 +325,8 @@ def _take_chunk(s: Sample, chunk: dict) -> None:
         s.error = str((chunk["error"] or {}).get("code") or "stream_error")
         return
     usage = chunk.get("usage")
+    if chunk.get("metrics"):
+        s.server = chunk["metrics"]
     if usage:
         s.output_tokens = usage.get("completion_tokens", 0)
         s.cached_tokens = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
@@ -465,7 +471,7 @@ async def _read_answer(s: Sample, answer) -> None:
             s.chunk_times.append(time.perf_counter())
             s.text += delta.text
     res = await asyncio.get_running_loop().run_in_executor(None, answer.finish)
-    s.output_tokens, s.cached_tokens = len(res.token_ids), res.metrics.cached_tokens
+    s.output_tokens, s.cached_tokens, s.server = len(res.token_ids), res.metrics.cached_tokens, res.metrics.as_dict()
     s.ended = time.perf_counter()
 
 
@@ -481,7 +487,7 @@ async def engine_request(engine, pool: ThreadPoolExecutor, spec: Spec, sampling)
                 s.chunk_times.append(time.perf_counter())
                 s.text += delta.text
         res = handle.result()
-        s.output_tokens, s.cached_tokens = len(res.token_ids), res.metrics.cached_tokens
+        s.output_tokens, s.cached_tokens, s.server = len(res.token_ids), res.metrics.cached_tokens, res.metrics.as_dict()
     except Exception as e:  # noqa: BLE001
         s.error = type(e).__name__
     s.ended = time.perf_counter()
@@ -674,6 +680,17 @@ def kind_order(kind: str) -> tuple[int, str]:
     return (names.index(kind) if kind in names else len(names), kind)
 
 
+def _engine_split(samples: list[Sample]) -> dict[str, float | None]:
+    """Medians of where the time to the first token went: in the engine (its TTFT counts from
+    the request's arrival at the server / the in-process caller, media decoding included), the
+    media decoding and queueing inside that, and the rest outside the engine."""
+    timed = [s for s in samples if s.server.get("ttft_s") is not None and s.ttft_s is not None]
+    return {"engine_ttft_p50_s": pct([s.server["ttft_s"] for s in timed], 50),
+            "media_p50_s": pct([s.server.get("media_decode_s", 0) + s.server.get("preprocess_s", 0) for s in timed], 50),
+            "queue_p50_s": pct([s.server["queue_s"] for s in timed if s.server.get("queue_s") is not None], 50),
+            "outside_p50_s": pct([s.ttft_s - s.server["ttft_s"] for s in timed], 50)}
+
+
 def summarize(samples: list[Sample], start: float, end: float) -> dict[str, Any]:
     ok = [s for s in samples if s.error is None]
     ended = max((s.ended for s in ok), default=end)
@@ -687,13 +704,13 @@ def summarize(samples: list[Sample], start: float, end: float) -> dict[str, Any]
                          "errors": dict(Counter(s.error for s in samples if s.kind == kind and s.error)),
                          **_percentiles("ttft", [s.ttft_s for s in mine]), "itl_p50_s": pct(_itl(mine), 50),
                          "e2e_p50_s": pct([s.e2e_s for s in mine], 50), "mean_output_tokens": mean([s.output_tokens for s in mine]),
-                         "mean_cached_tokens": mean([s.cached_tokens for s in mine])}
+                         "mean_cached_tokens": mean([s.cached_tokens for s in mine]), **_engine_split(mine)}
     return {
         "requests": len(samples), "ok": len(ok), "errors": dict(Counter(s.error for s in samples if s.error)),
         "errors_by_kind": {k: v["errors"] for k, v in by_kind.items() if v["errors"]},
         "output_tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall if wall > 0 else None,
         **_percentiles("ttft", [s.ttft_s for s in ok]), **_percentiles("itl", itl), **_percentiles("e2e", [s.e2e_s for s in ok]),
-        "itl_samples": len(itl), "by_kind": by_kind,
+        "itl_samples": len(itl), "by_kind": by_kind, **_engine_split(ok),
     }
 
 
@@ -882,6 +899,13 @@ def print_report(r: dict, out=None) -> None:
         both = lambda key, scale=1000, digits=1: f"{fmt_num(k.get(key), scale, digits)} / {fmt_num(lk.get(key), scale, digits)}"  # noqa: E731
         p(f"  {kind:<30}{k['requests']:>9}{_errors(k['errors']) + ' / ' + _errors(lk.get('errors', {})):>14}"
           f"{both('ttft_p50_s'):>18}{both('ttft_p99_s'):>18}{both('itl_p50_s', digits=2):>16}{both('e2e_p50_s'):>18}{both('mean_cached_tokens', 1, 0):>14}{eq:>15}")
+    p("")
+    p(f"  {'TTFT p50 split (HTTP / in-process)':<36}{'in engine ms':>18}{'media ms':>18}{'queued ms':>18}{'outside ms':>18}")
+    rows = [("all", r["http"], r["in_process"])]
+    rows += [(kind, k, r["in_process"]["by_kind"].get(kind, {})) for kind, k in r["http"]["by_kind"].items()]
+    for name, h, lk in rows:
+        both = lambda key: f"{fmt_num(h.get(key), 1000, 1)} / {fmt_num(lk.get(key), 1000, 1)}"  # noqa: E731
+        p(f"  {name:<36}{both('engine_ttft_p50_s'):>18}{both('media_p50_s'):>18}{both('queue_p50_s'):>18}{both('outside_p50_s'):>18}")
     o, a = r["overhead"], r["answers"]
     p(f"HTTP overhead: TTFT p50 {fmt_num(o['ttft_p50_delta_s'], 1000, 2)} ms, p99 {fmt_num(o['ttft_p99_ratio'], digits=3)}x; "
       f"ITL p50 {fmt_num(o['itl_p50_delta_s'], 1000, 2)} ms, p99 {fmt_num(o['itl_p99_ratio'], digits=3)}x; "

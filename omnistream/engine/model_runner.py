@@ -278,11 +278,7 @@ class ModelRunner:
             out[i] = emb
 
     def _vision_group(self, items) -> list[torch.Tensor]:
-        rows = [it.pixel_values for it in items]
-        pixels = rows[0] if len(rows) == 1 else torch.cat(rows)  # (P, 1176) float32 or uint8 on the host
-        # copy as they are, normalise (raw uint8 rows) and cast on the device: the host never
-        # touches the pixels twice
-        pixels = self.model.prepare_pixels(pixels.to(self.device, non_blocking=True), self.dtype)
+        pixels = self._device_pixels([it.pixel_values for it in items])
         grids, kind = [it.grid_thw for it in items], items[0].kind
         emb = None
         graphed = self.vision_graphs is not None and self.vision_graphs.visual is self.model.media_encoder(kind)
@@ -291,6 +287,19 @@ class ModelRunner:
         if emb is None:
             emb = self.model.encode_media(pixels, grids, kind)
         return list(emb.split([it.num_tokens for it in items]))
+
+    def _device_pixels(self, rows: list[torch.Tensor]) -> torch.Tensor:
+        """Host rows of one encoder's items ((P_i, row) uint8 raw or float normalised) -> (P, row)
+        prepared on the device. Copied as they are and normalised / cast there: the host never
+        touches the pixels twice. Rows of one dtype are concatenated on the host (one copy);
+        mixed ones are prepared apart, since torch.cat would promote raw uint8 rows to float
+        values that nothing normalises."""
+        def prepare(x: torch.Tensor) -> torch.Tensor:
+            return self.model.prepare_pixels(x.to(self.device, non_blocking=True), self.dtype)
+
+        if len({r.dtype for r in rows}) == 1:
+            return prepare(rows[0] if len(rows) == 1 else torch.cat(rows))
+        return torch.cat([prepare(r) for r in rows])
 
     # ---------------------------------------------------------------- batch
     @staticmethod

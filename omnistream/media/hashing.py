@@ -2,7 +2,7 @@
 patchify), never by the scheduler, per step or per turn.
 
   patch hash (one per temporal patch of 2 frames; an image has one)
-      = blake2b-128( header | rows k*gh*gw : (k+1)*gh*gw of pixel_values as float32 bytes )
+      = blake2b-128( header | rows k*gh*gw : (k+1)*gh*gw of pixel_values' bytes )
       header = format version, grid (h, w), patch / merge / temporal sizes, row length, dtype,
                model_key (the engine's model identity)
   item hash (MediaItem.content_hash)
@@ -14,7 +14,7 @@ give the same vision embeddings wherever they sit in whichever clip. The tempora
 deliberately not hashed. The item hash adds what changes the LLM's view of the item (kind, and
 the seconds per temporal patch that set its M-RoPE temporal positions) for the prefix cache.
 
-Hashing reads every float32 byte of pixel_values (a 64-frame 448x448 video is 154 MB); long
+Hashing reads every byte of pixel_values (uint8 rows: a 64-frame 448x448 video is 38 MB); long
 items are hashed patch by patch on a small thread pool (hashlib releases the GIL).
 `STATS` counts every item hashed, so tests can check that nothing hashes twice.
 """

@@ -1,9 +1,10 @@
 """Media ingestion front door: image / video source -> `MediaItem` (decode, sample, resize,
-normalise, patchify), with the pixel and frame rules of Qwen2.5-VL.
+patchify), with the pixel and frame rules of Qwen2.5-VL.
 
 Flow: load_image / decode_video / frames_from_list (decode_s) -> smart_resize on the first
-frame's size -> PIL bicubic resize of every frame -> CLIP normalisation -> patchify
-(preprocess_s) -> content hashes (hash_s; media/hashing.py), once per item, when the processor
+frame's size -> PIL bicubic resize of every frame -> patchify of the uint8 pixels
+(preprocess_s; CLIP normalisation runs on the device, in the model's prepare_pixels) ->
+content hashes (hash_s; media/hashing.py), once per item, when the processor
 has a `model_key` (the engine always passes one; a bare MediaProcessor() does not hash).
 """
 
@@ -22,7 +23,7 @@ from omnistream.errors import ConfigError, MediaError
 from omnistream.media.hashing import hash_item
 from omnistream.media.image import ImageSource, load_image
 from omnistream.media.item import MediaItem
-from omnistream.media.patchify import normalize, patchify
+from omnistream.media.patchify import patchify
 from omnistream.media.resize import (
     FPS,
     FPS_MAX_FRAMES,
@@ -210,9 +211,15 @@ class MediaProcessor:
         return lo, hi
 
     def _encode(self, frames: np.ndarray, h: int, w: int) -> tuple[torch.Tensor, tuple[int, int, int]]:
-        """(N, H, W, 3) uint8 -> pixel_values (gt*gh*gw, 3*T*P*P) float32 and grid (gt, gh, gw)."""
+        """(N, H, W, 3) uint8 -> pixel_values (gt*gh*gw, 3*T*P*P) uint8 raw and grid (gt, gh, gw).
+
+        Rows stay uint8: the model normalises them on the device (prepare_pixels ->
+        media/patchify.normalize_rows, bit-identical to normalising here). The host does one
+        uint8 copy (the patch layout) instead of a float32 conversion, normalisation and a float32
+        copy, and hashing, pinning and the host-to-device copy move a quarter of the bytes."""
         cfg = self.config
-        pixels = normalize(resize_frames(frames, h, w))  # (N, 3, h, w)
+        resized = np.ascontiguousarray(resize_frames(frames, h, w))
+        pixels = torch.from_numpy(resized).permute(0, 3, 1, 2)  # (N, 3, h, w) uint8, a view
         values, grid = patchify(pixels, cfg.temporal_patch_size, cfg.patch_size, cfg.merge_size)
         if torch.cuda.is_available():
             # page-locked rows copy to the GPU at full PCIe speed, asynchronously (3-4x faster)
