@@ -27,6 +27,7 @@ from omnistream.engine.request import Request
 from omnistream.engine.scheduler import ScheduledChunk, Scheduler, SchedulerOutput
 from omnistream.errors import BudgetError, EngineError, UserInputError
 from omnistream.models.interface import MultimodalLM
+from omnistream.models.position_prefix import extend_positions
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +89,7 @@ class LLMEngine:
             positions, next_pos = spec.kv.positions, spec.kv.next_pos
         else:
             try:
-                positions, next_pos = self.model.positions(len(spec.token_ids), spec.media)
+                positions, next_pos = extend_positions(self.model, spec.known_positions, len(spec.token_ids), spec.media)
             except ValueError as e:
                 raise UserInputError(f"malformed media placeholders: {e}") from None
         total = len(spec.token_ids) + spec.sampling.max_new_tokens

@@ -54,6 +54,9 @@ class EngineRequest:
     request_id: str | None = None  # None: the engine names it
     cache_salt: str | None = None  # tenant: roots the prefix-cache names, tenants never share KV
     known_hashes: list[bytes] | None = None  # prefix-cache names already computed for a prefix
+    # positions already computed for the first tokens ((3, n), next position; a session's
+    # history): the engine computes only the rest (models/position_prefix.py)
+    known_positions: tuple[torch.Tensor, int] | None = None
     retain: Retain | None = None
     kv: OwnedKV | None = None
     return_logits: bool = False  # keep each sampled row's float logits (vocab,) on the host

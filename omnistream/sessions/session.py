@@ -30,6 +30,7 @@ from omnistream.engine.protocol import EngineRequest, OutputDelta, RequestOutput
 from omnistream.engine.sampling import SamplingParams
 from omnistream.errors import UserInputError
 from omnistream.media.item import MediaItem, media_blocks
+from omnistream.models.position_prefix import KnownPositions, extend_positions, text_positions
 from omnistream.models.prompt import block_kind, expand_placeholders
 
 if TYPE_CHECKING:
@@ -45,6 +46,8 @@ class Session:
         self.messages: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
         self.token_ids: list[int] = []  # the conversation so far, as the model sees it
         self.media: list[tuple[int, MediaItem]] = []  # (offset in token_ids, item)
+        # positions of token_ids ((3, len), next position): each turn computes only its own
+        self._positions: KnownPositions | None = None
         self._pending_parts: list[dict[str, Any]] = []  # user content not yet asked about
         self._pending_items: list[MediaItem] = []  # flat: one part may give several items (a block)
         self._pending_sizes: list[int] = []  # items each pending part gave (0: text)
@@ -159,18 +162,25 @@ class Session:
         user = {"role": "user", "content": self._pending_parts + [{"type": "text", "text": question}]}
         new_ids, new_media = self._render_turn(user)
         decode_s, preprocess_s = self._pending_costs()
+        token_ids, media = self.token_ids + new_ids, self.media + new_media
+        try:
+            positions = extend_positions(self.engine.model, self._positions, len(token_ids), media)
+        except ValueError as e:
+            raise UserInputError(f"malformed media placeholders: {e}") from None
         spec = EngineRequest(
-            token_ids=self.token_ids + new_ids, media=self.media + new_media, sampling=sampling or SamplingParams(),
-            cache_salt=self.tenant, known_hashes=self._names, retain=Retain(self.id, self.kv_budget_tokens),
+            token_ids=token_ids, media=media, sampling=sampling or SamplingParams(),
+            cache_salt=self.tenant, known_hashes=self._names, known_positions=positions, retain=Retain(self.id, self.kv_budget_tokens),
             return_logits=return_logits, logprobs=logprobs, arrival=asked, media_decode_s=decode_s, preprocess_s=preprocess_s,
         )
-        return (user, new_ids, new_media), self.engine.submit(spec)
+        return (user, new_ids, new_media, positions), self.engine.submit(spec)
 
     def _commit(self, turn: tuple, result: RequestOutput) -> RequestOutput:
         """The answer joins the conversation: its ids, then the template's end of turn."""
-        user, new_ids, new_media = turn
+        user, new_ids, new_media, positions = turn
         prompt = self.token_ids + new_ids
-        self.token_ids = prompt + result.token_ids + self._end_of_turn(result.token_ids)
+        answer = result.token_ids + self._end_of_turn(result.token_ids)
+        self.token_ids = prompt + answer
+        self._positions = text_positions(positions, len(answer))
         self.media = self.media + new_media
         self.messages += [user, {"role": "assistant", "content": result.text}]
         self._pending_parts, self._pending_items, self._pending_sizes = [], [], []
@@ -231,6 +241,7 @@ class Session:
         other = self.engine.session(tenant=self.tenant, kv_budget_tokens=self.kv_budget_tokens)
         other.messages = list(self.messages)  # messages are never mutated, only appended
         other.token_ids, other.media = list(self.token_ids), list(self.media)
+        other._positions = self._positions  # never mutated, only replaced
         other._pending_parts, other._pending_items = list(self._pending_parts), list(self._pending_items)
         other._pending_sizes = list(self._pending_sizes)
         other._names = list(self._names)
