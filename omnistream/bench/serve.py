@@ -688,7 +688,11 @@ def _engine_split(samples: list[Sample]) -> dict[str, float | None]:
     return {"engine_ttft_p50_s": pct([s.server["ttft_s"] for s in timed], 50),
             "media_p50_s": pct([s.server.get("media_decode_s", 0) + s.server.get("preprocess_s", 0) for s in timed], 50),
             "queue_p50_s": pct([s.server["queue_s"] for s in timed if s.server.get("queue_s") is not None], 50),
-            "outside_p50_s": pct([s.ttft_s - s.server["ttft_s"] for s in timed], 50)}
+            "outside_p50_s": pct([s.ttft_s - s.server["ttft_s"] for s in timed], 50),
+            # HTTP only: the server's parts of "outside" (reading + parsing the request; handing
+            # the first token to the socket); the rest is the connection and the client
+            "receive_p50_s": pct([s.server["server_receive_s"] for s in timed if "server_receive_s" in s.server], 50),
+            "send_p50_s": pct([s.server["server_send_s"] for s in timed if "server_send_s" in s.server], 50)}
 
 
 def summarize(samples: list[Sample], start: float, end: float) -> dict[str, Any]:
@@ -900,12 +904,14 @@ def print_report(r: dict, out=None) -> None:
         p(f"  {kind:<30}{k['requests']:>9}{_errors(k['errors']) + ' / ' + _errors(lk.get('errors', {})):>14}"
           f"{both('ttft_p50_s'):>18}{both('ttft_p99_s'):>18}{both('itl_p50_s', digits=2):>16}{both('e2e_p50_s'):>18}{both('mean_cached_tokens', 1, 0):>14}{eq:>15}")
     p("")
-    p(f"  {'TTFT p50 split (HTTP / in-process)':<36}{'in engine ms':>18}{'media ms':>18}{'queued ms':>18}{'outside ms':>18}")
+    p(f"  {'TTFT p50 split (HTTP / in-process)':<36}{'in engine ms':>18}{'media ms':>18}{'queued ms':>18}{'outside ms':>18}"
+      f"{'server receive':>16}{'server send':>13}")
     rows = [("all", r["http"], r["in_process"])]
     rows += [(kind, k, r["in_process"]["by_kind"].get(kind, {})) for kind, k in r["http"]["by_kind"].items()]
     for name, h, lk in rows:
         both = lambda key: f"{fmt_num(h.get(key), 1000, 1)} / {fmt_num(lk.get(key), 1000, 1)}"  # noqa: E731
-        p(f"  {name:<36}{both('engine_ttft_p50_s'):>18}{both('media_p50_s'):>18}{both('queue_p50_s'):>18}{both('outside_p50_s'):>18}")
+        p(f"  {name:<36}{both('engine_ttft_p50_s'):>18}{both('media_p50_s'):>18}{both('queue_p50_s'):>18}{both('outside_p50_s'):>18}"
+          f"{fmt_num(h.get('receive_p50_s'), 1000, 1):>16}{fmt_num(h.get('send_p50_s'), 1000, 1):>13}")
     o, a = r["overhead"], r["answers"]
     p(f"HTTP overhead: TTFT p50 {fmt_num(o['ttft_p50_delta_s'], 1000, 2)} ms, p99 {fmt_num(o['ttft_p99_ratio'], digits=3)}x; "
       f"ITL p50 {fmt_num(o['itl_p50_delta_s'], 1000, 2)} ms, p99 {fmt_num(o['itl_p99_ratio'], digits=3)}x; "

@@ -61,10 +61,18 @@ def install(app: FastAPI) -> None:
                       response_model=None)
 
 
+INLINE_PARSE_BYTES = 64 << 10  # request bodies up to this size are parsed on the event loop
+INLINE_PREPARE_CHARS = 16 << 10  # text-only prompts up to this many characters are tokenised there too
+
+
 async def create_chat_completion(request: Request) -> Response:
-    # parsed and validated in a worker thread: a body with inline media is megabytes of JSON,
-    # which would hold the event loop (and every stream on it) for milliseconds
-    body = await run_in_threadpool(_parse, await request.body())
+    received = time.perf_counter()  # before the body is read: the metrics' server_receive_s starts here
+    # a body with inline media is megabytes of JSON, which would hold the event loop (and every
+    # stream on it) for milliseconds: parsed and validated in a worker thread. A small one is
+    # parsed here (tens of us), since the hop to a thread and back waits for the interpreter
+    # twice behind the engine loop and the media threads (measured: tens of ms under load)
+    raw = await request.body()
+    body = _parse(raw) if len(raw) <= INLINE_PARSE_BYTES else await run_in_threadpool(_parse, raw)
     state = get_state(request)
     if body.model != state.model_name:
         raise NotFound(f"model {body.model!r} does not exist (this server serves {state.model_name!r})",
@@ -74,7 +82,7 @@ async def create_chat_completion(request: Request) -> Response:
     if session_id is not None:
         return await _in_session(state, session_id, body, tenant)
     _check_load(state)
-    job = await _submit(state, request, body, tenant)
+    job = await _submit(state, request, body, tenant, received)
     if body.stream:
         return SSEResponse(_stream(job), on_close=job.abort)
     return await _complete(request, job)
@@ -130,6 +138,9 @@ class ChatJob:
     token_text: TokenText
     observe: Callable[[RequestOutput], None] | None
     created: int = field(default_factory=lambda: int(time.time()))
+    received: float | None = None  # perf_counter(): the handler started (before the body was read)
+    arrival: float | None = None  # perf_counter(): handed to the engine's clock (its TTFT starts here)
+    first_sent: float | None = None  # perf_counter(): the first content chunk left for the socket
 
     def abort(self) -> None:
         for c in self.choices:
@@ -148,7 +159,14 @@ class ChatJob:
         """omnistream's per-request timings (choice 0), with what the server itself spent."""
         out = self.choices[0].output
         m = out.metrics.as_dict() if out is not None else {}
-        return {**m, "media_decode_s": self.prepared.decode_s, "media_items_reused": self.prepared.reused}
+        m = {**m, "media_decode_s": self.prepared.decode_s, "media_items_reused": self.prepared.reused}
+        # the server's own share of the client's TTFT: reading and parsing the request before the
+        # engine's clock starts, and handing the first token to the socket after it was sampled
+        if self.received is not None and self.arrival is not None:
+            m["server_receive_s"] = self.arrival - self.received
+        if out is not None and out.metrics.first_token_at is not None and self.first_sent is not None:
+            m["server_send_s"] = self.first_sent - out.metrics.first_token_at
+        return m
 
     def logprobs_of(self, pairs: list[tuple[int, tuple]]) -> ChoiceLogprobs | None:
         if not self.body.logprobs:
@@ -156,21 +174,39 @@ class ChatJob:
         return ChoiceLogprobs(content=[self.token_text.logprob(t, lp) for t, lp in pairs])
 
 
-async def _submit(state: ServerState, request: Request, body: ChatCompletionRequest, tenant: str | None) -> ChatJob:
+async def _submit(state: ServerState, request: Request, body: ChatCompletionRequest, tenant: str | None,
+                  received: float | None = None) -> ChatJob:
     arrival = time.perf_counter()
     resolver: MediaResolver = state.extras["media"]
     prepared = await resolver.prepare(body.messages, body.mm_processor_kwargs, tenant)
-    fut: asyncio.Future = asyncio.get_running_loop().run_in_executor(
-        None, _prepare_requests, state, body, prepared, tenant, arrival)
-    try:
-        prompt_len, handles = await asyncio.shield(fut)
-    except asyncio.CancelledError:  # the client left while the thread submitted
-        fut.add_done_callback(_abort_submitted)
-        raise
+    if _small_text(prepared):  # a template render + tokenisation of ~1k tokens: sub-millisecond
+        prompt_len, handles = _prepare_requests(state, body, prepared, tenant, arrival)
+    else:
+        fut: asyncio.Future = asyncio.get_running_loop().run_in_executor(
+            None, _prepare_requests, state, body, prepared, tenant, arrival)
+        try:
+            prompt_len, handles = await asyncio.shield(fut)
+        except asyncio.CancelledError:  # the client left while the thread submitted
+            fut.add_done_callback(_abort_submitted)
+            raise
     rid = request.scope.get("state", {}).get("request_id") or uuid.uuid4().hex
     return ChatJob(id=f"chatcmpl-{rid}", model=state.model_name, body=body, prompt_tokens=prompt_len,
                    prepared=prepared, choices=[ChoiceRun(i, h, StopText(body.stop_strings)) for i, h in enumerate(handles)],
-                   token_text=state.extras["token_text"], observe=getattr(state.extras.get("metrics"), "observe", None))
+                   token_text=state.extras["token_text"], observe=getattr(state.extras.get("metrics"), "observe", None),
+                   received=received, arrival=arrival)
+
+
+def _small_text(prepared: PreparedMessages) -> bool:
+    """No media and little text: tokenised and submitted on the event loop. A thread hop costs
+    more than the work (the thread and then the loop each wait for the interpreter behind the
+    engine loop and the media threads); long prompts and media prompts still go to a thread."""
+    if prepared.items:
+        return False
+    chars = 0
+    for m in prepared.messages:
+        content = m.get("content")
+        chars += len(content) if isinstance(content, str) else sum(len(p.get("text") or "") for p in content or [])
+    return chars <= INLINE_PREPARE_CHARS
 
 
 def _abort_submitted(fut: asyncio.Future) -> None:
@@ -310,6 +346,8 @@ async def _stream(job: ChatJob) -> AsyncIterator[str]:
                 yield sse(as_api_error(item).body())
                 break
             else:
+                if job.first_sent is None:
+                    job.first_sent = time.perf_counter()
                 yield item
         else:
             if job.body.include_usage:
