@@ -7,6 +7,7 @@ from dataclasses import dataclass, fields
 import torch
 
 from omnistream.errors import ConfigError
+from omnistream.layers.quant import check_mode as _check_weight_quant
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -76,10 +77,12 @@ class EngineConfig:
     # launch the next greedy decode step before reading the last one's tokens, so the host's
     # per-step work overlaps the GPU's (lossless; needs the row-batch path of cuda_graphs)
     overlap_decode: bool = True
+    weight_quant: str | None = None  # lossy small-GPU mode: int8 or fp8 weights for the LLM's linear layers, LM head and embedding (media encoders stay in dtype); unset: off
 
     def __post_init__(self) -> None:
         if self.dtype != "auto" and self.dtype not in _DTYPES:
             raise ConfigError(f"dtype must be one of {sorted(_DTYPES)} or auto, got {self.dtype!r}")
+        _check_weight_quant(self.weight_quant)
         _check_device(self.device)
 
     @property

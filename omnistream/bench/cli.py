@@ -27,6 +27,12 @@ def _add_workload_args(p: argparse.ArgumentParser, add_model_args, frames: int, 
     p.add_argument("--json", default=None, help="write all raw numbers and the environment to this file")
 
 
+def _add_weight_quant(p: argparse.ArgumentParser, help_text: str) -> None:
+    from omnistream.layers.quant import WEIGHT_QUANT_MODES
+
+    p.add_argument("--weight-quant", choices=WEIGHT_QUANT_MODES, default=None, help=help_text)
+
+
 def _run(name: str):
     def run(args) -> int:
         if args.new_tokens < 2:
@@ -66,6 +72,7 @@ def add_bench_commands(sub, add_model_args) -> None:
     lat.set_defaults(func=_run("latency"))
     acc = bsub.add_parser("accuracy", help="engine (bf16) vs transformers float32, against transformers' own bf16 error")
     _add_workload_args(acc, add_model_args, frames=16, size=448, new_tokens=64)
+    _add_weight_quant(acc, "also an engine with 8-bit LLM weights (layers/quant.py): its error and agreement beside bf16's")
     acc.set_defaults(func=_run("accuracy"))
     _add_session_benches(bsub, add_model_args)
     _add_stream_bench(bsub, add_model_args)
@@ -105,6 +112,7 @@ def _add_session_benches(bsub, add_model_args) -> None:
     mt.add_argument("--offload-vision", action="store_true", help="keep the vision tower in host memory between encodes")
     mt.add_argument("--repeats", type=_positive, default=1,
                     help="engine conversations on different clips; per-turn TTFT is their median")
+    _add_weight_quant(mt, "the engine with 8-bit LLM weights (small-GPU mode, lossy; layers/quant.py)")
     mt.set_defaults(func=_run("multiturn"))
     rep = bsub.add_parser("repeat", help="E4: the same video question twice (generate and fresh sessions) vs transformers")
     _add_workload_args(rep, add_model_args, frames=64, size=448, new_tokens=16)

@@ -239,13 +239,16 @@ def build_systems(model, dev: torch.device, dtype: torch.dtype, seed: int, optio
     return hf, engine, resident
 
 
-def run_multiturn(model, device: str, dtype: str, frames: int, size: int, turns: int, new_tokens: int, seed: int = 0, budget_gib: float | None = None, offload_vision: bool = False, repeats: int = 1) -> dict:
+def run_multiturn(model, device: str, dtype: str, frames: int, size: int, turns: int, new_tokens: int, seed: int = 0, budget_gib: float | None = None, offload_vision: bool = False, repeats: int = 1,
+                  weight_quant: str | None = None) -> dict:
     dev = cuda_device(device)
     tdtype = resolve_dtype(dtype, str(dev))
     context = video_tokens(frames, size) + turns * (new_tokens + TURN_TEXT_TOKENS) + 1024
     options = session_engine_options(model, frames, size, tdtype, 2 * context, budget_gib)
     if offload_vision:
         options["offload_vision"] = True
+    if weight_quant:
+        options["weight_quant"] = weight_quant
     hf, engine, resident = build_systems(model, dev, tdtype, seed, options, with_hf=budget_gib is None)
     sampling = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
     meter = MemoryMeter(dev, resident)
@@ -305,7 +308,9 @@ def times(x: float | None) -> str:
 def print_header(name: str, r: dict, out=None) -> None:
     env, w = r["env"], r["workload"]
     where = env["gpu"] or f"CPU ({env['cpu']})"
-    print(f"omnistream bench {name}: {w['model']} {env['dtype']} on {where}; torch {env['torch']}, transformers {env['transformers']}", file=out)
+    quant = (w.get("engine_options") or {}).get("weight_quant")
+    dtype = env["dtype"] + (f" + {quant} LLM weights" if quant else "")
+    print(f"omnistream bench {name}: {w['model']} {dtype} on {where}; torch {env['torch']}, transformers {env['transformers']}", file=out)
     print(f"workload: {w['frames']} frames {w['size']}x{w['size']} ({w['video_tokens']} video tokens), "
           f"{w['new_tokens']} new tokens per answer, greedy", file=out)
     if w.get("engine_repeats", 1) > 1:
@@ -384,7 +389,8 @@ def cmd_multiturn(args) -> int:
     from omnistream.entrypoints.cli import _default_device
 
     report = run_multiturn(model_arg(args), _default_device(args.device), args.dtype, args.frames, args.size, args.turns,
-                           args.new_tokens, args.seed, args.memory_budget_gib, args.offload_vision, args.repeats)
+                           args.new_tokens, args.seed, args.memory_budget_gib, args.offload_vision, args.repeats,
+                           getattr(args, "weight_quant", None))
     print_multiturn(report)
     write_json(report, args.json)
     return 0

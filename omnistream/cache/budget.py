@@ -1,7 +1,7 @@
 """Memory budget: how many KV blocks the pool gets.
 
-On the GPU the budget (default 90% of the card) is split as: weights (measured after loading)
-+ an activation reserve for the largest step (the model's estimate, MultimodalLM.memory_estimate:
+On the GPU the budget (default 90% of the card) is split as: weights (measured after loading;
+8-bit ones with weight_quant) + an activation reserve for the largest step (the model's estimate, MultimodalLM.memory_estimate:
 a prefill of `max_num_batched_tokens` tokens or one media-encoder forward of `max_vision_patches`
 rows, whichever is larger, plus CUDA-graph buffers) + the KV pool (the rest). Work that would not fit is queued or refused by the scheduler, never
 left to run out of memory.
@@ -18,6 +18,7 @@ import torch
 
 from omnistream.config import EngineConfig
 from omnistream.errors import BudgetError
+from omnistream.layers.quant import dequant_scratch_bytes, saved_bytes
 from omnistream.models.interface import MultimodalLM
 
 CPU_DEFAULT_KV_TOKENS = 65536
@@ -36,13 +37,15 @@ def activation_reserve_bytes(model: MultimodalLM, cfg: EngineConfig, max_encoder
     CUDA graphs' memory."""
     peak = model.memory_estimate(itemsize, cfg.scheduler.max_num_batched_tokens, max_encoder_rows).activation_bytes
     # 25% headroom: allocator rounding and the transient copies the estimate does not list
-    # (measured: the 3B W1 run peaked 0.3% over a 10 GiB budget without it)
-    return int(1.25 * peak) + (GRAPH_RESERVE_BYTES if graphs else 0)
+    # (measured: the 3B W1 run peaked 0.3% over a 10 GiB budget without it); 8-bit weights
+    # add their dequantized temporary (layers/quant.py)
+    return int(1.25 * peak) + dequant_scratch_bytes(model, itemsize) + (GRAPH_RESERVE_BYTES if graphs else 0)
 
 
 def weight_bytes(model: MultimodalLM, itemsize: int) -> int:
-    """Bytes of the model's weights as loaded, counted from its config (a host budget)."""
-    return model.memory_estimate(itemsize, 1, 1).weight_bytes
+    """Bytes of the model's weights as loaded, counted from its config (a host budget), less
+    what its 8-bit tables save (weight_quant)."""
+    return model.memory_estimate(itemsize, 1, 1).weight_bytes - saved_bytes(model, itemsize)
 
 
 def kv_pool_tokens(model: MultimodalLM, cfg: EngineConfig, device: torch.device, kv_bytes_per_token: int, max_vision_patches: int, transient_bytes: int = 0) -> int:

@@ -35,6 +35,7 @@ from omnistream.engine.llm_engine import LLMEngine
 from omnistream.engine.protocol import EngineRequest, RequestOutput
 from omnistream.engine.sampling import SamplingParams
 from omnistream.errors import ConfigError, UnknownSessionError, UserInputError
+from omnistream.layers.quant import quantize_model
 from omnistream.media.audio_items import load_audio_source
 from omnistream.media.item import MediaItem
 from omnistream.media.processor import MediaProcessor
@@ -85,6 +86,10 @@ class Engine:
         self.session_id_prefix = "s-"
         self._sessions: dict[str, Session] = {}
         self._sessions_lock = threading.Lock()
+        if cfg.weight_quant is not None:  # before sizing the KV pool: the budget sees 8-bit weights
+            report = quantize_model(model, cfg.weight_quant, self.device)
+            log.info("weight_quant %s: %d modules, %d tables, %.2f GiB -> %.2f GiB", report.mode, report.modules,
+                     report.tables, report.bytes_before / 2**30, report.bytes_after / 2**30)
         offload = None
         if cfg.offload_vision and self.device.type == "cuda":  # before sizing the KV pool
             from omnistream.engine.vision_offload import VisionOffloader
@@ -116,7 +121,10 @@ class Engine:
             raise ConfigError(f"{model_dir}: not a checkpoint directory (no config.json)")
         cfg = EngineConfig.from_kwargs(str(model_dir), device=device, dtype=dtype, **options)
         entry = resolve(model_dir)
-        net = build_model(entry.model_class, entry.read_config(model_dir), torch.device(device), cfg.torch_dtype)
+        # quantized weights are made on the device one matrix at a time from a host copy, so the
+        # full-precision model never has to fit the card
+        build_on = "cpu" if cfg.weight_quant is not None else device
+        net = build_model(entry.model_class, entry.read_config(model_dir), torch.device(build_on), cfg.torch_dtype)
         load_weights(net, model_dir)
         engine = cls(cfg, model_dir, net, Tokenizer(model_dir))
         if engine.random_weights:
