@@ -23,6 +23,7 @@ from omnistream.bench.latency import MemoryMeter, median, tensor_bytes
 from omnistream.bench.native import native_inputs
 from omnistream.engine.protocol import EngineRequest
 from omnistream.engine.sampling import SamplingParams
+from omnistream.layers.quant import triton_kernel_in_use
 
 DECODE_REPEATS = 3
 KV_CACHE_TOKENS = 16384  # each engine's pool: the prompt (16 frames: ~2.1k tokens) and its answers
@@ -127,7 +128,7 @@ def run_accuracy(args) -> dict:
         qengine, qresident = _build_engine(cfg, model_class, hf, dev_name, dtype, quant)
         qlogits = engine_teacher_forced(qengine, ids, media, cont)
         rows.append(_engine_row(f"omnistream {dname}+{quant}", qengine, qresident, qlogits, ref32, ids, media, len(cont))
-                    | {"vs_engine": compare(base, qlogits)})
+                    | {"vs_engine": compare(base, qlogits), "triton_kernel": device.type == "cuda" and triton_kernel_in_use()})
         qengine.close()
     hf.to(torch.bfloat16)
     ref16 = hf_teacher_forced(hf, ids, media, cont, device, torch.bfloat16)
@@ -165,4 +166,5 @@ def print_accuracy(r: dict) -> None:
         err = row["vs_float32"]["rel_err_mean"]
         print(f"{row['name']} vs {base['name']} (teacher-forced on the same tokens): rel err mean {v['rel_err_mean']:.3e}, "
               f"top-1 agree {v['top1_agree']:.3f}; its error vs float32 is {err / max(a['rel_err_mean'], 1e-12):.2f}x "
-              f"transformers bfloat16's and {err / max(base['vs_float32']['rel_err_mean'], 1e-12):.2f}x {base['name']}'s")
+              f"transformers bfloat16's and {err / max(base['vs_float32']['rel_err_mean'], 1e-12):.2f}x {base['name']}'s; "
+              f"decode rows through the 8-bit Triton kernel: {'yes' if row['triton_kernel'] else 'no'}")

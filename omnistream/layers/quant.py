@@ -25,6 +25,7 @@ Activations stay in the compute dtype (weight-only): x @ (q * scale).T. QuantLin
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +33,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from omnistream.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 # mode -> (storage dtype, largest representable magnitude)
 FORMATS: dict[str, tuple[torch.dtype, float]] = {"int8": (torch.int8, 127.0), "fp8": (torch.float8_e4m3fn, 448.0)}
@@ -87,6 +90,21 @@ def dequant_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: 
     return out
 
 
+_TRITON = {"usable": True}
+
+
+def triton_kernel_in_use() -> bool:
+    """False once the 8-bit Triton kernel has failed in this process (see _disable_triton)."""
+    return _TRITON["usable"]
+
+
+def _disable_triton(err: Exception) -> None:
+    """The 8-bit kernel failed to build or launch (first use is eager: warm-up, never inside a
+    graph capture): every later call dequantizes instead, slower but the same math."""
+    _TRITON["usable"] = False
+    log.warning("8-bit Triton linear unavailable (%s: %s); dequantize-then-matmul from now on", type(err).__name__, err)
+
+
 def _cpu_int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """PyTorch's CPU int8 weight kernel: no dequantized copy (6-25x faster than dequantizing
     the tiny model's LM head each step); x @ q.T accumulated in float32, then times the scale."""
@@ -123,11 +141,14 @@ class QuantLinear(_QuantTable):
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda and x.numel() // self.in_features <= GEMV_MAX_ROWS:
+        if x.is_cuda and x.numel() // self.in_features <= GEMV_MAX_ROWS and triton_kernel_in_use():
             from omnistream.layers.triton_quant import supports, w8_linear  # lazy: Triton exists only with CUDA
 
             if supports(self.qdtype, x):
-                return w8_linear(x, self.qweight, self.scale, self.bias)
+                try:
+                    return w8_linear(x, self.qweight, self.scale, self.bias)
+                except Exception as e:  # noqa: BLE001 - a Triton that cannot build it: the cuBLAS path still works
+                    _disable_triton(e)
         elif not x.is_cuda and self.qdtype == torch.int8:
             return _cpu_int8_linear(x, self.qweight, self.scale, self.bias)
         return dequant_linear(x, self.qweight, self.scale, self.bias)
