@@ -28,6 +28,7 @@ import torch
 from omnistream.bench.models import make_pair, resolve_dtype
 from omnistream.bench.workload import video_question, video_tokens
 from omnistream.engine.sampling import SamplingParams
+from omnistream.media.patchify import normalize_rows
 from omnistream.models.mrope import mrope_positions
 from omnistream.models.prompt import build_prompt
 
@@ -109,7 +110,8 @@ def prepare(engine, messages: list[dict]) -> Prepared:
     positions, next_pos = mrope_positions(len(prompt.token_ids), media, engine.model.cfg.vision.tokens_per_second)
     videos = [m for m in items if m.kind == "video"]
     hf_inputs = {
-        "pixel_values_videos": torch.cat([m.pixel_values for m in videos]),
+        # transformers takes normalised float rows (its processor's output); ours stay uint8
+        "pixel_values_videos": torch.cat([normalize_rows(m.pixel_values) for m in videos]),
         "video_grid_thw": torch.tensor([m.grid_thw for m in videos]),
         "second_per_grid_ts": torch.tensor([m.second_per_grid_t for m in videos]),
     }
