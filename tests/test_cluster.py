@@ -5,10 +5,12 @@ of a session lands on its replica; answers equal the single-process server's; a 
 proxy (a new router) keeps the placement; a drained replica takes no new sessions or stateless
 requests while its sessions and running requests go on; a killed replica's sessions get 410
 session_lost (its live socket an `error` event naming the session, then close 1011) while the
-other's go on, new sessions are served and Serve replaces the replica.
+other's go on, new sessions are served and Serve replaces the replica. Stateless requests go
+where their prompt prefix was served (and find it cached), different prefixes spread.
 
 The first tests need no Ray: they check the placement logic (placement.py), the drain status
-and the proxy's lost-socket middleware (ingress.py) on their own.
+and the proxy's lost-socket middleware (ingress.py) on their own (tests/test_cluster_prefix.py
+does the same for prefix affinity).
 """
 
 from __future__ import annotations
@@ -392,6 +394,89 @@ def test_serve_config_builder_takes_typed_args(cluster):
     assert deployment.max_ongoing_requests == spec.ongoing_limit(replica.server)
     with pytest.raises(pydantic.ValidationError):
         build({"model": "demo", "replica": 2})  # a typo is refused, not ignored
+
+
+# ---------------------------------------------------------------------------------- prefix affinity
+LONG_SYSTEM = "You are a careful assistant who describes pictures in detail, colour by colour. " * 8
+
+
+def stateless(url: str, messages: list[dict], max_tokens: int = 2, **fields) -> httpx.Response:
+    """A chat completion without a session, sent as exactly the bytes `stateless_body` makes."""
+    return http(url).post("/v1/chat/completions", content=stateless_body(messages, max_tokens, **fields),
+                          headers={"Content-Type": "application/json"})
+
+
+def stateless_body(messages: list[dict], max_tokens: int = 2, **fields) -> bytes:
+    return json.dumps({"model": "demo-model", "messages": messages, "max_tokens": max_tokens, "temperature": 0,
+                       "ignore_eos": True, **fields}).encode()
+
+
+def cached_tokens(r: httpx.Response) -> int:
+    assert r.status_code == 200, r.text
+    return r.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
+
+
+def reported_prefixes(replica: str) -> frozenset[str]:
+    """The prefix keys in `replica`'s routing stats (asked of it directly)."""
+    from ray import serve
+
+    from omnistream.cluster.prefix_affinity import unpack_keys
+    from omnistream.cluster.spec import APP_NAME, DEPLOYMENT_NAME
+
+    handle = serve.get_deployment_handle(DEPLOYMENT_NAME, app_name=APP_NAME)
+    stats = handle.options(method_name="record_routing_stats", session_id=target_key(replica)).remote().result()
+    return unpack_keys(stats["prefixes"])
+
+
+def test_stateless_requests_go_where_their_prefix_is_cached(cluster, spread):
+    """Questions about one image under one long system prompt all land on the replica that
+    served it first, even while it is busier than the other (within the slack), and find the
+    prefix there (cached tokens); that replica reports the prefix keys, the other does not."""
+    from omnistream.cluster.prefix_keys import prefix_keys
+
+    url, _ = cluster
+    prefix = [{"role": "system", "content": LONG_SYSTEM}]
+
+    def ask(question: str) -> list[dict]:
+        return prefix + [{"role": "user", "content": [png_part(5), {"type": "text", "text": question}]}]
+
+    first = stateless(url, ask("Describe it."))
+    assert first.status_code == 200, first.text
+    home = first.headers[REPLICA_HEADER]
+    (other,) = set(spread.values()) - {home}
+    # a long answer keeps `home` busier than `other` while the follow-ups are routed
+    body = stateless_body(ask("Tell me a long story about it."), 400, stream=True)
+    with http(url).stream("POST", "/v1/chat/completions", content=body,
+                          headers={"Content-Type": "application/json"}) as busy:
+        assert busy.headers[REPLICA_HEADER] == home
+        lines = (line for line in busy.iter_lines() if line.startswith("data: "))
+        next(lines)  # running there: `home` has a request in flight, `other` none
+        for question in ("What colour is it?", "Is it square?", "How many shapes?"):
+            r = stateless(url, ask(question))
+            assert r.headers[REPLICA_HEADER] == home and cached_tokens(r) > 0, (question, r.headers[REPLICA_HEADER])
+        assert next(lines) != "data: [DONE]"  # it was still running: `home` was the busier replica throughout
+    keys = set(prefix_keys(stateless_body(ask("Is it square?")), f"Bearer {KEY}"))
+    assert len(keys) == 3 and keys <= reported_prefixes(home), keys  # system prompt, image, whole question
+    assert not keys & reported_prefixes(other)
+
+
+def test_different_stateless_prefixes_spread_and_each_returns_to_its_replica(cluster):
+    """Sixteen system prompts, sent at once: they spread over both replicas (least busy first);
+    each one's next request goes back to the replica that served it, and finds it cached."""
+    url, _ = cluster
+    prompts = [f"Conversation {i}. " + LONG_SYSTEM for i in range(16)]
+
+    def first(system: str) -> str:
+        r = stateless(url, [{"role": "system", "content": system}, {"role": "user", "content": "Hello."}])
+        assert r.status_code == 200, r.text
+        return r.headers[REPLICA_HEADER]
+
+    with ThreadPoolExecutor(6) as pool:
+        homes = list(pool.map(first, prompts))
+    assert len(set(homes)) == 2, homes
+    for system, home in zip(prompts, homes):
+        r = stateless(url, [{"role": "system", "content": system}, {"role": "user", "content": "And again?"}])
+        assert r.headers[REPLICA_HEADER] == home and cached_tokens(r) > 0, (system[:16], home, r.headers)
 
 
 def wait_for(predicate, timeout_s: float, what: str):

@@ -1,5 +1,9 @@
-"""In Serve's HTTP proxy (the ingress): a live socket whose replica died gets an `error` event
-naming its session as lost, then close 1011 `session_lost`, instead of a bare close.
+"""In Serve's HTTP proxy (the ingress): omnistream's middlewares of every proxy process.
+
+    LostSocketMiddleware   a live socket whose replica died gets an `error` event naming its
+                           session as lost, then close 1011 `session_lost`, not a bare close
+    PrefixKeyMiddleware    a stateless chat completion gets the prefix keys of its prompt, for
+                           the router's prefix affinity (prefix_ingress.py)
 
 A /v1/realtime socket is proxied message by message: the client's socket ends at Serve's proxy,
 which relays to the replica that holds the live session. When that replica dies, the proxy's
@@ -8,6 +12,8 @@ returns without a close message: uvicorn then drops the socket with no reason). 
 replica runs any more, so the only place that can still tell the client is the proxy itself.
 Serve runs the Starlette middlewares that the function at RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH
 returns around its ASGI app (in every proxy process); `proxy_middlewares` is that function.
+(The proxy is also the only place that sees a request's body before it is routed: hence the
+prefix keys, prefix_ingress.py.)
 
 LostSocketMiddleware watches each /v1/realtime socket: the replica that accepted it (the
 `x-omnistream-replica` header of the handshake) and the session id in its `session.created`
@@ -20,7 +26,8 @@ from the client, the replica is gone, and the middleware sends
 
 (the body of the HTTP 410, lost.py) and closes with 1011 and reason `session_lost`.
 
-The variable must be in the environment of the Ray processes that run the proxies:
+The variable must be in the environment of the Ray processes that run the proxies (without
+it, live sockets just close and stateless requests are balanced by load only):
 local.start_local_ray sets it for a cluster of this machine; on a cluster started with
 `ray start`, set it there (docs/cluster.md).
 """
@@ -35,6 +42,7 @@ from starlette.middleware import Middleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from omnistream.cluster.placement import REPLICA_HEADER, Kind, route_of_scope
+from omnistream.cluster.prefix_ingress import PrefixKeyMiddleware
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +54,7 @@ LOST_REASON = "session_lost"
 
 def proxy_middlewares() -> list[Middleware]:
     """Serve's HTTP proxy callback (CALLBACK_ENV): the middlewares of every proxy."""
-    return [Middleware(LostSocketMiddleware)]
+    return [Middleware(LostSocketMiddleware), Middleware(PrefixKeyMiddleware)]
 
 
 @dataclass

@@ -16,7 +16,10 @@ Routes (what a request asks of the cluster):
               the copy shares the original's KV, so it opens on the same replica)
     OPEN      a request that opens a session here: POST /v1/sessions, the /v1/realtime socket
               (one socket = one live session: every later event rides on that connection)
-    STATELESS anything else (chat completions without a session, /v1/models, /health, ...)
+    STATELESS anything else (chat completions without a session, /v1/models, /health, ...);
+              a chat completion carries the prefix keys of its prompt (PREFIX_HEADER, written
+              by Serve's proxy: prefix_ingress.py), by which the router sends it where its
+              prefix is likely cached (prefix_affinity.py)
     TARGET    an internal call addressed to one replica (ops.py's fan-out), key `replica:<name>`
 """
 
@@ -31,6 +34,9 @@ SESSION_ID_RE = re.compile(r"^s-([A-Za-z0-9_]+)-[0-9a-f]+$")
 REPLICA_NAME_RE = re.compile(r"^[A-Za-z0-9_]+$")
 TARGET_PREFIX = "replica:"  # an internal call's session_id key: replica:<name>
 SESSION_HEADER = b"x-session-id"
+PREFIX_HEADER = b"x-omnistream-prefix-keys"  # a stateless request's prefix keys, comma-separated (prefix_keys.py)
+PREFIX_KEY_RE = re.compile(r"^[0-9a-f]{16}$")
+MAX_PREFIX_KEYS = 8  # read of the header at most (prefix_keys.py writes 4)
 REPLICA_HEADER = "x-omnistream-replica"  # every response says which replica served it
 
 
@@ -46,6 +52,7 @@ class Route:
     kind: Kind
     replica: str | None = None  # SESSION / TARGET: the replica it must go to (None: the id names none)
     session_id: str | None = None
+    prefix_keys: tuple[str, ...] = ()  # STATELESS: its prompt's prefix keys, shallowest first
 
 
 # ---------------------------------------------------------------------------------- ids
@@ -88,11 +95,22 @@ def route_of_scope(scope: Mapping[str, Any], session_key: str | None = None) -> 
             return Route(Kind.OPEN) if scope.get("method") == "POST" else Route(Kind.STATELESS)
         return Route(Kind.SESSION, replica_of(parts[2]), parts[2])
     if session_key is None:
-        session_key = _header(scope, SESSION_HEADER)
-    return route_of_key(session_key)
+        session_key = header_of(scope, SESSION_HEADER)
+    route = route_of_key(session_key)
+    if route.kind is Kind.STATELESS:
+        return Route(Kind.STATELESS, prefix_keys=prefix_keys_of(header_of(scope, PREFIX_HEADER)))
+    return route
 
 
-def _header(scope: Mapping[str, Any], name: bytes) -> str | None:
+def prefix_keys_of(value: str | None) -> tuple[str, ...]:
+    """The keys of a PREFIX_HEADER value (malformed ones left out)."""
+    if not value:
+        return ()
+    return tuple(k for k in (part.strip() for part in value.split(",")[:MAX_PREFIX_KEYS]) if PREFIX_KEY_RE.match(k))
+
+
+def header_of(scope: Mapping[str, Any], name: bytes) -> str | None:
+    """The value of header `name` (lower case) of an ASGI scope, or None."""
     for key, value in scope.get("headers") or ():
         if key.lower() == name:
             return value.decode("latin-1")

@@ -6,7 +6,8 @@ class only adds what a replica of a cluster needs:
     its name in its session ids (engine.session_id_prefix: placement.py routes by it)
     410 session_lost for a session whose replica is gone (lost.py)
     draining: no new sessions or stateless requests, open sessions served on (drain.py)
-    x-omnistream-replica on every response, requests counted per session (served.py)
+    x-omnistream-replica on every response, requests counted per session, prefix keys of
+    the stateless requests it served noted (served.py, prefix_affinity.py)
     GET /v1/replicas and the cluster-wide /metrics (ops.py), answered with the methods below
     record_routing_stats (the router's load figures) and check_health (Serve restarts a
     replica whose engine loop does not answer)
@@ -26,6 +27,7 @@ from ray import serve
 
 from omnistream.cluster import drain, lost, ops
 from omnistream.cluster.placement import session_id_prefix
+from omnistream.cluster.prefix_affinity import RecentPrefixes
 from omnistream.cluster.report import engine_snapshot, replica_report, routing_stats
 from omnistream.cluster.served import ServedByMiddleware, ServedRequests
 from omnistream.cluster.spec import GPU_MEMORY_SHARE, ClusterSpec, ReplicaSpec
@@ -48,11 +50,13 @@ class EngineReplica:
         self.state = self.server_app.state.omni
         self.state.default_max_tokens = spec.default_max_tokens
         self.served = ServedRequests()
+        self.prefixes = RecentPrefixes()
         self.drain = drain.DrainState()
         lost.install(self.server_app, self.name)
         ops.install(self.server_app, ops.Fanout(context.app_name, context.deployment))
         drain.install(self.server_app, self.name, self.drain)
-        self.server_app.add_middleware(ServedByMiddleware, replica=self.name, served=self.served)
+        self.server_app.add_middleware(ServedByMiddleware, replica=self.name, served=self.served,
+                                       prefixes=self.prefixes)
         log.info("replica %s: %s on %s", self.name, self.state.model_name, self.engine.cfg.device)
 
     def __serve_build_asgi_app__(self):  # Serve's wrapper keeps it as `self.app` (a property)
@@ -61,7 +65,7 @@ class EngineReplica:
     # ------------------------------------------------------------------ Serve's calls
     async def record_routing_stats(self) -> dict[str, Any]:
         snapshot = await asyncio.to_thread(engine_snapshot, self.state)
-        return routing_stats(self.state, snapshot, self.drain)
+        return routing_stats(self.state, snapshot, self.drain, self.prefixes.packed())
 
     async def check_health(self) -> None:
         """Raises (Serve then replaces the replica) when the engine loop is closed or stuck."""

@@ -49,9 +49,10 @@ def engine_snapshot(state: ServerState) -> dict[str, Any]:
     return state.engine.stats()
 
 
-def routing_stats(state: ServerState, snapshot: dict[str, Any], drain: DrainState) -> dict[str, Any]:
-    """The router's view (placement.ReplicaLoad.from_stats reads it); `report` changes on
-    every report, so a router knows which of its placements the figures already include."""
+def routing_stats(state: ServerState, snapshot: dict[str, Any], drain: DrainState, prefixes: bytes) -> dict[str, Any]:
+    """The router's view (placement.ReplicaLoad.from_stats and prefix_affinity.PrefixLedger
+    read it); `report` changes on every report, so a router knows which of its placements the
+    figures already include; `prefixes`: the packed keys of the prefixes served lately."""
     counts = _counts(state)
     return {
         "report": next(_REPORTS),
@@ -61,6 +62,7 @@ def routing_stats(state: ServerState, snapshot: dict[str, Any], drain: DrainStat
         "kv_total": snapshot["kv_blocks_total"],
         "queued": snapshot["requests_running"] + snapshot["requests_waiting"],
         "draining": drain.draining,  # the routers place nothing new here
+        "prefixes": prefixes,  # prefix_affinity.RecentPrefixes.packed()
     }
 
 

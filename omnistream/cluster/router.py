@@ -9,13 +9,27 @@ retrying with backoff while none has. We answer (placement.py says what each rou
                       (a full replica makes the request wait, not move); if the replica is
                       gone, any replica (it answers 410 session_lost, lost.py)
     OPEN              one rank per replica, least loaded by sessions and KV first
+    STATELESS with    one rank per replica (prefix_affinity.rank_stateless): the replicas that
+      prefix keys     served the deepest of its prompt's prefixes lately first, unless busier
+                      than max(least + 4, 2 x least) requests in flight (least: the least
+                      busy replica's); then the others, least busy first; ties by rendezvous
+                      hash of the prefix (every router breaks them alike)
     STATELESS         one rank with every replica: Serve picks the one with the fewest
-                      requests in flight (its own, always fresh, count)
+      (no keys)       requests in flight by its queue-length cache (but see the
+                      prefix_affinity docstring on proxied HTTP requests in Ray 2.60)
 
-OPEN and STATELESS leave out the replicas that report draining (drain.py), unless all do.
+OPEN and STATELESS leave out the replicas that report draining (drain.py), unless all do. A
+ranking of every replica backs off (Serve's backoff) once all of them were full.
 
 Loads come from the replicas' routing stats (`EngineReplica.record_routing_stats`, every
-`request_routing_stats_period_s`) plus the sessions this router placed since. The router
+`request_routing_stats_period_s`) plus the sessions this router placed since; the prefixes a
+replica holds from the keys it reports plus those this router placed there since (kept until
+two newer reports: prefix_affinity.PrefixLedger). For a request with prefix keys, each
+replica is asked its requests in flight (`RunningReplica.get_queue_len`, all at once, at most
+PROBE_DEADLINE_S: one round trip added to the routing of a chat completion); one that does not
+answer counts its reported engine queue (the prefix_affinity docstring says why not Serve's
+queue-length cache). Prefix keys are computed in Serve's proxy, the only process that sees the
+body before routing (prefix_ingress.py), and read from a header of the scope. The router
 subclasses the base RequestRouter and none of its mixins: the base fulfils exactly the request
 it chose replicas for (the FIFO mixin would hand a chosen replica to the oldest waiting
 request, whatever its session).
@@ -31,6 +45,7 @@ Serve pickles this module by value into each routing process: it keeps no state 
 
 from __future__ import annotations
 
+import asyncio
 import pickle
 from typing import Any, Mapping
 
@@ -46,6 +61,10 @@ from omnistream.cluster.placement import (
     route_of_key,
     route_of_scope,
 )
+from omnistream.cluster.prefix_affinity import PrefixLedger, StatelessCandidate, rank_stateless, stateless_load
+
+PROBE_DEADLINE_S = 0.1  # Serve's own deadline for asking a replica its queue length
+
 
 def replica_name(replica: RunningReplica) -> str:
     return replica.replica_id.unique_id
@@ -54,11 +73,13 @@ def replica_name(replica: RunningReplica) -> str:
 class SessionAffinityRouter(RequestRouter):
     def initialize_state(self, **kwargs: Any) -> None:
         self._ledger = PlacementLedger()
+        self._prefixes = PrefixLedger()
 
     def update_replicas(self, replicas: list[RunningReplica]) -> None:
         super().update_replicas(replicas)
         names = tuple(sorted(replica_name(r) for r in replicas))
         self._ledger.forget_others(names)
+        self._prefixes.forget_others(names)
         peers.publish(self.app_name, names, frozenset(replica_name(r) for r in replicas if _draining(r)))
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
@@ -81,13 +102,33 @@ class SessionAffinityRouter(RequestRouter):
         if route.kind is Kind.OPEN:
             ranked = rank_for_sessions(self._load(r) for r in candidate_replicas)
             self._ledger.record(ranked[0], pending_request.metadata.internal_request_id)
-            return [[by_name[name]] for name in ranked]
-        return [candidate_replicas]
+        elif route.kind is Kind.STATELESS and route.prefix_keys:
+            keys = route.prefix_keys
+            in_flight = await asyncio.gather(*(_in_flight(r) for r in candidate_replicas))
+            ranked = rank_stateless(keys, (self._candidate(r, n, keys) for r, n in zip(candidate_replicas, in_flight)))
+            self._prefixes.record(ranked[0], keys)
+        else:
+            return [candidate_replicas]
+        pending_request.routing_context.should_backoff = True  # every replica is ranked: back off once all were full
+        return [[by_name[name]] for name in ranked]
 
     def _load(self, replica: RunningReplica) -> ReplicaLoad:
         name, stats = replica_name(replica), replica.routing_stats or {}
         self._ledger.observe_report(name, stats.get("report"))
         return ReplicaLoad.from_stats(name, stats, self._ledger.placed(name))
+
+    def _candidate(self, replica: RunningReplica, in_flight: int | None, keys: tuple[str, ...]) -> StatelessCandidate:
+        name, stats = replica_name(replica), replica.routing_stats or {}
+        self._prefixes.observe_report(name, stats)
+        return StatelessCandidate(name, stateless_load(in_flight, stats), self._prefixes.depth(name, keys))
+
+
+async def _in_flight(replica: RunningReplica) -> int | None:
+    """The replica's requests in flight, as it counts them; None if it does not answer in time."""
+    try:
+        return await asyncio.wait_for(replica.get_queue_len(deadline_s=PROBE_DEADLINE_S), PROBE_DEADLINE_S)
+    except Exception:  # noqa: BLE001 - a slow or dead replica: its last report stands in
+        return None
 
 
 def _draining(replica: RunningReplica) -> bool:
