@@ -249,6 +249,8 @@ print("ok")
 """
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU runs the compiled kernel (the tests below); the "
+                    "interpreter of the H200 image's Triton cannot index the split loop's runtime bound")
 def test_triton_kernel_interpreted():
     """The Triton kernel under TRITON_INTERPRET=1 on the CPU (float16: the interpreter's bf16
     tl.dot is broken), split-K and single-share plans, with and without bias."""
