@@ -32,6 +32,8 @@ from omnistream.media.patchify import normalize_rows
 from omnistream.models.mrope import mrope_positions
 from omnistream.models.prompt import build_prompt
 
+HOST_PREPROCESS_TARGET_S = 0.030  # issue 11: resize + patchify + hash of 64 448x448 frames on the host
+
 ROWS = ("vision_encode_s", "ttft_s", "decode_ms_per_token", "peak_gib")
 AGREE_TOKENS = 16
 WARMUP_SEED_OFFSET = 1000
@@ -213,6 +215,8 @@ class EngineSystem:
             "ttft_s": m.ttft_s - m.media_decode_s - m.preprocess_s,
             "ttft_with_preprocess_s": m.ttft_s,
             "preprocess_s": m.media_decode_s + m.preprocess_s,
+            "media_decode_s": m.media_decode_s,  # PyAV
+            "host_preprocess_s": m.preprocess_s,  # resize + patchify + hash (normalisation is on the device)
             "decode_ms_per_token": 1000 / tps if tps else None,
             "tokens": res.token_ids,
         }
@@ -381,7 +385,11 @@ def print_report(r: dict, out=None) -> None:
         print(f"{label:<18}{vals}{(_fmt(ratio, 2) + 'x') if ratio else 'n/a':>8}{fl:>8}", file=out)
     if s["transformers_tuned"]["status"] != "ok":
         print(f"transformers tuned: n/a ({s['transformers_tuned']['reason']})", file=out)
-    print(f"omnistream preprocess (decode + resize/patchify, excluded from TTFT): {_fmt(s['omnistream'].get('preprocess_s'))} s", file=out)
+    o = s["omnistream"]
+    host = o.get("host_preprocess_s")
+    mark = "" if host is None else f"  [host preprocessing <= {HOST_PREPROCESS_TARGET_S * 1000:.0f} ms: {'ok' if host <= HOST_PREPROCESS_TARGET_S else 'MISSED'}]"
+    print(f"omnistream host work before the engine (excluded from TTFT): {_fmt(o.get('preprocess_s'))} s = decode "
+          f"{_fmt(o.get('media_decode_s'))} s + preprocessing (resize, patchify, hash) {_fmt(host)} s{mark}", file=out)
     print(f"decode floor: {floor['decoder_weight_bytes'] / 1e9:.3f} GB decoder+lm_head weights / {floor['bandwidth_bytes_per_s'] / 1e12:.3f} TB/s "
           f"measured copy bandwidth; with KV reads at {floor['context_tokens']} tokens: {_fmt(floor['decode_ms_per_token_with_kv'])} ms", file=out)
     for label, a in (("omnistream", r["agreement"]), ("transformers tuned", r["agreement_tuned"])):
