@@ -394,3 +394,18 @@ def test_cap_and_ttl(engine):
         c = Client(url, key=None)
         assert c.recv()["type"] == "session.created"
         c.close()
+
+
+def test_response_sampling_takes_the_server_defaults():
+    """A live answer's unset sampling fields take `omnistream serve`'s defaults (as chat
+    completions do); set ones win; without defaults it is greedy."""
+    from omnistream.engine.sampling import SamplingParams
+    from omnistream.server.realtime import DEFAULT_MAX_OUTPUT_TOKENS, ResponseFields, response_sampling
+
+    defaults = SamplingParams(temperature=0.7, top_p=0.9, top_k=20, seed=5)
+    s = response_sampling(ResponseFields(), defaults)
+    assert (s.temperature, s.top_p, s.top_k, s.seed, s.max_new_tokens) == (0.7, 0.9, 20, 5, DEFAULT_MAX_OUTPUT_TOKENS)
+    s = response_sampling(ResponseFields(temperature=0, top_p=0.5, seed=1, max_output_tokens=3), defaults)
+    assert (s.temperature, s.top_p, s.top_k, s.seed, s.max_new_tokens) == (0, 0.5, 20, 1, 3)
+    g = response_sampling(ResponseFields(), None)
+    assert g.temperature == 0 and g.top_p == 1.0 and g.seed is None

@@ -120,6 +120,17 @@ class ResponseFields(_Strict):
     modalities: list[Literal["text"]] | None = None
 
 
+def response_sampling(fields: ResponseFields, defaults: SamplingParams | None) -> SamplingParams:
+    """A live answer's sampling: the response's fields over the server's defaults (`omnistream
+    serve --temperature ...`, as chat completions take them); without either, greedy."""
+    base = defaults or SamplingParams()
+    return SamplingParams(
+        temperature=base.temperature if fields.temperature is None else fields.temperature,
+        top_p=base.top_p if fields.top_p is None else fields.top_p, top_k=base.top_k,
+        seed=base.seed if fields.seed is None else fields.seed, stop_token_ids=base.stop_token_ids,
+        max_new_tokens=fields.max_output_tokens or DEFAULT_MAX_OUTPUT_TOKENS)
+
+
 class TextContent(_Strict):
     type: Literal["input_text"]
     text: str
@@ -340,8 +351,7 @@ class RealtimeConnection:
                              "or send response.cancel", "too_many_questions")
         if not self.question:
             raise EventError("no question: send conversation.item.create with input_text first", "no_question")
-        sampling = SamplingParams(temperature=fields.temperature or 0.0, top_p=fields.top_p or 1.0, seed=fields.seed,
-                                  max_new_tokens=fields.max_output_tokens or DEFAULT_MAX_OUTPUT_TOKENS)
+        sampling = response_sampling(fields, self.state.default_sampling)
         question, self.question = "\n".join(self.question), []
         r = Response(f"resp_{uuid.uuid4().hex[:16]}", event.get("event_id"))
         self.registry.hold(self.id, self.tenant, "live")  # not expired while it answers (released by _end)
