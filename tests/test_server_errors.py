@@ -349,3 +349,19 @@ def test_overloaded_queue_is_a_503(engine, base_url, client):
                 assert '"content"' in next(line for line in first_lines if line)  # the first one still runs
     wait_idle(engine)
     assert_serving(client)
+
+
+def test_api_keys_file_is_checked_at_startup(tmp_path):
+    """Every line's key is accepted (comments and blank lines skipped); a missing, empty or
+    malformed file is refused when the server is configured, naming the file and the line."""
+    from omnistream.errors import ConfigError
+
+    good = tmp_path / "keys.txt"
+    good.write_text("alpha\n# beta\n\n gamma  # ops\n")
+    assert ServerConfig(api_key="k", api_keys_file=good).api_keys() == ["k", "alpha", "gamma"]
+    assert ServerConfig(api_keys_file=good).api_keys() == ["alpha", "gamma"]
+    (tmp_path / "empty.txt").write_text("# nobody\n")
+    (tmp_path / "bad.txt").write_text("ok\ntwo words\n")
+    for name, message in (("missing.txt", "No such file"), ("empty.txt", "no keys"), ("bad.txt", "line 2")):
+        with pytest.raises(ConfigError, match=message):
+            ServerConfig(api_keys_file=tmp_path / name)

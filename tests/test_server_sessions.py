@@ -16,7 +16,6 @@ from PIL import Image
 from omnistream.engine.sampling import SamplingParams
 from omnistream.entrypoints.api import Engine
 from omnistream.server.app import build_app
-from omnistream.server.auth import AuthMiddleware
 from omnistream.server.config import ServerConfig
 from tests.server_util import serve
 
@@ -36,14 +35,6 @@ def image_part(data: bytes) -> dict:
     return {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(data).decode()}}
 
 
-def _with_second_key(app, key: str):
-    """ServerConfig takes one key; the tenant tests need two. The auth middleware's key list is
-    read when the app first runs, so a second key added here goes through the real auth path."""
-    [mw] = [m for m in app.user_middleware if m.cls is AuthMiddleware]
-    mw.kwargs["keys"].append(key)
-    return app
-
-
 @pytest.fixture(scope="module")
 def engine():
     eng = Engine.from_pretrained("demo")
@@ -52,8 +43,10 @@ def engine():
 
 
 @pytest.fixture(scope="module")
-def server(engine):
-    app = _with_second_key(build_app(engine, ServerConfig(api_key=KEY_A)), KEY_B)
+def server(engine, tmp_path_factory):
+    keys = tmp_path_factory.mktemp("keys") / "keys.txt"
+    keys.write_text(f"# tenants\n{KEY_B}  # the second tenant\n\n")
+    app = build_app(engine, ServerConfig(api_key=KEY_A, api_keys_file=keys))  # two keys: two tenants
     with serve(app) as url:
         yield url, app
 

@@ -219,6 +219,8 @@ def _add(group, opt: Option, default: Any, dest_prefix: str, command_default: An
 def _metavar(opt: Option) -> str:
     if opt.name.endswith("_bytes"):
         return "BYTES"
+    if opt.name.endswith("_file"):
+        return "FILE"
     return {int: "N", float: "X", tuple: "IDS", Path: "DIR"}.get(opt.kind, "TEXT")
 
 

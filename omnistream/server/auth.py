@@ -1,6 +1,7 @@
 """API keys and tenants.
 
-With `ServerConfig.api_key` set, every HTTP request and WebSocket except the public paths
+With `ServerConfig.api_key` (and / or `api_keys_file`, one key per line) set, every HTTP
+request and WebSocket except the public paths
 (/health, and whatever a module adds with `allow_anonymous`) must present the key:
 
     HTTP        Authorization: Bearer <key>
@@ -10,7 +11,7 @@ With `ServerConfig.api_key` set, every HTTP request and WebSocket except the pub
 
 Keys are compared in constant time. The key also names the tenant: `tenant_for(conn)` is a
 salt derived from it (sha256), passed as the cache salt of every request, so clients of two keys
-never share prefix-cache KV or re-sent media. Without a key the server is open and has one
+never share prefix-cache KV or re-sent media, and see only their own sessions. Without a key the server is open and has one
 tenant (None).
 """
 
@@ -124,8 +125,7 @@ async def _deny(scope: Scope, receive: Receive, send: Send, message: str) -> Non
 
 def install(app: FastAPI) -> None:
     state = app.state.omni
-    key = state.config.api_key
     public = state.extras.setdefault("public_paths", set())
     public.update(PUBLIC_PATHS)
     # the set is shared: paths added by modules installed later are honoured too
-    app.add_middleware(AuthMiddleware, keys=[key] if key else [], public=public)
+    app.add_middleware(AuthMiddleware, keys=state.config.api_keys(), public=public)
