@@ -102,6 +102,10 @@ class SessionAffinityRouter(RequestRouter):
         if route.kind is Kind.OPEN:
             ranked = rank_for_sessions(self._load(r) for r in candidate_replicas)
             self._ledger.record(ranked[0], pending_request.metadata.internal_request_id)
+        elif route.kind is Kind.STATELESS and route.prefix_keys and len(candidate_replicas) == 1:
+            # no choice to make: no round trip to ask the replica its load (it is on the TTFT path)
+            self._prefixes.record(replica_name(candidate_replicas[0]), route.prefix_keys)
+            return [candidate_replicas]
         elif route.kind is Kind.STATELESS and route.prefix_keys:
             keys = route.prefix_keys
             in_flight = await asyncio.gather(*(_in_flight(r) for r in candidate_replicas))
