@@ -38,6 +38,12 @@ def test_latency_bench(tmp_path, capsys):
     assert r["ratios"]["ttft_s"] > 0 and r["ratios"]["peak_gib"] is None  # no device memory on CPU
     assert r["floor"]["decode_ms_per_token"] > 0 and r["floor"]["bandwidth_bytes_per_s"] > 0
     assert r["floor"]["decoder_weight_bytes"] > 0
+    # work per stage and the achieved rates (vision FLOPs counted on a real forward)
+    assert r["work"]["vision_flops"] > 0 and r["work"]["prefill_flops"] > 0 and r["work"]["matmul_peak_flops_per_s"] > 0
+    for name in ("transformers", "omnistream"):
+        rates = r["rates"][name]
+        assert rates["vision_tflops"] > 0 and 0 < rates["decode_of_bandwidth"], (name, rates)
+    assert "TFLOP/s" in out and "of the copy bandwidth" in out
     # float32 on the CPU: the engine reproduces transformers' greedy tokens exactly
     assert r["agreement"] == {"compared": 4, "matching_prefix": 4, "equal_positions": 4}
 

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from omnistream.bench.flops import encoder_flops, matmul_peak_flops, prefill_flops
 from omnistream.bench.models import make_pair, resolve_dtype
 from omnistream.bench.workload import video_question, video_tokens
 from omnistream.engine.sampling import SamplingParams
@@ -345,6 +346,7 @@ def run_latency(model_config: str, device: str, dtype: str, frames: int, size: i
     floor = decode_floor(engine.model, bw, len(clips[0].prompt_ids) + new_tokens // 2)
     floor["bandwidth_samples"] = bw_samples
     base, ours = systems["transformers"], systems["omnistream"]
+    work = stage_work(engine, clips[0], dev, tdtype)
     return {
         "env": environment(dev, tdtype),
         "workload": {
@@ -356,9 +358,33 @@ def run_latency(model_config: str, device: str, dtype: str, frames: int, size: i
         "ratios": {k: _ratio(base.get(k), ours.get(k)) for k in ROWS},
         "ratios_tuned": {k: _ratio(systems["transformers_tuned"].get(k), ours.get(k)) for k in ROWS},
         "floor": floor,
+        "work": work,
+        "rates": {name: stage_rates(systems[name], work, floor) for name in systems if systems[name].get("status") == "ok"},
         "agreement": agreement(base["tokens"], ours["tokens"]),
         "agreement_tuned": agreement(base["tokens"], systems["transformers_tuned"]["tokens"]) if "tokens" in systems["transformers_tuned"] else None,
     }
+
+
+def stage_work(engine, p: Prepared, device: torch.device, dtype: torch.dtype) -> dict:
+    """FLOPs of the clip's vision forward and of its prompt's prefill, and the measured matmul peak."""
+    pixels = p.hf_inputs["pixel_values_videos"]
+    grids = [tuple(g) for g in p.hf_inputs["video_grid_thw"].tolist()]
+    vision = encoder_flops(engine.model.media_encoder("video"), pixels.shape[0], pixels.shape[1], grids, device, dtype)
+    return {"vision_flops": vision, "prefill_flops": prefill_flops(engine.model.cfg.text, len(p.prompt_ids)),
+            "matmul_peak_flops_per_s": matmul_peak_flops(device, dtype)}
+
+
+def stage_rates(system: dict, work: dict, floor: dict) -> dict:
+    """Achieved TFLOP/s of vision and prefill (TTFT less vision), their share of the matmul peak,
+    and the decode step's share of the measured copy bandwidth (weights + KV per token)."""
+    vision, ttft, decode = system.get("vision_encode_s"), system.get("ttft_s"), system.get("decode_ms_per_token")
+    peak = work["matmul_peak_flops_per_s"]
+    v = work["vision_flops"] / vision / 1e12 if vision else None
+    prefill_s = ttft - vision if ttft and vision and ttft > vision else None
+    pf = work["prefill_flops"] / prefill_s / 1e12 if prefill_s else None
+    return {"vision_tflops": v, "vision_of_peak": v * 1e12 / peak if v else None,
+            "prefill_tflops": pf, "prefill_of_peak": pf * 1e12 / peak if pf else None,
+            "decode_of_bandwidth": floor["decode_ms_per_token_with_kv"] / decode if decode else None}
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -392,6 +418,16 @@ def print_report(r: dict, out=None) -> None:
           f"{_fmt(o.get('media_decode_s'))} s + preprocessing (resize, patchify, hash) {_fmt(host)} s{mark}", file=out)
     print(f"decode floor: {floor['decoder_weight_bytes'] / 1e9:.3f} GB decoder+lm_head weights / {floor['bandwidth_bytes_per_s'] / 1e12:.3f} TB/s "
           f"measured copy bandwidth; with KV reads at {floor['context_tokens']} tokens: {_fmt(floor['decode_ms_per_token_with_kv'])} ms", file=out)
+    work = r.get("work")
+    if work:
+        print(f"work: vision {work['vision_flops'] / 1e12:.2f} TFLOP (counted; kernels torch cannot see count 0), prefill "
+              f"{work['prefill_flops'] / 1e12:.2f} TFLOP (from the config); measured matmul peak "
+              f"{work['matmul_peak_flops_per_s'] / 1e12:.0f} TFLOP/s", file=out)
+        pct = lambda x: "n/a" if x is None else f"{100 * x:.0f}%"  # noqa: E731
+        for name, rt in r["rates"].items():
+            print(f"  {name:<20} vision {_fmt(rt['vision_tflops'], 1)} TFLOP/s ({pct(rt['vision_of_peak'])} of peak), prefill "
+                  f"{_fmt(rt['prefill_tflops'], 1)} TFLOP/s ({pct(rt['prefill_of_peak'])}), decode at "
+                  f"{pct(rt['decode_of_bandwidth'])} of the copy bandwidth", file=out)
     for label, a in (("omnistream", r["agreement"]), ("transformers tuned", r["agreement_tuned"])):
         if a:  # tuned vs default shows how far rounding alone moves greedy tokens (bf16, random weights)
             print(f"greedy agreement transformers vs {label} (first {a['compared']} tokens): "
