@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from omnistream.bench.latency import environment
+from omnistream.bench.flops import encoder_flops, matmul_peak_flops, prefill_flops
+from omnistream.bench.latency import decode_floor, environment, measure_bandwidth
 from omnistream.bench.models import make_engine, resolve_dtype
 from omnistream.bench.workload import video_question, video_tokens
 from omnistream.engine.protocol import EngineRequest
@@ -100,14 +101,22 @@ def profile_request(engine, frames: int, size: int, new_tokens: int, seed: int) 
     stages = {
         "frames (synthesis + load)": (t1 - t0) + sum(m.decode_s for m in items),
         "resize/patchify": sum(m.preprocess_s for m in items),
+        "hash": sum(m.hash_s for m in items),
         "prompt build": t3 - t2,
         "vision: copy, layout, rotary": max(0.0, vision_total - sum(vision.values())),
         **{k: vision.get(k, 0.0) for k in VISION_PARTS},
         "prefill (LLM)": max(0.0, prefill_s - vision_total),
         f"decode ({len(decode_steps)} steps)": sum(decode_steps),
     }
+    pixels = torch.cat([m.pixel_values for m in items])
+    work = {"vision_flops": encoder_flops(engine.model.media_encoder("video"), pixels.shape[0], pixels.shape[1],
+                                          [m.grid_thw for m in items], dev, next(engine.model.parameters()).dtype),
+            "prefill_flops": prefill_flops(engine.model.cfg.text, len(prompt.token_ids))}
     return {
         "stages": stages,
+        "work": work,
+        "vision_s": vision_total,
+        "prefill_s": stages["prefill (LLM)"],
         "total_s": sum(stages.values()),
         "decode_ms_per_token": 1000 * sum(decode_steps) / len(decode_steps) if decode_steps else None,
         "decode_steps_s": decode_steps,
@@ -135,8 +144,16 @@ def print_profile(r: dict, out=None) -> None:
     for name, s in r["stages"].items():
         print(f"{name:<34}{s:>10.4f}{100 * s / total if total else 0:>8.1f}", file=out)
     print(f"{'total':<34}{total:>10.4f}{100.0:>8.1f}", file=out)
+    rate = lambda flops, sec: "n/a" if not sec else f"{flops / sec / 1e12:.1f} TFLOP/s"  # noqa: E731
+    w_, floor = r["work"], r["floor"]
+    print(f"vision {w_['vision_flops'] / 1e12:.2f} TFLOP at {rate(w_['vision_flops'], r['vision_s'])}, prefill "
+          f"{w_['prefill_flops'] / 1e12:.2f} TFLOP at {rate(w_['prefill_flops'], r['prefill_s'])} "
+          f"(matmul peak measured here: {floor['matmul_peak_flops_per_s'] / 1e12:.0f} TFLOP/s)", file=out)
     if r["decode_ms_per_token"] is not None:
-        print(f"decode per token: {r['decode_ms_per_token']:.3f} ms", file=out)
+        share = floor["decode_ms_per_token_with_kv"] / r["decode_ms_per_token"]
+        print(f"decode per token: {r['decode_ms_per_token']:.3f} ms; floor {floor['decode_ms_per_token_with_kv']:.3f} ms "
+              f"(weights + KV at {floor['context_tokens']} tokens / {floor['bandwidth_bytes_per_s'] / 1e12:.3f} TB/s measured "
+              f"copy bandwidth): {100 * share:.0f}% of the bandwidth", file=out)
 
 
 def cmd_profile(args) -> int:
@@ -148,6 +165,9 @@ def cmd_profile(args) -> int:
     engine = make_engine(model, device, args.dtype, args.seed, kv_cache_tokens=kv_tokens)
     profile_request(engine, args.frames, args.size, args.new_tokens, args.seed + 1000)  # warm-up
     report = profile_request(engine, args.frames, args.size, args.new_tokens, args.seed)
+    bandwidth, _ = measure_bandwidth(engine.device)
+    report["floor"] = decode_floor(engine.model, bandwidth, report["prompt_tokens"] + args.new_tokens // 2)
+    report["floor"]["matmul_peak_flops_per_s"] = matmul_peak_flops(engine.device, next(engine.model.parameters()).dtype)
     report["env"] = environment(engine.device, resolve_dtype(args.dtype, device))
     report["workload"] = {"model": str(model), "frames": args.frames, "size": args.size, "new_tokens": args.new_tokens,
                           "seed": args.seed, "video_tokens": video_tokens(args.frames, args.size)}
