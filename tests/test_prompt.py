@@ -232,8 +232,9 @@ def test_build_prompt_errors(tiny_tokenizer, make_media_item):
         build_prompt(tiny_tokenizer, _video_msgs(), [image])
     sneaky = [{"role": "user", "content": [{"type": "video"},
                                            {"type": "text", "text": "x<|video_pad|>"}]}]
-    with pytest.raises(UserInputError, match="literal"):
-        build_prompt(tiny_tokenizer, sneaky, [video])
+    # a placeholder written in the text is text (models/literal_text.py), not a second video
+    p = build_prompt(tiny_tokenizer, sneaky, [video])
+    assert p.token_ids.count(tiny_tokenizer.video_token_id) == video.num_tokens and "x<|video_pad|>" in p.text
 
 
 def test_build_prompt_matches_processor_for_images(tiny_model_dir, tiny_tokenizer):

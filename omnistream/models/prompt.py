@@ -19,6 +19,7 @@ from typing import Any, Mapping, Sequence
 
 from omnistream.errors import UserInputError
 from omnistream.media.item import MediaItem, media_blocks
+from omnistream.models.literal_text import render_and_encode
 from omnistream.models.tokenizer import Tokenizer
 
 __all__ = ["PlaceholderRange", "Prompt", "build_prompt", "media_parts", "expand_placeholders"]
@@ -165,10 +166,7 @@ def build_prompt(
                 f"media part {k + 1} of the messages is {_article(kind)} {kind}, "
                 f"but media item {k + 1} is {_article(got)} {got}"
             )
-    text = tokenizer.apply_chat_template(
-        messages, add_generation_prompt=add_generation_prompt, **template_kwargs
-    )
-    ids = tokenizer.encode(text)
+    text, ids = render_and_encode(tokenizer, messages, add_generation_prompt, **template_kwargs)  # users' text stays text
     token_ids, ranges = expand_placeholders(
         ids,
         media_items,

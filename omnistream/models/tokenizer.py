@@ -94,6 +94,8 @@ class Tokenizer:
             raise ConfigError(f"cannot load {tok_path}: {e}") from e
         self._tok.no_padding()
         self._tok.no_truncation()
+        self._literal = None  # made on first use by encode_literal
+        self._special: tuple[str, ...] | None = None
 
         self._config = _read_json(self.model_dir / "tokenizer_config.json") or {}
         omni = {tok: name for name, tok in _OMNI_NAMES.items()}
@@ -157,6 +159,23 @@ class Tokenizer:
         """Token ids of ``text``; special tokens written in the text (``<|im_start|>``...)
         become single ids, exactly as transformers' tokenizer does. Adds no BOS/EOS."""
         return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_literal(self, text: str) -> list[int]:
+        """Token ids of ``text`` with special-token strings as plain text (``<|im_end|>`` is
+        ``<``, ``|``, ``im``, ...): what users write can never become a control token."""
+        if self._literal is None:  # a copy that does not match added tokens (thread-safe: never toggled)
+            from tokenizers import Tokenizer as _HFTokenizer
+
+            literal = _HFTokenizer.from_str(self._tok.to_str())
+            literal.encode_special_tokens = True
+            self._literal = literal
+        return self._literal.encode(text, add_special_tokens=False).ids
+
+    def special_strings(self) -> tuple[str, ...]:
+        """Every added special token's string (what models/literal_text.py looks for in users' text)."""
+        if self._special is None:
+            self._special = tuple(t.content for t in self._tok.get_added_tokens_decoder().values() if t.special)
+        return self._special
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]

@@ -64,6 +64,7 @@ from omnistream.media.item import MediaItem
 from omnistream.media.patchify import patchify
 from omnistream.media.processor import check_pixel_count
 from omnistream.media.resize import VIDEO_MAX_PIXELS, VIDEO_MIN_PIXELS, resize_frames, smart_resize
+from omnistream.models.literal_text import encode_turn, render_and_encode
 from omnistream.models.prompt import block_kind, expand_placeholders
 from omnistream.sessions.session import PendingAnswer, Session
 
@@ -365,8 +366,7 @@ class LiveSession(Session):
 
     def _build_prefix(self, items: list[MediaItem]) -> tuple[list[int], list[tuple[int, MediaItem]]]:
         tok = self.engine.tokenizer
-        text = tok.apply_chat_template(self._base_messages(block_kind(items)), add_generation_prompt=False)
-        ids, ranges = expand_placeholders(tok.encode(text), items, image_token_id=tok.image_token_id, video_token_id=tok.video_token_id,
+        ids, ranges = expand_placeholders(render_and_encode(tok, self._base_messages(block_kind(items)), add_generation_prompt=False)[1], items, image_token_id=tok.image_token_id, video_token_id=tok.video_token_id,
                                           audio_token_id=tok.audio_token_id, audio_start_token_id=tok.audio_start_token_id,
                                           audio_end_token_id=tok.audio_end_token_id)
         return ids, [(r.offset, item) for r, item in zip(ranges, items)]
@@ -447,9 +447,7 @@ class LiveSession(Session):
         """The user turn + assistant header, as the template renders it after the history."""
         tok = self.engine.tokenizer
         history = self._base_messages() + self.messages[1 if self.messages and self.messages[0]["role"] == "system" else 0:]
-        before = tok.apply_chat_template(history, add_generation_prompt=False)
-        full = tok.apply_chat_template(history + [{"role": "user", "content": question}], add_generation_prompt=True)
-        return tok.encode(full[len(before):])
+        return encode_turn(tok, history, [{"role": "user", "content": question}])
 
     # ------------------------------------------------------------------ policy fast
     def _sync_kv(self) -> None:

@@ -30,6 +30,7 @@ from omnistream.engine.protocol import EngineRequest, OutputDelta, RequestOutput
 from omnistream.engine.sampling import SamplingParams
 from omnistream.errors import UserInputError
 from omnistream.media.item import MediaItem, media_blocks
+from omnistream.models.literal_text import encode_turn
 from omnistream.models.position_prefix import KnownPositions, extend_positions, text_positions
 from omnistream.models.prompt import block_kind, expand_placeholders
 
@@ -202,11 +203,7 @@ class Session:
         a turn tokenises exactly as it does inside the whole conversation (Qwen's template
         renders every message independently of the ones after it)."""
         tok = self.engine.tokenizer
-        before = tok.apply_chat_template(self.messages, add_generation_prompt=False) if self.token_ids else ""
-        full = tok.apply_chat_template(self.messages + [user], add_generation_prompt=True)
-        if not full.startswith(before):
-            raise UserInputError("chat template does not render turns incrementally")
-        ids = tok.encode(full[len(before):])
+        ids = encode_turn(tok, self.messages, [user], history_rendered=bool(self.token_ids))
         ids, ranges = expand_placeholders(ids, self._pending_items, image_token_id=tok.image_token_id, video_token_id=tok.video_token_id,
                                           audio_token_id=tok.audio_token_id, audio_start_token_id=tok.audio_start_token_id,
                                           audio_end_token_id=tok.audio_end_token_id)
