@@ -357,11 +357,14 @@ def test_api_keys_file_is_checked_at_startup(tmp_path):
     from omnistream.errors import ConfigError
 
     good = tmp_path / "keys.txt"
-    good.write_text("alpha\n# beta\n\n gamma  # ops\n")
-    assert ServerConfig(api_key="k", api_keys_file=good).api_keys() == ["k", "alpha", "gamma"]
-    assert ServerConfig(api_keys_file=good).api_keys() == ["alpha", "gamma"]
+    good.write_bytes("\ufeffalpha\r\n# beta\n\n gamma#ops \n".encode())  # a BOM, CRLF, '#' inside a key
+    assert ServerConfig(api_key="k", api_keys_file=good).api_keys() == ["k", "alpha", "gamma#ops"]
+    assert ServerConfig(api_keys_file=good).api_keys() == ["alpha", "gamma#ops"]
     (tmp_path / "empty.txt").write_text("# nobody\n")
     (tmp_path / "bad.txt").write_text("ok\ntwo words\n")
     for name, message in (("missing.txt", "No such file"), ("empty.txt", "no keys"), ("bad.txt", "line 2")):
         with pytest.raises(ConfigError, match=message):
             ServerConfig(api_keys_file=tmp_path / name)
+    for key in ("", " ", "a b"):  # `--api-key "$KEY"` with KEY unset must not start an open server
+        with pytest.raises(ConfigError, match="api_key"):
+            ServerConfig(api_key=key)

@@ -27,12 +27,14 @@ UVICORN_LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 ACCESS_LOGGER = "omnistream.server.access"
 
 
-def startup_line(url: str, model_name: str, engine, source: str | None = None) -> str:
-    """The one line printed once the socket is bound: where, which model (from where), on what."""
+def startup_line(url: str, model_name: str, engine, source: str | None = None, api_keys: int = 0) -> str:
+    """The one line printed once the socket is bound: where, which model (from where), on what,
+    and whether a key is needed (an open server says so)."""
     weights = "; RANDOM weights: answers are meaningless text" if engine.random_weights else ""
     where = source or f"from {engine.model_dir}"
     dtype = str(engine.cfg.torch_dtype).replace("torch.", "")
-    return f"{STARTUP_PREFIX}{url} (model {model_name!r} {where}; {engine.cfg.device} {dtype}{weights})"
+    auth = f"; {api_keys} API key{'s' if api_keys > 1 else ''}" if api_keys else "; no API key: open to whoever reaches it"
+    return f"{STARTUP_PREFIX}{url} (model {model_name!r} {where}; {engine.cfg.device} {dtype}{weights}{auth})"
 
 
 def parse_startup_line(line: str) -> str | None:
@@ -172,7 +174,7 @@ def cmd_serve(args) -> int:
                 app.state.omni.default_sampling = default_sampling
             app.state.omni.default_max_tokens = options.sampling_kwargs(args).get("max_new_tokens")
             source = f"built as a random {args.model_config} architecture" if args.model_config else None
-            print(startup_line(url_of(sock), app.state.omni.model_name, engine, source), flush=True)
+            print(startup_line(url_of(sock), app.state.omni.model_name, engine, source, len(config.api_keys())), flush=True)
             serve(app, sock, args.log_level, args.shutdown_timeout_s)
     finally:
         sock.close()

@@ -9,12 +9,20 @@ from pathlib import Path
 from omnistream.errors import ConfigError
 
 
+def _check_key(key: str, where: str) -> str:
+    """A key a client can send in `Authorization: Bearer <key>`: one word of printable characters."""
+    if not key or any(c.isspace() for c in key) or not key.isprintable():
+        raise ConfigError(f"{where}: an API key is one non-empty word of printable characters "
+                          f"(an empty --api-key \"$KEY\" would leave the server open), got {key!r}")
+    return key
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     api_key: str | None = None  # Bearer key required on every route but /health; None: open
-    api_keys_file: Path | None = None  # more keys, one per line ('#' comments), each its own tenant
+    api_keys_file: Path | None = None  # more keys, one per line ('#' starts a comment line), each its own tenant
     served_model_name: str | None = None  # the `model` clients send; None: the checkpoint folder's name
     allowed_media_path: Path | None = None  # local files readable by image_url/video_url; None: none
     allow_remote_media: bool = False  # http(s) media URLs; off by default (the server fetches nothing)
@@ -41,6 +49,8 @@ class ServerConfig:
         for name in ("max_video_seconds", "max_audio_seconds", "media_decode_timeout_s", "session_ttl_s"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.api_key is not None:
+            _check_key(self.api_key, "api_key")  # an empty one ("$KEY" unset) would leave the server open
         if self.api_keys_file is not None:
             self.api_keys()  # unreadable or malformed: refused at startup, not at the first request
         if self.allowed_media_path is not None and not Path(self.allowed_media_path).is_dir():
@@ -51,17 +61,15 @@ class ServerConfig:
         keys = [self.api_key] if self.api_key else []
         if self.api_keys_file is None:
             return keys
-        try:
-            lines = Path(self.api_keys_file).read_text(encoding="utf-8").splitlines()
+        try:  # utf-8-sig: a byte-order mark (files saved on Windows) is not part of the first key
+            lines = Path(self.api_keys_file).read_text(encoding="utf-8-sig").splitlines()
         except (OSError, UnicodeDecodeError) as e:
             raise ConfigError(f"api_keys_file {self.api_keys_file}: {e}") from None
         for n, line in enumerate(lines, 1):
-            key = line.split("#", 1)[0].strip()
-            if not key:
+            key = line.strip()
+            if not key or key.startswith("#"):  # whole-line comments only: '#' may be part of a key
                 continue
-            if any(c.isspace() for c in key) or not key.isprintable():
-                raise ConfigError(f"api_keys_file {self.api_keys_file}, line {n}: a key is one word of printable characters")
-            keys.append(key)
+            keys.append(_check_key(key, f"api_keys_file {self.api_keys_file}, line {n}"))
         if len(keys) == (1 if self.api_key else 0):
             raise ConfigError(f"api_keys_file {self.api_keys_file}: no keys in it")
         return keys
