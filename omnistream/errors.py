@@ -2,6 +2,8 @@
 `UserInputError` so the CLI prints one line and the server maps them to 4xx JSON; engine faults
 derive from `EngineError`."""
 
+import re
+
 
 class OmnistreamError(Exception):
     """Base class of every error omnistream raises on purpose."""
@@ -29,3 +31,15 @@ class UnknownSessionError(UserInputError):
 
 class EngineError(OmnistreamError):
     """Internal failure of the engine (not caused by the request)."""
+
+
+_OBJECT_REPR = re.compile(r"<[\w.]+ object at 0x[0-9a-fA-F]+>")
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception's text for a user: FFmpeg's reason without errno and path (its strerror),
+    on one line (PIL / FFmpeg messages sometimes span several), without Python object reprs
+    (PIL names a buffer `<_io.BytesIO object at 0x...>`)."""
+    reason = getattr(exc, "strerror", None) or str(exc)
+    text = " ".join(_OBJECT_REPR.sub("the data", str(reason)).split())
+    return text or type(exc).__name__

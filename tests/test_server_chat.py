@@ -266,3 +266,33 @@ def test_server_default_max_tokens_applies_when_a_request_sets_none(client, app)
         assert r.usage.completion_tokens == 3 and r.choices[0].finish_reason == "length"
     finally:
         state.default_max_tokens = None
+
+
+def _finished(base_url) -> dict[str, float]:
+    text = httpx.get(base_url + "/metrics").text
+    return {m.group(1): float(m.group(2)) for m in re.finditer(r'^omnistream_requests_finished_total\{finish_reason="(\w+)"\} (\S+)$', text, re.M)}
+
+
+def test_metrics_count_stop_strings_as_stop_and_dropped_streams_as_abort(client, base_url):
+    """A stop string ends the engine request by an abort: it is counted as "stop" (the client's
+    finish_reason). A stream the client drops mid-answer is counted (as "abort") once it ends."""
+    before = _finished(base_url)
+    out = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "count"}], max_tokens=40,
+                                         stop=[" "], **GREEDY)
+    assert out.choices[0].finish_reason in ("stop", "length")
+    stopped = out.choices[0].finish_reason == "stop"
+    with httpx.stream("POST", base_url + "/v1/chat/completions", timeout=60, json={
+            "model": MODEL, "messages": [{"role": "user", "content": "go on"}], "max_tokens": 4000, "stream": True,
+            "ignore_eos": True, "temperature": 0}) as r:
+        for i, _ in enumerate(r.iter_lines()):
+            if i > 4:
+                break  # the client leaves mid-answer
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        after = _finished(base_url)
+        if after.get("abort", 0) > before.get("abort", 0):
+            break
+        time.sleep(0.2)
+    assert after.get("abort", 0) == before.get("abort", 0) + 1  # the dropped stream only
+    if stopped:
+        assert after.get("stop", 0) == before.get("stop", 0) + 1

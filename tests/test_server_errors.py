@@ -175,6 +175,8 @@ def test_bad_base64_and_non_image_bytes(client, files):
     body = rejected(client, 400, image_part(data_url((files["root"] / "notes.txt").read_bytes())))
     assert body["code"] == "invalid_media" and "not an image" in body["message"]
     assert rejected(client, 400, image_part("notes.txt"))["code"] == "invalid_media"  # a local text file
+    body = rejected(client, 400, image_part("data:image/jpeg;base64,AAAA"))  # PIL names its buffer's repr
+    assert body["code"] == "invalid_media" and " object at 0x" not in body["message"], body["message"]
 
 
 def test_huge_png_header_refused_without_decoding(client):
@@ -368,3 +370,12 @@ def test_api_keys_file_is_checked_at_startup(tmp_path):
     for key in ("", " ", "a b"):  # `--api-key "$KEY"` with KEY unset must not start an open server
         with pytest.raises(ConfigError, match="api_key"):
             ServerConfig(api_key=key)
+
+
+def test_nan_sampling_values_are_named_as_not_finite(client, base_url):
+    """NaN is valid JSON to Python's parser; it was refused as "less than or equal to 2"."""
+    raw = '{"model": "%s", "messages": [{"role": "user", "content": "hi"}], "temperature": NaN}' % MODEL
+    r = httpx.post(base_url + "/v1/chat/completions", content=raw, timeout=30,
+                   headers={"Authorization": f"Bearer {KEY}", "content-type": "application/json"})
+    assert r.status_code == 400 and "finite" in r.json()["error"]["message"], r.text
+    assert_serving(client)

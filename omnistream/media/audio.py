@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from omnistream.errors import ConfigError, MediaError
+from omnistream.errors import ConfigError, MediaError, one_line
 from omnistream.media.pyav import av, check_media_file, decoded_frames
 
 SAMPLING_RATE = 16_000  # what the Whisper-style audio encoder was trained on
@@ -104,7 +104,7 @@ def decode_audio(path: str | os.PathLike, config: AudioConfig | None = None) -> 
             for out in resampler.resample(None):  # the resampler's delayed tail
                 total += _append(pieces, out)
     except (av.FFmpegError, OSError, ValueError, UnicodeDecodeError) as exc:
-        raise MediaError(f"not a readable audio file: {path} ({_one_line(exc)})") from None
+        raise MediaError(f"not a readable audio file: {path} ({one_line(exc)})") from None
     samples = np.concatenate(pieces) if pieces else np.zeros(0, np.float32)
     return _checked(AudioClip(samples, cfg.sampling_rate, int(rate), time.perf_counter() - t0), cfg, str(path))
 
@@ -192,10 +192,6 @@ def _checked(clip: AudioClip, cfg: AudioConfig, what: str) -> AudioClip:
         raise _too_long(n, cfg, what)
     return clip
 
-
-def _one_line(exc: BaseException) -> str:
-    reason = getattr(exc, "strerror", None) or str(exc)
-    return " ".join(str(reason).split()) or type(exc).__name__
 
 
 # ------------------------------------------------------------------------------------ features

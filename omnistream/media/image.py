@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from omnistream.errors import MediaError
+from omnistream.errors import MediaError, one_line
 
 # Larger images are refused before their pixels are decoded (a 20k x 20k RGB image is 1.2 GB).
 MAX_IMAGE_SIDE = 20_000
@@ -60,7 +60,7 @@ def _load_file(path: Path) -> np.ndarray:
     except Image.DecompressionBombError as exc:
         raise MediaError(f"image too large: {path} ({exc})") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as exc:
-        raise MediaError(f"cannot read image {path}: {_one_line(exc)}") from None
+        raise MediaError(f"cannot read image {path}: {one_line(exc)}") from None
 
 
 def _check_size(height: int, width: int, *, name: str) -> None:
@@ -92,7 +92,7 @@ def _pil_to_rgb(image: Image.Image, *, name: str) -> np.ndarray:
             image = image.convert("RGB")
         return np.asarray(image, dtype=np.uint8).copy()
     except (OSError, ValueError) as exc:
-        raise MediaError(f"cannot convert image {name} to RGB: {_one_line(exc)}") from None
+        raise MediaError(f"cannot convert image {name} to RGB: {one_line(exc)}") from None
 
 
 def _tensor_to_hwc(tensor: torch.Tensor) -> np.ndarray:
@@ -138,7 +138,3 @@ def _to_uint8(array: np.ndarray, *, name: str) -> np.ndarray:
     raise MediaError(f"{name} has unsupported dtype {array.dtype}")
 
 
-def _one_line(exc: BaseException) -> str:
-    """Exception text on one line (PIL / FFmpeg messages sometimes span several)."""
-    text = " ".join(str(exc).split())
-    return text or type(exc).__name__

@@ -18,7 +18,7 @@ from pathlib import Path
 from omnistream.media.pyav import av, check_media_file, decoded_frames
 import numpy as np
 
-from omnistream.errors import ConfigError, MediaError
+from omnistream.errors import ConfigError, MediaError, one_line
 from omnistream.media.image import MAX_IMAGE_PIXELS, MAX_IMAGE_SIDE, ImageSource, load_image
 from omnistream.media.resize import (
     FPS,
@@ -215,7 +215,7 @@ def _open(path: Path) -> av.container.InputContainer:
     try:
         return av.open(str(path), "r")
     except (av.FFmpegError, OSError, ValueError, UnicodeDecodeError) as exc:
-        raise MediaError(f"not a readable media file: {path} ({_one_line(exc)})") from None
+        raise MediaError(f"not a readable media file: {path} ({one_line(exc)})") from None
 
 
 def _video_stream(container: av.container.InputContainer, path: Path) -> av.VideoStream:
@@ -262,7 +262,7 @@ def _decode_pass(
     try:
         return _decode_frames(path, set(indices.tolist()), stop_after)
     except (av.FFmpegError, ValueError, OSError) as exc:  # errors outside packet decoding
-        raise MediaError(f"cannot decode {path}: {_one_line(exc)}") from None
+        raise MediaError(f"cannot decode {path}: {one_line(exc)}") from None
 
 
 def _decode_frames(
@@ -341,8 +341,3 @@ def select_frames(clip: VideoClip, nframes: int) -> VideoClip:
         duration_s=clip.duration_s,
     )
 
-
-def _one_line(exc: BaseException) -> str:
-    """FFmpeg's reason without errno and path (e.g. "Invalid data found when processing input")."""
-    reason = getattr(exc, "strerror", None) or str(exc)
-    return " ".join(str(reason).split()) or type(exc).__name__

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import time
 import uuid
@@ -125,6 +126,7 @@ class ChoiceRun:
     logprobs: list[tuple[int, tuple]] = field(default_factory=list)  # (token id, TokenLogprob)
     finish_reason: str | None = None
     output: RequestOutput | None = None
+    observed: bool = False  # counted in the metrics (once, however the choice ended)
 
 
 @dataclass
@@ -143,9 +145,14 @@ class ChatJob:
     first_sent: float | None = None  # perf_counter(): the first content chunk left for the socket
 
     def abort(self) -> None:
+        """Ends the choices still running (the client left, or the answer is complete) and counts
+        in the metrics those that did not finish normally, as "abort", once they have ended."""
         for c in self.choices:
             if not c.handle.done:
                 c.handle.abort()
+            if not c.observed and self.observe is not None:
+                c.observed = True
+                asyncio.get_running_loop().create_task(_observe_ended(c, self.observe))
 
     def usage(self) -> Usage:
         done = [c.output for c in self.choices if c.output is not None]
@@ -266,8 +273,18 @@ async def _run_choice(job: ChatJob, c: ChoiceRun, emit: Emit | None) -> None:
             await emit(c, rest, [])
     c.output = await c.handle.aresult()
     c.finish_reason = "stop" if c.stop.hit else c.output.finish_reason
-    if job.observe is not None:
-        job.observe(c.output)
+    if job.observe is not None and not c.observed:  # a stop string ends it by an abort: counted as "stop"
+        c.observed = True
+        job.observe(dataclasses.replace(c.output, finish_reason=c.finish_reason))
+
+
+async def _observe_ended(c: ChoiceRun, observe: Callable[[RequestOutput], None]) -> None:
+    """Counts a choice that was cut off (its client left mid-answer) once the engine has ended it."""
+    try:
+        out = await c.handle.aresult()
+    except Exception:  # noqa: BLE001 - an engine error: nothing to count as an answer
+        return
+    observe(dataclasses.replace(out, finish_reason="abort"))
 
 
 def _pairs(delta: OutputDelta) -> list[tuple[int, tuple]]:
@@ -286,12 +303,18 @@ async def _complete(request: Request, job: ChatJob) -> Response:
     finally:
         work.cancel()
         gone.cancel()
+        work.add_done_callback(_quiet)  # a cancelled gather's CancelledError is not an error to log
         job.abort()
     choices = [Choice(index=c.index, message=AssistantMessage(content=c.stop.text), finish_reason=c.finish_reason,
                       logprobs=job.logprobs_of(c.logprobs)) for c in job.choices]
     answer = ChatCompletion(id=job.id, created=job.created, model=job.model, choices=choices, usage=job.usage(),
                             metrics=job.metrics())
     return JSONResponse(answer.model_dump(mode="json"))
+
+
+def _quiet(fut: asyncio.Future) -> None:
+    if not fut.cancelled():
+        fut.exception()
 
 
 async def _disconnected(request: Request) -> None:

@@ -54,7 +54,7 @@ from urllib.parse import unquote, urlparse
 
 from PIL import Image, UnidentifiedImageError
 
-from omnistream.errors import MediaError, UserInputError
+from omnistream.errors import MediaError, UserInputError, one_line
 from omnistream.media.audio import AudioConfig
 from omnistream.media.audio_items import load_audio_source
 from omnistream.media.item import MediaItem
@@ -298,7 +298,7 @@ class MediaResolver:
             raise TooLarge(f"image too large: {e}") from None
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
             raise MediaError(f"{src.label} is not an image in a supported format "
-                             f"({', '.join(IMAGE_FORMATS)}): {_one_line(e)}") from None
+                             f"({', '.join(IMAGE_FORMATS)}): {one_line(e)}") from None
         w, h = image.size
         if w * h > self.config.max_image_pixels:
             raise TooLarge(f"image of {w}x{h} pixels exceeds the limit of {self.config.max_image_pixels} pixels")
@@ -365,7 +365,7 @@ def _hostile(label: str):
         raise
     except Exception as e:  # noqa: BLE001
         log.warning("decoding %s failed", label, exc_info=True)
-        raise MediaError(f"cannot decode {label}: {type(e).__name__}: {_one_line(e)}") from None
+        raise MediaError(f"cannot decode {label}: {type(e).__name__}: {one_line(e)}") from None
 
 
 @contextlib.contextmanager
@@ -453,7 +453,7 @@ def _inside(root: Path, raw: str) -> Path:
         inside = real.is_relative_to(root)
         found = inside and real.is_file()
     except (OSError, RuntimeError) as e:  # name too long, symlink loop
-        raise MediaError(f"cannot open media path {raw!r}: {_one_line(e)}") from None
+        raise MediaError(f"cannot open media path {raw!r}: {one_line(e)}") from None
     if not inside:
         raise Forbidden(f"{raw!r} is outside the allowed media path")
     if not found:
@@ -466,7 +466,7 @@ def _fetch(url: str, max_bytes: int, timeout_s: float = 20.0) -> bytes:
         with urllib.request.urlopen(url, timeout=timeout_s) as r:  # noqa: S310 - scheme checked by the caller
             data = r.read(max_bytes + 1)
     except OSError as e:
-        raise MediaError(f"cannot fetch {url}: {_one_line(e)}") from None
+        raise MediaError(f"cannot fetch {url}: {one_line(e)}") from None
     if len(data) > max_bytes:
         raise TooLarge(f"{url} is larger than {max_bytes} bytes")
     return data
@@ -493,8 +493,6 @@ def _probe(path: Path) -> tuple[float, int, float, int, int]:
             frames = s.frames or max(1, round(seconds * rate))
             return rate, frames, seconds, s.codec_context.width, s.codec_context.height
     except (av.FFmpegError, OSError, ValueError) as e:
-        raise MediaError(f"not a readable video: {_one_line(e)}") from None
+        raise MediaError(f"not a readable video: {one_line(e)}") from None
 
 
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__

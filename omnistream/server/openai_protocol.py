@@ -23,7 +23,8 @@ MAX_STOP = 16  # stop strings per request (OpenAI allows 4)
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # NaN / inf (valid JSON to Python's parser) are refused as "not a finite number", not by a bound
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 # ---------------------------------------------------------------------------------- requests

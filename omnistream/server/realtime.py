@@ -94,7 +94,7 @@ class EventError(UserInputError):
 
 # ---------------------------------------------------------------------------------- contracts
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # NaN is "not a finite number"
 
 
 class SessionFields(_Strict):
