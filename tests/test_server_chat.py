@@ -294,5 +294,7 @@ def test_metrics_count_stop_strings_as_stop_and_dropped_streams_as_abort(client,
             break
         time.sleep(0.2)
     assert after.get("abort", 0) == before.get("abort", 0) + 1  # the dropped stream only
+    text = httpx.get(base_url + "/metrics").text
+    assert re.search(r'^omnistream_http_requests_total\{status="499"\} [1-9]', text, re.M)  # not counted as a 200
     if stopped:
         assert after.get("stop", 0) == before.get("stop", 0) + 1

@@ -45,7 +45,7 @@ def engine():
 @pytest.fixture(scope="module")
 def server(engine, tmp_path_factory):
     keys = tmp_path_factory.mktemp("keys") / "keys.txt"
-    keys.write_text(f"# tenants\n{KEY_B}  # the second tenant\n\n")
+    keys.write_text(f"# tenants: the second one\n{KEY_B}\n\n")
     app = build_app(engine, ServerConfig(api_key=KEY_A, api_keys_file=keys))  # two keys: two tenants
     with serve(app) as url:
         yield url, app

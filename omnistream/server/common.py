@@ -53,13 +53,21 @@ class SSEResponse(StreamingResponse):
     server shutdown) closes the event generator and calls `on_close` (aborting the work)."""
 
     def __init__(self, events: AsyncIterator[str], on_close: Callable[[], None]) -> None:
-        super().__init__(events, media_type="text/event-stream",
+        self._complete = False
+        super().__init__(self._until_done(events), media_type="text/event-stream",
                          headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
         self._events, self._on_close = events, on_close
+
+    async def _until_done(self, events: AsyncIterator[str]) -> AsyncIterator[str]:
+        async for event in events:
+            yield event
+        self._complete = True
 
     async def __call__(self, scope, receive, send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
+            if not self._complete:  # cut off (the client left): the access log and metrics say 499, not 200
+                scope.setdefault("state", {})["stream_cut"] = True
             await self._events.aclose()
             self._on_close()

@@ -12,8 +12,8 @@ from omnistream.errors import ConfigError
 def _check_key(key: str, where: str) -> str:
     """A key a client can send in `Authorization: Bearer <key>`: one word of printable characters."""
     if not key or any(c.isspace() for c in key) or not key.isprintable():
-        raise ConfigError(f"{where}: an API key is one non-empty word of printable characters "
-                          f"(an empty --api-key \"$KEY\" would leave the server open), got {key!r}")
+        hint = " (an unset $KEY in --api-key \"$KEY\" would have left the server open)" if not key.strip() else ""
+        raise ConfigError(f"{where}: an API key is one word of printable characters, got {key!r}{hint}")
     return key
 
 

@@ -88,6 +88,8 @@ class RequestLogMiddleware:
             raise
         finally:
             status = status or 499  # ended without a response: the client went away
+            if scope.get("state", {}).get("stream_cut"):
+                status = 499  # a stream cut off after its 200 was sent
             access_log.info("%s %s %s %s %.1f ms", rid, scope.get("method", "WS"), scope["path"], status,
                             (time.perf_counter() - t0) * 1000)
             self.metrics.observe_http(status)
