@@ -824,7 +824,7 @@ def run_bench_serve(cfg: BenchServeConfig, log=print) -> dict[str, Any]:
             http_samples, h0, h1 = asyncio.run(http_phase(server.url, SERVED_NAME, w, cfg.new_tokens))
         finally:
             exit_code = server.stop()
-        log(f"  HTTP phase done; server exited {exit_code}")
+        log(f"  HTTP phase done; server stopped (exit {exit_code}{': SIGINT, as sent' if exit_code == 130 else ''})")
         engine = make_engine(cfg.model, cfg.device, cfg.dtype, cfg.seed, **dict(cfg.engine_options))
         try:
             sampling = SamplingParams(max_new_tokens=cfg.new_tokens, ignore_eos=True)  # the HTTP requests' ignore_eos
