@@ -102,6 +102,21 @@ def test_ctrl_c_exits_quietly(served):
     assert err.lower().count("random weights") == 0  # announced once, in the startup line
 
 
+def test_sigterm_stops_it_as_ctrl_c_does():
+    """docker stop / systemd send SIGTERM: the same graceful stop (it used to kill the process
+    after uvicorn's shutdown, before the engine and sessions were closed, exit 143)."""
+    proc = subprocess.Popen([sys.executable, "-m", "omnistream", "serve", "--model", "demo", "--device", "cpu", "--port", "0",
+                             "--kv-cache-tokens", "4096"], env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().startswith(STARTUP_PREFIX)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and err.strip().splitlines()[-1] == "interrupted", err
+
+
 # ---------------------------------------------------------------------------------- entry points
 def test_version_and_python_dash_m():
     v = _run("--version")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import signal
 import socket
 import sys
 import time
@@ -146,7 +147,19 @@ def server_sampling(args):
     return SamplingParams(**(SERVER_SAMPLING | given))
 
 
+def _stop_on_sigterm() -> None:
+    """SIGTERM (docker stop, systemd) stops the server as Ctrl-C does: uvicorn shuts down
+    gracefully (open requests get --shutdown-timeout-s), then re-raises the signal here, which
+    becomes a KeyboardInterrupt: sessions and the engine are closed, `interrupted`, exit 130.
+    (The default action would kill the process after uvicorn's shutdown, skipping that.)"""
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+
+
 def cmd_serve(args) -> int:
+    _stop_on_sigterm()
     if getattr(args, "replicas", None) is not None:  # N engine replicas under Ray Serve (omnistream/cluster/launch.py)
         from omnistream.cluster.launch import serve_replicas
 
