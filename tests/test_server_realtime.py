@@ -300,6 +300,14 @@ def test_cancel_ends_the_answer_and_keeps_nothing(server):
     _, done = c.until("response.done")
     assert done["response"]["status"] == "cancelled"
     assert live_entry(app).session.turns == 0  # the cancelled answer joined no history
+    # cancelled at once (before it starts, or before its first token): the same fields
+    c.ask("Never mind.", max_output_tokens=2000)
+    c.send("response.cancel")
+    _, done = c.until("response.done")
+    r = done["response"]
+    assert r["status"] == "cancelled" and {"usage", "metrics", "finish_reason"} <= set(r), r
+    assert r["metrics"]["frames_received"] >= 1 and "ttft_ms" in r["metrics"]
+    assert live_entry(app).session.turns == 0
     c.ask("Short?", max_output_tokens=3)
     _, ok = c.answer()
     assert ok["status"] == "incomplete" and live_entry(app).session.turns == 1

@@ -449,7 +449,7 @@ class RealtimeConnection:
         """Deltas, then response.done with the metrics (or cancelled / failed)."""
         try:
             if r.answer is None:  # cancelled before it started
-                await self.send({"type": "response.done", "response": _cancelled(r.id)})
+                await self.send({"type": "response.done", "response": _cancelled(r.id, live)})
                 return
             async for delta in r.answer.handle:
                 if delta.text:
@@ -614,9 +614,13 @@ def _done(rid: str, res: RequestOutput, live: LiveSession) -> dict[str, Any]:
     }
 
 
-def _cancelled(rid: str) -> dict[str, Any]:
+def _cancelled(rid: str, live: LiveSession) -> dict[str, Any]:
+    """response.done of an answer cancelled before it was submitted: the fields of every
+    response.done, with nothing generated (no first token: ttft_ms null)."""
     return {"id": rid, "object": "realtime.response", "status": "cancelled", "output": [], "output_text": "",
-            "status_details": {"type": "cancelled", "reason": "client_cancelled"}}
+            "status_details": {"type": "cancelled", "reason": "client_cancelled"}, "finish_reason": "abort",
+            "usage": {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0, "input_token_details": {"cached_tokens": 0}},
+            "metrics": {"ttft_ms": None, "frames_received": live.frames_received, "decode_tokens_per_s": None}}
 
 
 def _ms(seconds: float | None) -> float | None:
