@@ -41,6 +41,11 @@ def test_report_fields_and_zero_errors(report):
     assert [t["metric"] for t in report["targets"]] == ["ttft_p50_delta_s", "ttft_p99_ratio", "tokens_per_s_ratio"]
     assert report["server"]["exit_code"] in (0, 130) and "Traceback" not in report["server"]["stderr_tail"]
     assert report["server"]["startup_line"].startswith("omnistream serve: listening on http://127.0.0.1:")
+    for phase in ("http", "in_process"):  # every request's own record, the engine's timings with it
+        rows = report["samples"][phase]
+        assert len(rows) == 6 and all(r["error"] is None and r["ttft_s"] > 0 and r["output_tokens"] == 6 for r in rows)
+        assert all(r["engine"].get("ttft_s") for r in rows) and all(r["sent_s"] >= 0 for r in rows)
+    assert all("server_receive_s" in r["engine"] for r in report["samples"]["http"] if r["kind"] == "text")
 
 
 def test_same_greedy_answers_over_http_and_in_process(report):

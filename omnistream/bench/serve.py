@@ -851,7 +851,16 @@ def run_bench_serve(cfg: BenchServeConfig, log=print) -> dict[str, Any]:
         "http": http, "in_process": local, "overhead": o, "targets": check_targets(o),
         "answers": equal_answers(http_samples, local_samples),
         "in_process_engine_stats_after": engine_stats,
+        "samples": {"http": [sample_record(x, h0) for x in http_samples], "in_process": [sample_record(x, l0) for x in local_samples]},
     }
+
+
+def sample_record(s: Sample, start: float) -> dict[str, Any]:
+    """One timed request for the JSON file: when it was sent (s after the phase began), its
+    latencies, tokens, error, and the engine's own timings of it."""
+    return {"item": s.index, "kind": s.kind, "turn": s.turn, "sent_s": s.sent - start if s.sent else None,
+            "ttft_s": s.ttft_s, "e2e_s": s.e2e_s, "chunks": len(s.chunk_times), "output_tokens": s.output_tokens,
+            "cached_tokens": s.cached_tokens, "error": s.error, "engine": s.server}
 
 
 # ---------------------------------------------------------------------------------- output
