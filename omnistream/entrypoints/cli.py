@@ -55,10 +55,9 @@ def version() -> str:
 
 
 def _add_model_args(p: argparse.ArgumentParser, model_default: str | None = "demo") -> None:
-    shown = "the default" if model_default == "demo" else "required"
-    p.add_argument("--model", default=model_default,
-                   help=f"checkpoint directory, or a built-in random-weight model: 'demo' (Qwen2.5-VL; {shown}) "
-                        "or 'omni-demo' (Qwen2.5-Omni: hears audio)")
+    models = "a built-in random-weight model: 'demo' (Qwen2.5-VL) or 'omni-demo' (Qwen2.5-Omni: hears audio)"
+    shown = "default: demo" if model_default == "demo" else "required: the server loads no model by default"
+    p.add_argument("--model", default=model_default, help=f"checkpoint directory, or {models} ({shown})")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--dtype", default="auto", help="float32 | bfloat16 | float16 | auto (bfloat16 on a GPU, float32 on the CPU; the default)")
     p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
