@@ -253,6 +253,9 @@ def summarize_run(clients: list[Client], run: dict, floor: dict) -> dict:
             "warm_turn_s": o.get("warm_turn_s"), "inter_token_s": m.inter_token_s,
         } for c, o, r, m, off in zip(clients, outs, results, ms, run["offsets"])],
         "wall_s": wall,
+        # first to last arrival: with a burst, the submitting threads' own time (chat template,
+        # tokenizer, positions under the interpreter lock); the wall includes it
+        "arrival_spread_s": max(m.arrival for m in ms) - first,
         "output_tokens": tokens,
         "tokens_per_s": tokens / wall if wall > 0 else None,
         "ttft_p50_s": pct(ttft, 50), "ttft_p90_s": pct(ttft, 90), "ttft_p99_s": pct(ttft, 99),
@@ -558,7 +561,8 @@ def print_report(r: dict, out=None) -> None:
         b = r["baseline"].get(row["mix"])
         p("")
         p(f"[{row['mix']}, {row['clients']} client{'s' if row['clients'] > 1 else ''}, {row['arrival']}] prompt {fmt_num(row['mean_prompt_tokens'], digits=0)} tokens "
-          f"(cached {fmt_num(row['mean_cached_tokens'], digits=0)}), {row['output_tokens']} output tokens in {fmt_num(row['wall_s'], 1000)} ms")
+          f"(cached {fmt_num(row['mean_cached_tokens'], digits=0)}), {row['output_tokens']} output tokens in {fmt_num(row['wall_s'], 1000)} ms"
+          f" (arrivals spread over {fmt_num(row.get('arrival_spread_s'), 1000, 1)} ms)")
         p(f"  omnistream  {fmt_num(row['tokens_per_s'])} tok/s; floor for {row['clients']} row{'s' if row['clients'] > 1 else ''} {fmt_num(row['floor_tokens_per_s'])} tok/s "
           f"(with KV reads {fmt_num(row['floor_with_kv_tokens_per_s'])}); {fmt_num(row['fraction_of_floor'], 100)}% of floor{_target_note(row)}")
         p(f"  TTFT ms p50/p90/p99 {fmt_num(row['ttft_p50_s'], 1000)} / {fmt_num(row['ttft_p90_s'], 1000)} / {fmt_num(row['ttft_p99_s'], 1000)}; "
