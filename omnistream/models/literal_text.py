@@ -13,6 +13,7 @@ marked, and its prompt is tokenised whole, exactly as transformers does.
 from __future__ import annotations
 
 import secrets
+from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 from omnistream.errors import UserInputError
@@ -80,15 +81,32 @@ def render_and_encode(tokenizer, messages: Sequence[Mapping[str, Any]], add_gene
     return lit.plain(text), lit.encode(tokenizer, text)
 
 
+@dataclass(frozen=True)
+class RenderedHistory:
+    """A conversation's template text (its markers' LiteralText with it): what encode_turn
+    subtracts. A session renders it when a turn ends, off the next question's path."""
+
+    lit: LiteralText
+    text: str
+
+
+def render_history(tokenizer, history: Sequence[Mapping[str, Any]]) -> RenderedHistory:
+    lit = LiteralText(tokenizer.special_strings())
+    return RenderedHistory(lit, tokenizer.apply_chat_template(lit.mark(history), add_generation_prompt=False))
+
+
 def encode_turn(tokenizer, history: Sequence[Mapping[str, Any]], turn: Sequence[Mapping[str, Any]],
-                history_rendered: bool = True) -> list[int]:
+                history_rendered: bool = True, rendered: RenderedHistory | None = None) -> list[int]:
     """Token ids of `turn` (+ the assistant header) after `history`: the template's text for
     history + turn minus its text for the history (Qwen's template renders every message
     independently of the ones after it), so a turn tokenises as it does inside the whole
     conversation. history_rendered=False: the history is not in the sequence yet (a first turn
-    that also renders the system message)."""
-    lit = LiteralText(tokenizer.special_strings())
-    before = tokenizer.apply_chat_template(lit.mark(history), add_generation_prompt=False) if history_rendered else ""
+    that also renders the system message). `rendered`: the history's text, rendered already."""
+    if not history_rendered:
+        rendered = RenderedHistory(LiteralText(tokenizer.special_strings()), "")
+    elif rendered is None:
+        rendered = render_history(tokenizer, history)
+    lit, before = rendered.lit, rendered.text
     full = tokenizer.apply_chat_template(lit.mark([*history, *turn]), add_generation_prompt=True)
     if not full.startswith(before):
         raise UserInputError("chat template does not render turns incrementally")

@@ -30,7 +30,7 @@ from omnistream.engine.protocol import EngineRequest, OutputDelta, RequestOutput
 from omnistream.engine.sampling import SamplingParams
 from omnistream.errors import UserInputError
 from omnistream.media.item import MediaItem, media_blocks
-from omnistream.models.literal_text import encode_turn
+from omnistream.models.literal_text import RenderedHistory, encode_turn, render_history
 from omnistream.models.position_prefix import KnownPositions, extend_positions, text_positions
 from omnistream.models.prompt import block_kind, expand_placeholders
 
@@ -49,6 +49,7 @@ class Session:
         self.media: list[tuple[int, MediaItem]] = []  # (offset in token_ids, item)
         # positions of token_ids ((3, len), next position): each turn computes only its own
         self._positions: KnownPositions | None = None
+        self._rendered: RenderedHistory | None = None  # the template's text of `messages` (None: render when asked)
         self._pending_parts: list[dict[str, Any]] = []  # user content not yet asked about
         self._pending_items: list[MediaItem] = []  # flat: one part may give several items (a block)
         self._pending_sizes: list[int] = []  # items each pending part gave (0: text)
@@ -184,6 +185,8 @@ class Session:
         self._positions = text_positions(positions, len(answer))
         self.media = self.media + new_media
         self.messages += [user, {"role": "assistant", "content": result.text}]
+        # the next question subtracts this text: rendered now, off its path (its TTFT and arrival)
+        self._rendered = render_history(self.engine.tokenizer, self.messages)
         self._pending_parts, self._pending_items, self._pending_sizes = [], [], []
         bs = self.engine.block_size
         # token_ids only grow between turns, so the names of earlier blocks stay valid
@@ -203,7 +206,7 @@ class Session:
         a turn tokenises exactly as it does inside the whole conversation (Qwen's template
         renders every message independently of the ones after it)."""
         tok = self.engine.tokenizer
-        ids = encode_turn(tok, self.messages, [user], history_rendered=bool(self.token_ids))
+        ids = encode_turn(tok, self.messages, [user], history_rendered=bool(self.token_ids), rendered=self._rendered)
         ids, ranges = expand_placeholders(ids, self._pending_items, image_token_id=tok.image_token_id, video_token_id=tok.video_token_id,
                                           audio_token_id=tok.audio_token_id, audio_start_token_id=tok.audio_start_token_id,
                                           audio_end_token_id=tok.audio_end_token_id)
@@ -239,6 +242,7 @@ class Session:
         other.messages = list(self.messages)  # messages are never mutated, only appended
         other.token_ids, other.media = list(self.token_ids), list(self.media)
         other._positions = self._positions  # never mutated, only replaced
+        other._rendered = self._rendered
         other._pending_parts, other._pending_items = list(self._pending_parts), list(self._pending_items)
         other._pending_sizes = list(self._pending_sizes)
         other._names = list(self._names)
