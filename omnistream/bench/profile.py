@@ -108,8 +108,8 @@ def profile_request(engine, frames: int, size: int, new_tokens: int, seed: int) 
         "prefill (LLM)": max(0.0, prefill_s - vision_total),
         f"decode ({len(decode_steps)} steps)": sum(decode_steps),
     }
-    pixels = torch.cat([m.pixel_values for m in items])
-    work = {"vision_flops": encoder_flops(engine.model.media_encoder("video"), pixels.shape[0], pixels.shape[1],
+    rows = sum(m.pixel_values.shape[0] for m in items)  # the shapes are all it needs: no copy of the pixels
+    work = {"vision_flops": encoder_flops(engine.model.media_encoder("video"), rows, items[0].pixel_values.shape[1],
                                           [m.grid_thw for m in items], dev, next(engine.model.parameters()).dtype),
             "prefill_flops": prefill_flops(engine.model.cfg.text, len(prompt.token_ids))}
     return {

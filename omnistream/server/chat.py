@@ -152,7 +152,9 @@ class ChatJob:
                 c.handle.abort()
             if not c.observed and self.observe is not None:
                 c.observed = True
-                asyncio.get_running_loop().create_task(_observe_ended(c, self.observe))
+                task = asyncio.get_running_loop().create_task(_observe_ended(c, self.observe))
+                _COUNTING.add(task)  # the loop keeps only a weak reference to a task
+                task.add_done_callback(_COUNTING.discard)
 
     def usage(self) -> Usage:
         done = [c.output for c in self.choices if c.output is not None]
@@ -276,6 +278,9 @@ async def _run_choice(job: ChatJob, c: ChoiceRun, emit: Emit | None) -> None:
     if job.observe is not None and not c.observed:  # a stop string ends it by an abort: counted as "stop"
         c.observed = True
         job.observe(dataclasses.replace(c.output, finish_reason=c.finish_reason))
+
+
+_COUNTING: set[asyncio.Task] = set()  # cut-off choices waiting to be counted (ChatJob.abort)
 
 
 async def _observe_ended(c: ChoiceRun, observe: Callable[[RequestOutput], None]) -> None:

@@ -366,7 +366,8 @@ class LiveSession(Session):
 
     def _build_prefix(self, items: list[MediaItem]) -> tuple[list[int], list[tuple[int, MediaItem]]]:
         tok = self.engine.tokenizer
-        ids, ranges = expand_placeholders(render_and_encode(tok, self._base_messages(block_kind(items)), add_generation_prompt=False)[1], items, image_token_id=tok.image_token_id, video_token_id=tok.video_token_id,
+        _, ids = render_and_encode(tok, self._base_messages(block_kind(items)), add_generation_prompt=False)
+        ids, ranges = expand_placeholders(ids, items, image_token_id=tok.image_token_id, video_token_id=tok.video_token_id,
                                           audio_token_id=tok.audio_token_id, audio_start_token_id=tok.audio_start_token_id,
                                           audio_end_token_id=tok.audio_end_token_id)
         return ids, [(r.offset, item) for r, item in zip(ranges, items)]
