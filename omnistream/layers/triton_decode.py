@@ -191,7 +191,8 @@ def triton_paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
 
 
 def triton_paged_tiles(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor, lens: torch.Tensor, scale: float,
-                       tiles: torch.Tensor, *, num_warps: int = 4) -> torch.Tensor:
+                       tiles: torch.Tensor, *, num_warps: int = 4, rows: int = TILE_ROWS, tile_n: int = TILE,
+                       num_stages: int = NUM_STAGES) -> torch.Tensor:
     """triton_paged_decode for rows grouped in tiles: tiles (2, T) int32 = first row and row
     count (<= TILE_ROWS) of each tile, consecutive rows of one sequence (same table, lengths
     increasing), every row in exactly one tile -> (B, H, D)."""
@@ -208,8 +209,8 @@ def triton_paged_tiles(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
         scale, tables.shape[1], num_parts,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        GROUP=group, ROWS=TILE_ROWS, M_PAD=max(16, triton.next_power_of_2(TILE_ROWS * group)), D=D,
-        BLOCK=k_cache.shape[1], TILE_N=TILE, num_warps=num_warps, num_stages=NUM_STAGES,
+        GROUP=group, ROWS=rows, M_PAD=max(16, triton.next_power_of_2(rows * group)), D=D,
+        BLOCK=k_cache.shape[1], TILE_N=tile_n, num_warps=num_warps, num_stages=num_stages,
     )
     out = torch.empty_like(q)
     _merge_kernel[(B, H)](partial, lse, out, num_parts, H, D=D, P_PAD=triton.next_power_of_2(num_parts))
