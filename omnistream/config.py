@@ -77,6 +77,10 @@ class EngineConfig:
     # launch the next greedy decode step before reading the last one's tokens, so the host's
     # per-step work overlaps the GPU's (lossless; needs the row-batch path of cuda_graphs)
     overlap_decode: bool = True
+    # run the engine core (scheduler, model, KV cache) in its own process: the caller's threads
+    # (a server's HTTP work, media decoding) then never hold the interpreter lock the engine
+    # loop needs to launch steps (engine/core_process.py)
+    engine_process: bool = False  # run the engine core in its own process, off the caller's interpreter lock
     weight_quant: str | None = None  # lossy small-GPU mode: int8 or fp8 weights for the LLM's linear layers, LM head and embedding (media encoders stay in dtype); unset: off
 
     def __post_init__(self) -> None:

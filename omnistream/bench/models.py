@@ -20,6 +20,7 @@ import torch
 
 from omnistream.entrypoints.api import Engine, build_model
 from omnistream.config import EngineConfig
+from omnistream.engine.build import ModelRecipe
 from omnistream.models.hf_config import PRESETS, QwenVLConfig, preset_config
 from omnistream.models.loader import load_state
 from omnistream.models.qwen2_5_omni_config import OMNI_PRESETS, THINKER_MODEL_TYPE, OmniConfig, omni_preset_config
@@ -104,10 +105,23 @@ def make_engine(model_config: str | Path, device: str = "cuda", dtype: str | tor
     tdtype = resolve_dtype(dtype, device)
     if not is_preset(model_config):
         return Engine.from_pretrained(Path(model_config), device=device, dtype=_dtype_name(tdtype), **engine_options)
+    if engine_options.get("engine_process"):  # the engine process makes the weights; here the shape only
+        cfg, model_class = _preset(model_config)
+        shape = build_model(model_class, cfg, torch.device("meta"), tdtype)
+        return _engine_for_preset(shape, device, tdtype, engine_options, ModelRecipe(preset_model, (model_config, seed)))
+    return _engine_for_preset(preset_model(model_config, seed, device=device, dtype=tdtype), device, tdtype, engine_options)
+
+
+def preset_model(model_config: str, seed: int, engine_cfg: EngineConfig | None = None, *, device: str | None = None,
+                 dtype: torch.dtype | None = None) -> Qwen2_5_VLModel:
+    """A preset's model with random weights, built directly on the device (engine_cfg's, or
+    `device` / `dtype`): the ModelRecipe an engine process runs for make_engine."""
+    if engine_cfg is not None:
+        device, dtype = engine_cfg.device, engine_cfg.torch_dtype
     cfg, model_class = _preset(model_config)
-    ours = build_model(model_class, cfg, torch.device(device), tdtype)
+    ours = build_model(model_class, cfg, torch.device(device), dtype)
     _random_init(ours, cfg, seed)
-    return _engine_for_preset(ours, device, tdtype, engine_options)
+    return ours
 
 
 def _random_hf_model(cfg: QwenVLConfig | OmniConfig, device: str, dtype: torch.dtype, seed: int):
@@ -150,7 +164,8 @@ def _random_init(model: Qwen2_5_VLModel, cfg: QwenVLConfig | OmniConfig, seed: i
             p.normal_(0.0, std)
 
 
-def _engine_for_preset(model: Qwen2_5_VLModel, device: str, dtype: torch.dtype, options: dict) -> Engine:
+def _engine_for_preset(model: Qwen2_5_VLModel, device: str, dtype: torch.dtype, options: dict,
+                       recipe: ModelRecipe | None = None) -> Engine:
     """Wraps an in-memory model in an Engine; the tokenizer comes from a throwaway tiny
     checkpoint directory of the model's family (Engine.__init__ reads its random-weights
     marker, nothing else)."""
@@ -165,6 +180,6 @@ def _engine_for_preset(model: Qwen2_5_VLModel, device: str, dtype: torch.dtype, 
 
             model_dir = write_model_dir(tmp / "tokenizer", preset_config("tiny"), dtype="bfloat16", preset="tiny")
         cfg = EngineConfig.from_kwargs(str(model_dir), device=device, dtype=_dtype_name(dtype), **options)
-        return Engine(cfg, model_dir, model, Tokenizer(model_dir))
+        return Engine(cfg, model_dir, model, Tokenizer(model_dir), recipe)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

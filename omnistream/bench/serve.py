@@ -825,7 +825,9 @@ def run_bench_serve(cfg: BenchServeConfig, log=print) -> dict[str, Any]:
         finally:
             exit_code = server.stop()
         log(f"  HTTP phase done; server stopped (exit {exit_code}{': SIGINT, as sent' if exit_code == 130 else ''})")
-        engine = make_engine(cfg.model, cfg.device, cfg.dtype, cfg.seed, **dict(cfg.engine_options))
+        # the reference is the engine in this process's thread, whatever the server runs
+        local_options = {k: v for k, v in dict(cfg.engine_options).items() if k != "engine_process"}
+        engine = make_engine(cfg.model, cfg.device, cfg.dtype, cfg.seed, **local_options)
         try:
             sampling = SamplingParams(max_new_tokens=cfg.new_tokens, ignore_eos=True)  # the HTTP requests' ignore_eos
             local_samples, l0, l1 = asyncio.run(engine_phase(engine, w, sampling))

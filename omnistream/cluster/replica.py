@@ -69,7 +69,7 @@ class EngineReplica:
 
     async def check_health(self) -> None:
         """Raises (Serve then replaces the replica) when the engine loop is closed or stuck."""
-        await asyncio.to_thread(self.engine.core.call, lambda llm: None, HEALTH_TIMEOUT_S)
+        await asyncio.to_thread(self.engine.core.run_op, "noop", timeout=HEALTH_TIMEOUT_S)
 
     def __del__(self) -> None:
         engine = getattr(self, "engine", None)

@@ -5,7 +5,7 @@ the encoder cache; nothing else touches them.
     h = core.submit(EngineRequest(token_ids, media, sampling))   # any thread; checks at once
     for delta in h: ...                                          # deltas as tokens are produced
     core.abort(h.request_id)
-    core.call(lambda llm: llm.blocks.num_free)                   # an operation run by the loop
+    core.run_op("retained_tokens", session_id)                   # a named operation (engine/ops.py)
     core.close()
 
 Clients (the Python API, sessions, live sessions, the server) talk to it through a FIFO inbox:
@@ -27,8 +27,10 @@ import threading
 import time
 import weakref
 from concurrent.futures import Future
+from dataclasses import dataclass
 from typing import Any, Callable, TypeVar
 
+from omnistream.engine import ops
 from omnistream.engine.handle import RequestHandle
 from omnistream.engine.llm_engine import LLMEngine, StepResult
 from omnistream.engine.protocol import EngineRequest, RequestOutput
@@ -51,6 +53,17 @@ _IDLE_POLL_S = 0.5  # an idle loop wakes this often to see whether its engine is
 # launching its next step for 5-15 ms (H200 burst timeline, tools/gpu_step_timeline.py). The
 # loop asks for a shorter interval, process-wide (set OMNISTREAM_KEEP_SWITCH_INTERVAL=1 to opt out).
 _SWITCH_INTERVAL_S = 0.0005
+
+
+@dataclass(frozen=True)
+class EngineLoad:
+    """Cheap counters a client reads without a round trip through the loop (a server's load
+    checks and gauges): read off the loop, so they may lag a step behind."""
+
+    waiting: int  # requests queued, not yet admitted
+    running: int  # requests admitted (prefilling or decoding)
+    kv_blocks_free: int
+    vision_tokens_encoded: int  # tokens the vision tower produced so far
 
 
 class EngineCore:
@@ -77,8 +90,15 @@ class EngineCore:
         self._check_open()
         req = self.llm.make_request(spec)
         handle = RequestHandle(req.request_id, self._decode, self.abort)
-        self._inbox.put(("add", req, handle))
+        self.add(req, handle)
         return handle
+
+    def add(self, req: Request, handle: Any) -> None:
+        """Queues a request already built by make_request; `handle` receives its tokens
+        (`_push(token, logprob)`) and its end (`_end(RequestOutput)`) from the loop (a
+        RequestHandle, or the engine process's forwarder: engine/core_process.py)."""
+        self._check_open()
+        self._inbox.put(("add", req, handle))
 
     def abort(self, request_id: str) -> None:
         """Ends the request (finish_reason "abort"); no-op for one that already ended."""
@@ -99,6 +119,29 @@ class EngineCore:
         """Like call() without waiting (errors are logged): releases at close time."""
         if not self._closed:
             self._inbox.put(("call", fn, None))
+
+    def run_op(self, name: str, *args: Any, timeout: float | None = None) -> Any:
+        """Runs the named operation (engine/ops.py) in the loop, after everything sent before
+        it; returns its result or raises its error. Library and server code use these (they
+        work against a core in another process too), never call()."""
+        fn = ops.resolve(name)
+        return self.call(lambda llm: fn(llm, *args), timeout)
+
+    def post_op(self, name: str, *args: Any) -> None:
+        """run_op() without waiting (errors are logged)."""
+        fn = ops.resolve(name)
+        self.post(lambda llm: fn(llm, *args))
+
+    def load(self) -> EngineLoad:
+        # lengths read off the loop (atomic in CPython): a round trip would wait for a step
+        llm = self.llm
+        return EngineLoad(len(llm.scheduler.waiting), len(llm.scheduler.running), llm.blocks.num_free,
+                          llm.runner.vision_tokens_encoded)
+
+    @property
+    def alive(self) -> bool:
+        """False once closed or once its loop has ended."""
+        return not self._closed and self._thread.is_alive()
 
     @property
     def is_loop_thread(self) -> bool:

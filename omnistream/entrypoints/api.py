@@ -26,46 +26,28 @@ from typing import Any
 
 import torch
 
-from omnistream.cache.budget import kv_pool_tokens
-from omnistream.cache.encoder_cache import EncoderCache
 from omnistream.config import EngineConfig
+from omnistream.engine.build import MAX_VISION_PATCHES, ModelRecipe, build_llm, build_model, checkpoint_model  # noqa: F401 - MAX_VISION_PATCHES, build_model: re-exported
 from omnistream.engine.core import EngineCore
 from omnistream.engine.handle import RequestHandle
-from omnistream.engine.llm_engine import LLMEngine
 from omnistream.engine.protocol import EngineRequest, RequestOutput
 from omnistream.engine.sampling import SamplingParams
 from omnistream.errors import ConfigError, UnknownSessionError, UserInputError
-from omnistream.layers.quant import quantize_model
 from omnistream.media.audio_items import load_audio_source
 from omnistream.media.item import MediaItem
 from omnistream.media.processor import MediaProcessor
 from omnistream.models.demo import builtin_model_dir, is_random_weights
 from omnistream.models.interface import MultimodalLM
-from omnistream.models.loader import load_weights
 from omnistream.models.prompt import build_prompt
-from omnistream.models.registry import resolve
 from omnistream.models.tokenizer import Tokenizer
 from omnistream.sessions.session import Session
 
 log = logging.getLogger(__name__)
 
-MAX_VISION_PATCHES = 16384
 LIVE_ENCODER_CACHE_BYTES = 256 << 20  # per vision forward; longer videos are encoded in slices (lossless)
 
 
 GenerationResult = RequestOutput  # what generate(), run() and sessions return
-
-
-def build_model(model_class: type, mcfg, device: torch.device, dtype: torch.dtype) -> MultimodalLM:
-    """Allocates the model directly on `device` in `dtype` (weights uninitialised until loaded)."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = model_class(mcfg)
-    finally:
-        torch.set_default_dtype(previous)
-    return model.eval().requires_grad_(False)
 
 
 class Engine:
@@ -73,12 +55,18 @@ class Engine:
     engine/core.py) -> results. Thread-safe: generate(), submit(), sessions and live sessions
     may be used from any number of threads at once; their requests batch together."""
 
-    def __init__(self, cfg: EngineConfig, model_dir: Path, model: MultimodalLM, tokenizer: Tokenizer) -> None:
+    def __init__(self, cfg: EngineConfig, model_dir: Path, model: MultimodalLM, tokenizer: Tokenizer,
+                 recipe: ModelRecipe | None = None) -> None:
+        """`model` holds the weights, on cfg.device; with cfg.engine_process it is the
+        front-end's copy for positions and config only (the meta device is enough) and the
+        engine process builds its own from `recipe` (Engine.from_pretrained and
+        bench.models.make_engine give both)."""
         self.cfg = cfg
         self.model_dir = model_dir
         self.model = model
         self.tokenizer = tokenizer
-        self.processor = MediaProcessor(model_key=f"{Path(model_dir).resolve()}|{cfg.torch_dtype}")  # items hashed once, here
+        self.processor = MediaProcessor(model_key=f"{Path(model_dir).resolve()}|{cfg.torch_dtype}",
+                                        pin_memory=not cfg.engine_process)  # items hashed once, here
         self.device = torch.device(cfg.device)
         self.random_weights = is_random_weights(model_dir)
         # a session's id starts with this; a cluster replica puts its own name in it, so the
@@ -86,33 +74,26 @@ class Engine:
         self.session_id_prefix = "s-"
         self._sessions: dict[str, Session] = {}
         self._sessions_lock = threading.Lock()
-        if cfg.weight_quant is not None:  # before sizing the KV pool: the budget sees 8-bit weights
-            report = quantize_model(model, cfg.weight_quant, self.device)
-            log.info("weight_quant %s: %d modules, %d tables, %.2f GiB -> %.2f GiB", report.mode, report.modules,
-                     report.tables, report.bytes_before / 2**30, report.bytes_after / 2**30)
-        offload = None
-        if cfg.offload_vision and self.device.type == "cuda":  # before sizing the KV pool
-            from omnistream.engine.vision_offload import VisionOffloader
-
-            offload = VisionOffloader(model.media_encoder("video"), self.device)
-        per_token = model.kv_spec.bytes_per_token(cfg.torch_dtype)
-        tokens = kv_pool_tokens(model, cfg, self.device, per_token, MAX_VISION_PATCHES, offload.bytes if offload else 0)
-        num_blocks = tokens // cfg.cache.block_size
-        llm = LLMEngine(model, cfg, num_blocks)
-        llm.runner.max_vision_patches = MAX_VISION_PATCHES
-        llm.runner.vision_offload = offload
-        if cfg.cache.encoder_cache_bytes > 0:
-            llm.runner.encoder_cache = EncoderCache(cfg.cache.encoder_cache_bytes, cfg.cache.encoder_cache_cpu_bytes)
-        if self.device.type == "cuda" and cfg.cuda_graphs:
-            llm.runner.enable_cuda_graphs(max_context=32768)
         self.block_size = cfg.cache.block_size
+        self.max_context = model.max_context  # tokens of prompt + answer the model takes
+        if cfg.engine_process:
+            if recipe is None:
+                raise ConfigError("engine_process: the engine process builds the model itself; give a recipe "
+                                  "(Engine.from_pretrained and bench.models.make_engine do)")
+            from omnistream.engine.remote_core import RemoteCore
+
+            self.core = RemoteCore(cfg, recipe, model, tokenizer.decode)
+            self.llm = None  # in the engine process: reach it through named operations (engine/ops.py)
+            self.kv_pool_tokens = self.core.factory.kv_pool_tokens
+        else:
+            llm = build_llm(model, cfg)
+            self.core = EngineCore(llm, tokenizer.decode)
+            self.llm = llm  # for tests and tools that inspect state; only the core's loop mutates it
+            self.kv_pool_tokens = llm.blocks.num_blocks * llm.blocks.block_size
         # long-lived objects (weights, tokenizer tables) out of the collector's way: a full
         # collection during a follow-up question would cost more than the question
         gc.collect()
         gc.freeze()
-        log.info("KV pool: %d blocks of %d tokens (%.2f GiB)", num_blocks, cfg.cache.block_size, num_blocks * cfg.cache.block_size * per_token / 2**30)
-        self.core = EngineCore(llm, tokenizer.decode)
-        self.llm = llm  # for tests and tools that inspect state; only the core's loop mutates it
 
     @classmethod
     def from_pretrained(cls, model: str | Path = "demo", *, device: str = "cpu", dtype: str = "auto", **options) -> "Engine":
@@ -120,13 +101,10 @@ class Engine:
         if not (model_dir / "config.json").is_file():
             raise ConfigError(f"{model_dir}: not a checkpoint directory (no config.json)")
         cfg = EngineConfig.from_kwargs(str(model_dir), device=device, dtype=dtype, **options)
-        entry = resolve(model_dir)
-        # quantized weights are made on the device one matrix at a time from a host copy, so the
-        # full-precision model never has to fit the card
-        build_on = "cpu" if cfg.weight_quant is not None else device
-        net = build_model(entry.model_class, entry.read_config(model_dir), torch.device(build_on), cfg.torch_dtype)
-        load_weights(net, model_dir)
-        engine = cls(cfg, model_dir, net, Tokenizer(model_dir))
+        recipe = ModelRecipe(checkpoint_model, (model_dir,))
+        # in process mode the weights are read by the engine process only
+        net = checkpoint_model(model_dir, cfg, "meta") if cfg.engine_process else recipe(cfg)
+        engine = cls(cfg, model_dir, net, Tokenizer(model_dir), recipe)
         if engine.random_weights:
             log.warning("%s holds RANDOM weights: outputs are meaningless text", model_dir)
         return engine
@@ -259,12 +237,7 @@ class Engine:
         from omnistream.media.frame_memory import FrameMemoryConfig
         from omnistream.sessions.live import LiveSession
 
-        def ensure_encoder_cache(llm: LLMEngine) -> None:
-            if llm.runner.encoder_cache is None:
-                log.warning("live session: no encoder cache configured, creating %d MiB", LIVE_ENCODER_CACHE_BYTES >> 20)
-                llm.runner.encoder_cache = EncoderCache(LIVE_ENCODER_CACHE_BYTES)
-
-        self.core.call(ensure_encoder_cache)
+        self.core.run_op("ensure_encoder_cache", LIVE_ENCODER_CACHE_BYTES)
         s = LiveSession(self, f"live-{uuid.uuid4().hex[:12]}", system, tenant, kv_budget_tokens, memory or FrameMemoryConfig(),
                         min_pixels, max_pixels, prefill_on_arrival, policy, audio_memory)
         return self._register(s)
@@ -288,39 +261,17 @@ class Engine:
 
     @property
     def vision_tokens_encoded(self) -> int:
-        """Tokens the vision tower has produced so far (cache hits excluded)."""
-        return self.llm.runner.vision_tokens_encoded
+        """Tokens the vision tower has produced so far (cache hits excluded); read without a
+        round trip through the loop (core.load())."""
+        return self.core.load().vision_tokens_encoded
 
     def discard_encoder_entries(self, keys: list[str]) -> None:
         """Drops cached media embeddings (benchmarks use it to make the next use encode again)."""
-        def discard(llm: LLMEngine) -> None:
-            if llm.runner.encoder_cache is not None:
-                for k in keys:
-                    llm.runner.encoder_cache.discard(k)
-
-        self.core.call(discard)
+        self.core.run_op("discard_encoder_entries", list(keys))
 
     def stats(self) -> dict[str, Any]:
         """A consistent snapshot, taken by the engine loop between steps."""
-        def snapshot(llm: LLMEngine) -> dict[str, Any]:
-            runner, enc = llm.runner, llm.runner.encoder_cache
-            return {
-                "prefix_cache": llm.blocks.stats.as_dict(),
-                "encoder_cache": dataclasses.asdict(enc.stats) if enc is not None else None,
-                "vision_tokens_encoded": runner.vision_tokens_encoded,
-                "kv_blocks_free": llm.blocks.num_free,
-                "kv_blocks_total": llm.blocks.num_blocks,
-                "kv_blocks_retained": sum(len(b) for b in llm.blocks.retained.values()),
-                "kv_blocks_owned": sum(len(b) for b in llm.blocks.owned.values()),
-                "requests_running": len(llm.scheduler.running),
-                "requests_waiting": len(llm.scheduler.waiting),
-                "engine": llm.counters.as_dict(),
-                "vision_offload": None if runner.vision_offload is None else {
-                    "loads": runner.vision_offload.loads, "load_s": runner.vision_offload.load_s,
-                    "bytes": runner.vision_offload.bytes},
-            }
-
-        out = self.core.call(snapshot)
+        out = self.core.run_op("stats")
         with self._sessions_lock:
             out["sessions"] = len(self._sessions)
         return out

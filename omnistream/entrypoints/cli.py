@@ -64,10 +64,11 @@ def _add_model_args(p: argparse.ArgumentParser, model_default: str | None = "dem
 
 
 def add_run_args(p: argparse.ArgumentParser, model_default: str | None = "demo", sampling_title: str = "sampling options",
-                 sampling_shown: dict[str, str] | None = None, **sampling_defaults) -> None:
+                 sampling_shown: dict[str, str] | None = None, engine_shown: dict[str, str] | None = None,
+                 **sampling_defaults) -> None:
     """Model, engine and sampling flags: what every command that runs the engine takes."""
     _add_model_args(p, model_default)
-    options.add_engine_args(p)
+    options.add_engine_args(p, engine_shown)
     options.add_sampling_args(p, sampling_title, sampling_shown, **sampling_defaults)
 
 

@@ -231,11 +231,13 @@ def _given(args: argparse.Namespace, prefix: str, options: list[Option]) -> dict
 ENGINE_PREFIX, SAMPLING_PREFIX, SERVER_PREFIX = "engine_", "sampling_", "server_"
 
 
-def add_engine_args(parser: argparse.ArgumentParser) -> None:
-    """Engine.from_pretrained's keyword arguments as flags (+ --memory-budget-gib)."""
+def add_engine_args(parser: argparse.ArgumentParser, shown: dict[str, str] | None = None) -> None:
+    """Engine.from_pretrained's keyword arguments as flags (+ --memory-budget-gib); `shown`
+    replaces the help's default of a field the command decides itself (serve: engine_process)."""
     group = parser.add_argument_group("engine options (keyword arguments of Engine.from_pretrained)")
+    shown = shown or {}
     for opt in engine_option_list():
-        _add(group, opt, opt.default, ENGINE_PREFIX)
+        _add(group, opt, opt.default, ENGINE_PREFIX, shown=shown.get(opt.name))
         if opt.name == "memory_budget_bytes":
             group.add_argument("--memory-budget-gib", dest="memory_budget_gib", type=_typed(float, "a number"), default=None,
                                metavar="GIB", help="the same budget in GiB (e.g. 10 or 9.5); give one of the two")

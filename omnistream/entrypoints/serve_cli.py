@@ -8,6 +8,10 @@ process serves one device (`--device cuda:N`). Ctrl-C stops uvicorn (connections
 
 `--model-config 3b|7b|tiny` serves a random-weight model of that architecture built directly on
 the device (no checkpoint: load tests, `omnistream bench serve`), seeded by --weights-seed.
+
+The engine core runs in its own process by default (--engine-process; engine/core_process.py):
+HTTP parsing, JSON, media decoding and SSE then never hold the interpreter lock the engine loop
+needs to launch its steps. --no-engine-process keeps it in a thread of the server's process.
 """
 
 from __future__ import annotations
@@ -134,6 +138,8 @@ class BackgroundServer:
 # length is the request's max_tokens, else what the context leaves (server/chat.py)
 SERVER_SAMPLING = {"temperature": 1.0}
 SERVER_SAMPLING_SHOWN = {"max_new_tokens": "the request's max_tokens, else the room left in the context"}
+# the engine options serve sets where no flag is given (the Python API's default stays off)
+SERVER_ENGINE_DEFAULTS = {"engine_process": True}
 
 
 def server_sampling(args):
@@ -176,6 +182,7 @@ def cmd_serve(args) -> int:
         config = dataclasses.replace(config, served_model_name=f"random-{args.model_config}")
     default_sampling = server_sampling(args)
     device, dtype, engine_options = engine_args(args)
+    engine_options = SERVER_ENGINE_DEFAULTS | engine_options
     logging.getLogger("omnistream").setLevel(getattr(logging, args.log_level.upper()))
     if args.access_log:  # one line per request with its id (server/ops.py), whatever the level
         logging.getLogger(ACCESS_LOGGER).setLevel(logging.INFO)
@@ -213,7 +220,8 @@ def add_serve_command(sub, add_run_args) -> None:
 
     add_cluster_args(p)
     add_run_args(p, model_default=None, sampling_title="default sampling (for the fields a request leaves out)",
-                 sampling_shown={**{k: str(v) for k, v in SERVER_SAMPLING.items()}, **SERVER_SAMPLING_SHOWN})
+                 sampling_shown={**{k: str(v) for k, v in SERVER_SAMPLING.items()}, **SERVER_SAMPLING_SHOWN},
+                 engine_shown={"engine_process": "on for serve"})
     p.set_defaults(func=cmd_serve)
 
 

@@ -98,9 +98,12 @@ class MediaConfig:
 class MediaProcessor:
     """Turns images and videos into `MediaItem`s. Stateless apart from its config: thread-safe."""
 
-    def __init__(self, config: MediaConfig | None = None, *, model_key: str | None = None) -> None:
+    def __init__(self, config: MediaConfig | None = None, *, model_key: str | None = None, pin_memory: bool = True) -> None:
         self.config = config or MediaConfig()
         self.model_key = model_key  # model identity hashed into every item; None: items are not hashed
+        # page-lock rows when CUDA is there; False in an engine process's front-end: pinning
+        # would open a CUDA context in the server process (the engine process pins on arrival)
+        self.pin_memory = pin_memory
 
     def process_image(
         self, src: ImageSource, *, min_pixels: int | None = None, max_pixels: int | None = None
@@ -221,7 +224,7 @@ class MediaProcessor:
         resized = np.ascontiguousarray(resize_frames(frames, h, w))
         pixels = torch.from_numpy(resized).permute(0, 3, 1, 2)  # (N, 3, h, w) uint8, a view
         values, grid = patchify(pixels, cfg.temporal_patch_size, cfg.patch_size, cfg.merge_size)
-        if torch.cuda.is_available():
+        if self.pin_memory and torch.cuda.is_available():
             # page-locked rows copy to the GPU at full PCIe speed, asynchronously (3-4x faster)
             values = values.pin_memory()
         return values, grid

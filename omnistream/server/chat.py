@@ -107,8 +107,8 @@ async def _in_session(state: ServerState, session_id: str, body: ChatCompletionR
 
 
 def _check_load(state: ServerState) -> None:
-    # a length read off the loop (atomic in CPython): engine.stats() would wait for a step
-    waiting = len(state.engine.llm.scheduler.waiting)
+    # a counter read off the loop (engine/core.py EngineLoad): engine.stats() would wait for a step
+    waiting = state.engine.core.load().waiting
     if waiting >= state.config.max_queued_requests:
         raise Overloaded(f"the engine has {waiting} requests waiting (limit {state.config.max_queued_requests}); "
                          "retry later")

@@ -22,11 +22,11 @@ def max_tokens_for(state: ServerState, body: ChatCompletionRequest, prompt_len: 
     DEFAULT_MAX_TOKENS, within the room the context and the KV pool leave after the prompt."""
     if body.requested_max_tokens is not None:
         return body.requested_max_tokens  # over the context: the engine's BudgetError (400)
-    llm = state.engine.llm
-    room = min(llm.max_context, llm.blocks.num_blocks * llm.blocks.block_size) - prompt_len
+    engine = state.engine
+    room = min(engine.max_context, engine.kv_pool_tokens) - prompt_len
     if room < 1:
         raise BudgetError(f"the prompt of {prompt_len} tokens leaves no room for an answer "
-                          f"(context {llm.max_context} tokens)")
+                          f"(context {engine.max_context} tokens)")
     return min(state.default_max_tokens or DEFAULT_MAX_TOKENS, room)
 
 

@@ -37,7 +37,7 @@ _SANE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 async def health(request: Request) -> JSONResponse:
     state = get_state(request)
     try:  # a round trip through the engine loop: alive and not stuck
-        await asyncio.to_thread(state.engine.core.call, lambda llm: None, HEALTH_TIMEOUT_S)
+        await asyncio.to_thread(state.engine.core.run_op, "noop", timeout=HEALTH_TIMEOUT_S)
         alive = True
     except Exception:  # noqa: BLE001 - closed (EngineError) or stuck (TimeoutError)
         alive = False

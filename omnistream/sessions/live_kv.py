@@ -21,9 +21,9 @@ patches that arrived after it. What it buys: adding or evicting a patch costs on
 compute, whatever the length of the context.
 
 The blocks belong to the engine: this object keeps the sequence's token ids, positions and
-patch spans, and asks the engine loop to edit the KV (operations of engine/llm_engine.py: grow,
-move, trim, release the sequence owned by `owner`; requests with an OwnedKV that compute into
-it). Operations and requests run in the loop in the order they are sent.
+patch spans, and asks the engine loop to edit the KV (named operations of engine/ops.py:
+open_gap, close_gap, release_owned on the sequence owned by `owner`; requests with an OwnedKV
+that compute into it). Operations and requests run in the loop in the order they are sent.
 """
 
 from __future__ import annotations
@@ -65,8 +65,7 @@ class LiveKV:
     @property
     def blocks(self) -> list[int]:
         """The sequence's block table now (a copy, read by the loop)."""
-        owner = self.owner
-        return self.engine.core.call(lambda llm: list(llm.blocks.owned_blocks(owner)))
+        return self.engine.core.run_op("owned_blocks", self.owner)
 
     @property
     def built(self) -> bool:
@@ -94,13 +93,7 @@ class LiveKV:
     def remove(self, patch_id: int) -> None:
         """Drop one patch's K/V; later tokens keep theirs (closed up, positions kept)."""
         a, n = self.spans.pop(patch_id)
-        owner, computed = self.owner, self.computed
-
-        def close_gap(llm) -> None:
-            llm.move_kv(owner, a + n, computed, -n)
-            llm.blocks.trim_owned(owner, computed - n)
-
-        self.engine.core.call(close_gap)
+        self.engine.core.run_op("close_gap", self.owner, a, n, self.computed)
         del self.ids[a : a + n]
         self.pos = torch.cat([self.pos[:, :a], self.pos[:, a + n :]], dim=1)
         self.computed -= n
@@ -119,13 +112,8 @@ class LiveKV:
             raise ValueError("live KV: patches must be inserted in time order, after the newest held")
         a = self.video_end
         n = sum(item.num_tokens for _, item in patches)
-        owner, computed = self.owner, self.computed
-
-        def open_gap(llm) -> None:
-            llm.blocks.grow_owned(owner, computed + n)  # BudgetError when the pool is full
-            llm.move_kv(owner, a, computed, n)
-
-        self.engine.core.call(open_gap)
+        owner = self.owner
+        self.engine.core.run_op("open_gap", owner, a, n, self.computed)  # BudgetError when the pool is full
         new_pos = torch.cat([self._patch_positions(item) for _, item in patches], dim=1)
         self.ids[a:a] = [self.video_token_id] * n
         self.pos = torch.cat([self.pos[:, :a], new_pos, self.pos[:, a:]], dim=1)
@@ -181,9 +169,8 @@ class LiveKV:
         return handle, append
 
     def close(self) -> None:
-        owner = self.owner
         try:
-            self.engine.core.call(lambda llm: llm.blocks.release_owned(owner))
+            self.engine.core.run_op("release_owned", self.owner)
         except Exception:  # noqa: BLE001 - the engine is closed: nothing to release
             pass
         self.ids, self.spans, self.computed = [], {}, 0

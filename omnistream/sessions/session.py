@@ -226,13 +226,11 @@ class Session:
     @property
     def pinned_tokens(self) -> int:
         """Tokens of this conversation's KV the engine retains now (may shrink under pressure)."""
-        sid = self.id
-        return self.engine.core.call(lambda llm: llm.blocks.retained_tokens(sid))
+        return self.engine.core.run_op("retained_tokens", self.id)
 
     def retained_blocks(self) -> list[int]:
         """The KV blocks the engine retains for this conversation now, in sequence order."""
-        sid = self.id
-        return self.engine.core.call(lambda llm: list(llm.blocks.retained.get(sid, [])))
+        return self.engine.core.run_op("retained_blocks", self.id)
 
     # ------------------------------------------------------------------ lifecycle
     def fork(self) -> "Session":
@@ -247,8 +245,7 @@ class Session:
         other._pending_sizes = list(self._pending_sizes)
         other._names = list(self._names)
         other.turns = self.turns
-        src, dst = self.id, other.id
-        self.engine.core.call(lambda llm: llm.blocks.retain(dst, list(llm.blocks.retained.get(src, []))))
+        self.engine.core.run_op("fork_retained", self.id, other.id)
         return other
 
     def close(self) -> None:
@@ -260,10 +257,9 @@ class Session:
         self._release_kv()
 
     def _release_kv(self) -> None:
-        sid = self.id
         if not self.engine.core.is_loop_thread:
             try:
-                self.engine.core.call(lambda llm: llm.blocks.release_retained(sid))
+                self.engine.core.run_op("release_retained", self.id)
             except Exception:  # noqa: BLE001 - the engine is closed: nothing to release
                 pass
 

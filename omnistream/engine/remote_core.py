@@ -1,0 +1,282 @@
+"""The front-end of an engine core running in its own process (engine/core_process.py).
+
+    core = RemoteCore(cfg, recipe, model_on_meta, tokenizer.decode)   # spawns, waits until built
+    h = core.submit(EngineRequest(...))      # built and checked here (BudgetError at once)
+    core.run_op("retained_tokens", sid)      # a named operation (engine/ops.py), a round trip
+    core.load().waiting                      # counters of the last message, no round trip
+    core.close()
+
+The client interface of EngineCore: requests are built in the caller's thread by the same
+make_request (engine/request_factory.py) and sent whole; a reader thread feeds the handles
+with the child's token batches and ends. If the child dies (killed, out of memory), every
+request and operation in flight fails with an EngineError saying so, and everything after
+fails at once: nothing waits for an answer that cannot come.
+"""
+
+from __future__ import annotations
+
+import atexit
+import itertools
+import logging
+import os
+import pickle
+import socket
+import subprocess
+import sys
+import threading
+import weakref
+from concurrent.futures import Future
+from multiprocessing.connection import Connection
+from typing import Any, Callable
+
+from omnistream.config import EngineConfig
+from omnistream.engine.build import ModelRecipe
+from omnistream.engine.core import EngineLoad
+from omnistream.engine.core_process import ChildInfo, ChildSpec
+from omnistream.engine.handle import RequestHandle
+from omnistream.engine.protocol import EngineRequest, RequestMetrics, RequestOutput
+from omnistream.engine.request_factory import RequestFactory
+from omnistream.engine.wire import Wire, remove_leftovers
+from omnistream.errors import EngineError
+from omnistream.models.interface import MultimodalLM
+
+log = logging.getLogger(__name__)
+
+_STARTUP_POLL_S = 0.5
+_LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
+_ids = itertools.count()
+
+
+class RemoteCore:
+    def __init__(self, cfg: EngineConfig, recipe: ModelRecipe, model: MultimodalLM, decode: Callable[[list[int]], str]) -> None:
+        """Spawns the engine process and waits until its engine is built (raises what the build
+        raised there: a BudgetError of the memory budget, a ConfigError, ...). `model` is the
+        front-end's copy for positions and config (the meta device is enough)."""
+        self._decode = decode
+        self._prefix = f"omnistream-{os.getpid()}-{next(_ids)}"
+        level = logging.getLogger("omnistream").getEffectiveLevel()
+        spec = ChildSpec(cfg, recipe, os.getpid(), self._prefix + "-c", level, _LOG_FORMAT)
+        mine, theirs = socket.socketpair()
+        # a new interpreter (CUDA must not be forked; see core_process.py for why not spawn)
+        self.process = subprocess.Popen([sys.executable, "-m", "omnistream.engine.core_process", "--fd", str(theirs.fileno())],
+                                        pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL)
+        theirs.close()  # the child's end lives in the child only: its death is our EOF
+        conn = Connection(mine.detach())
+        self._wire = Wire(conn, self._prefix + "-p")
+        try:
+            conn.send_bytes(pickle.dumps(sys.path))
+            self._wire.send(spec)
+        except OSError:
+            pass  # it died at once: _wait_ready says so
+        self._handles: dict[str, RequestHandle] = {}
+        self._calls: dict[int, Future] = {}
+        self._call_ids = itertools.count()
+        self._lock = threading.Lock()  # _handles, _calls, _dead, _adds_sent
+        self._dead: EngineError | None = None  # why nothing can run any more
+        self._closing = False
+        self._adds_sent = 0
+        self._load = (EngineLoad(0, 0, 0, 0), 0)  # (last reported, adds the child had received)
+        try:
+            self.info = self._wait_ready()
+        except BaseException:
+            self._stop_process(5.0)
+            conn.close()
+            raise
+        self.factory = RequestFactory(model, cfg, self.info.num_blocks)
+        self._reader = threading.Thread(target=self._read_loop, name="omnistream-engine-in", daemon=True)
+        self._reader.start()
+        _OPEN.add(self)
+
+    # ------------------------------------------------------------------ client API (any thread)
+    def submit(self, spec: EngineRequest) -> RequestHandle:
+        """Builds the request here (raises BudgetError / UserInputError at once) and sends it."""
+        self._check_alive()
+        req = self.factory.make_request(spec)
+        handle = RequestHandle(req.request_id, self._decode, self.abort)
+        with self._lock:
+            self._check_alive()
+            self._handles[req.request_id] = handle
+            self._adds_sent += 1
+        try:
+            self._wire.send(("add", req))
+        except Exception as e:  # noqa: BLE001 - a broken pipe (the child died), or a request that does not pickle
+            with self._lock:
+                self._handles.pop(req.request_id, None)
+                self._adds_sent -= 1
+            if isinstance(e, (OSError, EOFError)):
+                raise self._dead or EngineError(f"the engine process is gone: {e}") from None
+            raise EngineError(f"request {req.request_id} could not be sent to the engine process: {type(e).__name__}: {e}") from e
+        return handle
+
+    def abort(self, request_id: str) -> None:
+        """Ends the request (finish_reason "abort"); no-op for one that already ended."""
+        if self._dead is None and not self._closing:
+            self._send_quietly(("abort", request_id))
+
+    def run_op(self, name: str, *args: Any, timeout: float | None = None) -> Any:
+        """Runs the named operation (engine/ops.py) in the child's loop, after everything sent
+        before it; returns its result or raises its error (TimeoutError after `timeout` s)."""
+        fut: Future = Future()
+        with self._lock:
+            self._check_alive()
+            call_id = next(self._call_ids)
+            self._calls[call_id] = fut
+        if not self._send_quietly(("op", call_id, name, args)):
+            self._check_alive()
+        try:
+            return fut.result(timeout)
+        finally:
+            with self._lock:
+                self._calls.pop(call_id, None)
+
+    def post_op(self, name: str, *args: Any) -> None:
+        """run_op() without waiting (errors are logged in the engine process)."""
+        if self._dead is None and not self._closing:
+            self._send_quietly(("op", None, name, args))
+
+    def call(self, fn: Callable, timeout: float | None = None) -> Any:
+        raise EngineError("the engine runs in its own process (engine_process): a function cannot be sent "
+                          "to its loop; use run_op(name, *args) with an operation of engine/ops.py")
+
+    def load(self) -> EngineLoad:
+        """The child's counters as of its last message; requests sent since then that it had
+        not received yet count as waiting."""
+        load, seen = self._load
+        pending = max(0, self._adds_sent - seen)
+        return EngineLoad(load.waiting + pending, load.running, load.kv_blocks_free, load.vision_tokens_encoded)
+
+    @property
+    def is_loop_thread(self) -> bool:
+        return False  # the loop is in another process: no caller can be on it
+
+    @property
+    def alive(self) -> bool:
+        return self._dead is None and not self._closing and self.process.poll() is None
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Stops the engine process (requests in flight end with an EngineError) and waits for
+        it to exit; one that does not is terminated, then killed."""
+        if self._closing:
+            return
+        self._closing = True
+        self._send_quietly(("close",))
+        self._stop_process(timeout)
+        self._reader.join(timeout)  # it saw the pipe close when the child exited
+        self._wire.conn.close()
+        self._fail_all(EngineError("the engine was closed before the request finished"))
+        _OPEN.discard(self)
+
+    # ------------------------------------------------------------------ internals
+    def _check_alive(self) -> None:
+        if self._dead is not None:
+            raise self._dead
+        if self._closing:
+            raise EngineError("the engine is closed")
+
+    def _send_quietly(self, msg: tuple) -> bool:
+        try:
+            self._wire.send(msg)
+            return True
+        except (OSError, EOFError, ValueError):  # the child is gone: the reader fails what waited
+            return False
+
+    def _wait_ready(self) -> ChildInfo:
+        conn = self._wire.conn
+        while not conn.poll(_STARTUP_POLL_S):
+            if self.process.poll() is not None:
+                raise EngineError(f"the engine process exited during startup (exit code {self.process.returncode})")
+        try:
+            kind, value = self._wire.recv()
+        except (EOFError, OSError):
+            raise EngineError(f"the engine process exited during startup (exit code {self._exit_code(5.0)})") from None
+        if kind == "failed":
+            raise value
+        return value
+
+    def _read_loop(self) -> None:
+        while True:
+            try:
+                msg = self._wire.recv()
+            except (EOFError, OSError):
+                break
+            except Exception:  # noqa: BLE001 - one message that does not unpickle: the rest still flows
+                log.exception("engine process: a message could not be read")
+                continue
+            if msg[0] == "out":
+                _, events, load, adds_seen = msg
+                self._load = (load, adds_seen)  # first: a reader woken below sees the counters after its events
+                self._dispatch(events)
+        self._on_exit()
+
+    def _dispatch(self, events: list[tuple]) -> None:
+        handles = self._handles
+        for ev in events:
+            kind = ev[0]
+            if kind == "t":
+                h = handles.get(ev[1])
+                if h is not None:
+                    h._push(ev[2], ev[3])
+            elif kind == "e":
+                out: RequestOutput = ev[1]
+                with self._lock:
+                    h = handles.pop(out.request_id, None)
+                if h is not None:
+                    h._end(out)
+            elif kind == "r":
+                _, call_id, ok, value = ev
+                with self._lock:
+                    fut = self._calls.get(call_id)
+                if fut is not None and not fut.done():
+                    fut.set_result(value) if ok else fut.set_exception(value)
+
+    def _on_exit(self) -> None:
+        """The pipe closed: the child exited (close) or died. Fails whatever still waits."""
+        code = self._exit_code(5.0)
+        if self._closing:
+            err = EngineError("the engine was closed before the request finished")
+        else:
+            err = EngineError(f"the engine process died (exit code {code}): requests in flight failed; "
+                              "restart the engine")
+            log.error("%s", err)
+        with self._lock:
+            self._dead = self._dead or err
+        self._fail_all(err)
+        for side in ("-p", "-c"):
+            remove_leftovers(self._prefix + side)
+
+    def _fail_all(self, err: EngineError) -> None:
+        with self._lock:
+            handles, self._handles = self._handles, {}
+            calls, self._calls = self._calls, {}
+        for rid, h in handles.items():
+            h._end(RequestOutput(rid, list(h._tokens), None, "error", RequestMetrics(), error=err))
+        for fut in calls.values():
+            if not fut.done():
+                fut.set_exception(err)
+
+    def _exit_code(self, timeout: float) -> int | None:
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def _stop_process(self, timeout: float) -> None:
+        p = self.process
+        if self._exit_code(timeout) is not None:
+            return
+        log.warning("engine process %s did not stop in %.0f s: terminating it", p.pid, timeout)
+        p.terminate()
+        if self._exit_code(5.0) is None:
+            p.kill()
+            p.wait()
+
+
+_OPEN: "weakref.WeakSet[RemoteCore]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_cores() -> None:
+    """Engines never closed: stop their processes before the interpreter goes (they would exit
+    on the broken pipe anyway; this is quicker and leaves no tensor files)."""
+    for core in list(_OPEN):
+        core.close(timeout=5.0)
