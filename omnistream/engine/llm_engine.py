@@ -201,7 +201,7 @@ class LLMEngine:
         now = time.perf_counter() if step.launched.event is not None else self.runner._now()
         self._count(out, sampled)
         result.num_rows, result.num_seqs = out.num_tokens, len(out.chunks)
-        vision_s = self.runner.last_vision_s
+        vision_s = step.launched.vision.seconds if step.launched.vision is not None else 0.0
         for c in out.chunks:
             req = c.request
             if req.finished:  # failed in isolation, aborted, or stopped in the step before

@@ -22,6 +22,7 @@ from omnistream.cache.encoder_cache import VisionPlan, temporal_slice
 from omnistream.engine.sampling import sample
 from omnistream.engine.scheduler import ScheduledChunk, SchedulerOutput
 from omnistream.engine.cuda_graphs import TILE_ROWS
+from omnistream.engine.vision_timing import VisionTiming
 from omnistream.layers.attention import AttentionMetadata, row_layout, row_tiles
 from omnistream.models.interface import MultimodalLM
 
@@ -53,6 +54,7 @@ class LaunchedStep:
     tokens_dev: torch.Tensor | None = None  # (S,) long on the device
     host: torch.Tensor | None = None  # (S,) long, pinned: the copy of tokens_dev
     event: torch.cuda.Event | None = None
+    vision: VisionTiming | None = None  # the step's vision encoding, timed on the device
 
     @classmethod
     def on_device(cls, chunks: list[ScheduledChunk], tokens_dev: torch.Tensor) -> "LaunchedStep":
@@ -156,31 +158,27 @@ class ModelRunner:
         return model.kv_spec.bytes_per_token(dtype)
 
     # ---------------------------------------------------------------- media
-    def encode_media(self, chunks: list[ScheduledChunk]) -> None:
+    def encode_media(self, chunks: list[ScheduledChunk]) -> VisionTiming | None:
         """Encode (in one vision forward, split at max_vision_patches) the temporal patches
         that this step's chunks cover and that have no embeddings yet. A chunk over tokens
         [s, s + n) of a request needs, of each item it overlaps, only the patches holding those
         tokens: a long video is encoded a few patches per step, as its prompt is computed
         (lossless: the tower never attends across temporal patches; images are one patch).
         Per request, req.mm_embeds[j] is then a list of per-patch (tpp, hidden) tensors (None:
-        not encoded yet), freed once the prompt is computed."""
-        self.last_vision_s = 0.0
+        not encoded yet), freed once the prompt is computed. Returns the encode's timing (None:
+        nothing to encode), read when the step is (collect)."""
         self._sweep_holds()
         todo = []  # (request, item index, first patch, temporal slice to encode)
         for c in chunks:
             todo += self._missing_patches(c)
         if not todo:
-            return
-        t0 = self._now()
+            return None
+        timing = VisionTiming.start(self.device)
         encoded_patches = self.run_vision_patches([sub for *_, sub in todo])
-        encoded = self.last_encoded_tokens
-        total = sum(encoded)
-        elapsed = self._now() - t0 if total else 0.0  # only real encoding counts as vision time
-        self.last_vision_s = elapsed
-        for (req, j, k0, _), patches, n in zip(todo, encoded_patches, encoded):
+        timing.stop([(req, n) for (req, *_), n in zip(todo, self.last_encoded_tokens)])
+        for (req, j, k0, _), patches in zip(todo, encoded_patches):
             req.mm_embeds[j][k0 : k0 + len(patches)] = patches
-            if total:
-                req.metrics.vision_encode_s += elapsed * n / total
+        return timing
 
     def _missing_patches(self, c: ScheduledChunk) -> list[tuple]:
         """Runs of consecutive temporal patches that chunk c covers and that are not encoded
@@ -386,7 +384,7 @@ class ModelRunner:
         (copied to pinned host memory behind an event), so the next step can be launched before
         they are read; others sample here. prev: the step whose device tokens are the inputs of
         this one's pending rows (ScheduledChunk.pending)."""
-        self.encode_media(out.chunks)
+        vision = self.encode_media(out.chunks)
         graphed = self.graphs is not None and self.graphs.can_run(out)
         if graphed:
             logits, chunks = self.graphs.run(out, None if prev is None else (prev.tokens_dev, prev.chunks))
@@ -401,20 +399,24 @@ class ModelRunner:
             if c.request.media and c.start < c.request.prompt_len <= c.start + c.num_tokens:
                 self.release(c.request)
         if not chunks:
-            return LaunchedStep(chunks=[], tokens=[])
+            return LaunchedStep(chunks=[], tokens=[], vision=vision)
         logits = logits.float()  # (S, vocab)
         reqs = [c.request for c in chunks]
         if graphed and not self.keep_logits and all(_plain_decode(c) for c in chunks):
-            return LaunchedStep.on_device(chunks, logits.argmax(dim=-1))  # what sample() gives greedy rows
+            step = LaunchedStep.on_device(chunks, logits.argmax(dim=-1))  # what sample() gives greedy rows
+            step.vision = vision
+            return step
         self._keep_logits(reqs, logits)
         tokens = sample(logits, [r.sampling for r in reqs], [r.generator for r in reqs])
         self._logprobs(reqs, logits, tokens)
-        return LaunchedStep(chunks=chunks, tokens=tokens)
+        return LaunchedStep(chunks=chunks, tokens=tokens, vision=vision)
 
-    @staticmethod
-    def collect(step: "LaunchedStep") -> list[tuple[ScheduledChunk, int]]:
-        """Waits for a launched step's tokens (only that step: later launches keep running)."""
-        return list(zip(step.chunks, step.wait()))
+    def collect(self, step: "LaunchedStep") -> list[tuple[ScheduledChunk, int]]:
+        """Waits for a launched step's tokens (only that step: later launches keep running);
+        its vision time is then known (last_vision_s, and each request's share)."""
+        tokens = step.wait()
+        self.last_vision_s = step.vision.resolve() if step.vision is not None else 0.0
+        return list(zip(step.chunks, tokens))
 
     def _keep_logits(self, reqs: list, logits: torch.Tensor) -> None:
         """req.logits += the sampled row (vocab,) on the host, for the requests that want them
