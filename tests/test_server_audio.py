@@ -43,7 +43,7 @@ def media(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def engine():
-    e = Engine.from_pretrained("omni-demo", kv_cache_tokens=8192)
+    e = Engine.from_pretrained("omni-demo", kv_cache_tokens=8192, engine_process=True)  # as `omnistream serve` runs it
     yield e
     e.close()
 

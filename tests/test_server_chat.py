@@ -33,7 +33,7 @@ def media(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def engine():
-    e = Engine.from_pretrained("demo")
+    e = Engine.from_pretrained("demo", engine_process=True)  # as `omnistream serve` runs it
     yield e
     e.close()
 

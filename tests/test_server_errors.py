@@ -52,7 +52,7 @@ def files(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def engine():
-    e = Engine.from_pretrained("demo", max_num_seqs=1)
+    e = Engine.from_pretrained("demo", max_num_seqs=1, engine_process=True)  # as `omnistream serve` runs it
     yield e
     e.close()
 

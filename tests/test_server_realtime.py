@@ -112,7 +112,7 @@ class Client:
 
 @pytest.fixture(scope="module")
 def engine():
-    eng = Engine.from_pretrained("demo")
+    eng = Engine.from_pretrained("demo", engine_process=True)  # as `omnistream serve` runs it
     yield eng
     eng.close()
 

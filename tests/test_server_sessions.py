@@ -37,7 +37,7 @@ def image_part(data: bytes) -> dict:
 
 @pytest.fixture(scope="module")
 def engine():
-    eng = Engine.from_pretrained("demo")
+    eng = Engine.from_pretrained("demo", engine_process=True)  # as `omnistream serve` runs it
     yield eng
     eng.close()
 

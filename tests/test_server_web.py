@@ -40,7 +40,7 @@ def write_y4m(path: Path, frames: int = 30, width: int = 160, height: int = 120)
 
 @pytest.fixture(scope="module")
 def server():
-    engine = Engine.from_pretrained("demo")
+    engine = Engine.from_pretrained("demo", engine_process=True)  # as `omnistream serve` runs it
     app = build_app(engine, ServerConfig(api_key=KEY))
     with serve(app) as url:
         yield url, app

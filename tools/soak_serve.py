@@ -3,8 +3,9 @@
     python tools/soak_serve.py --minutes 10          # the acceptance run
     python tools/soak_serve.py --minutes 1           # a quick one
 
-The engine and the app run in this process (uvicorn in a thread, so the engine's state can be
-inspected at the end); clients of every kind the server offers loop concurrently until the
+The app runs in this process (uvicorn in a thread, so the engine's state can be inspected at
+the end), its engine core in a process of its own as `omnistream serve` runs it
+(--no-engine-process: in a thread of this process); clients of every kind the server offers loop concurrently until the
 time is up, each over its own connection:
   chat_text      non-streaming text chat completion
   chat_stream    streaming text chat completion (SSE to [DONE])
@@ -14,7 +15,8 @@ time is up, each over its own connection:
   session        /v1/sessions: create, two questions with X-Session-Id, delete   (if served)
   realtime       /v1/realtime: frames, a question, deltas to response.done; every other
                  socket hangs up in the middle of its answer                       (if served)
-Resident memory (VmRSS), threads and the engine's counters are sampled every --sample-s.
+Resident memory (VmRSS of this process plus the engine process's), threads and the engine's
+counters are sampled every --sample-s.
 
 At the end (every check printed; exit 1 if one fails):
   - zero responses with a 5xx status, zero unexpected client errors (refused connections,
@@ -26,7 +28,8 @@ At the end (every check printed; exit 1 if one fails):
   - nothing leaked once the clients stop: engine.stats() has requests_running 0,
     requests_waiting 0, kv_blocks_free == kv_blocks_total (no retained or owned KV), no
     engine sessions; the server's session registry is empty; once the server is stopped and
-    the engine closed, no thread is left that was not there before the server started.
+    the engine closed, no thread is left that was not there before the server started, and the
+    engine process has exited.
 """
 
 from __future__ import annotations
@@ -53,12 +56,24 @@ SETTLE_TIMEOUT_S = 60.0
 MODEL = "demo"
 
 
-def rss_bytes() -> int:
-    with open("/proc/self/status") as f:
+def rss_bytes(pid: int | str = "self") -> int:
+    with open(f"/proc/{pid}/status") as f:
         for line in f:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS in /proc/self/status")
+    raise RuntimeError(f"no VmRSS in /proc/{pid}/status")
+
+
+def engine_pid(engine) -> int | None:
+    """The engine process's pid (engine_process), else None."""
+    process = getattr(engine.core, "process", None)
+    return None if process is None else process.pid
+
+
+def total_rss_bytes(engine) -> int:
+    """This process's RSS plus the engine process's (where the KV pool, weights and caches are)."""
+    pid = engine_pid(engine)
+    return rss_bytes() + (rss_bytes(pid) if pid is not None else 0)
 
 
 # ---------------------------------------------------------------------------------- media
@@ -249,7 +264,7 @@ def cache_bytes(app, stats: dict) -> int:
 async def sampler(app, engine, start: float, deadline: float, every_s: float, samples: list[Sample]) -> None:
     while True:
         stats = await asyncio.to_thread(engine.stats)
-        samples.append(Sample(time.monotonic() - start, rss_bytes(), threading.active_count(), stats["requests_running"],
+        samples.append(Sample(time.monotonic() - start, total_rss_bytes(engine), threading.active_count(), stats["requests_running"],
                               stats["kv_blocks_free"], cache_bytes(app, stats)))
         if time.monotonic() >= deadline:
             return
@@ -297,7 +312,9 @@ async def drive(app, engine, url: str, minutes: float, clients_per_kind: int, sa
     return {"kinds": kinds, "tally": tally, "samples": samples, "idle_stats": idle, "elapsed_s": time.monotonic() - start}
 
 
-def check(result: dict, registry_counts: dict | None, leaked_threads: list[str], warmup_s: float) -> list[tuple[str, bool, str]]:
+def check(result: dict, registry_counts: dict | None, leaked_threads: list[str], warmup_s: float,
+          engine_exit: int | None = 0) -> list[tuple[str, bool, str]]:
+    """engine_exit: the engine process's exit code after close (0 when it runs in a thread)."""
     tally, stats = result["tally"], result["idle_stats"]
     unexpected = {k: dict(v) for k, v in tally.errors.items() if v}
     trend = rss_trend(result["samples"], warmup_s)
@@ -316,6 +333,7 @@ def check(result: dict, registry_counts: dict | None, leaked_threads: list[str],
         ("no engine sessions left", stats["sessions"] == 0, f"{stats['sessions']}"),
         ("server session registry empty", not registry_counts or not any(registry_counts.values()), f"{registry_counts}"),
         ("no threads leaked", not leaked_threads, ", ".join(leaked_threads) or "none"),
+        ("engine process exited cleanly", engine_exit == 0, f"exit code {engine_exit}"),
     ]
 
 
@@ -327,6 +345,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup-fraction", type=float, default=0.2, help="share of the run before RSS must stay flat (default: 0.2)")
     p.add_argument("--kinds", default=None, help="only these client kinds, comma separated (to find what grows); default: all served")
     p.add_argument("--json", default=None, help="write the samples and counts here")
+    p.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=True,
+                   help="the engine core in its own process, as serve runs it (default: on)")
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -336,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     from omnistream.server.config import ServerConfig
 
     threads_before = {t.ident: t.name for t in threading.enumerate()}
-    engine = Engine.from_pretrained(MODEL, device="cpu")
+    engine = Engine.from_pretrained(MODEL, device="cpu", engine_process=args.engine_process)
     app = build_app(engine, ServerConfig(served_model_name=MODEL))
     with tempfile.TemporaryDirectory(prefix="omnistream-soak-") as tmp, BackgroundServer(app) as server:
         print(f"soak: {server.url}, demo model on the CPU, {args.minutes:g} min, {args.clients_per_kind} client(s) per kind", flush=True)
@@ -348,7 +368,8 @@ def main(argv: list[str] | None = None) -> int:
     time.sleep(1.0)
     leaked = [f"{t.name}" for t in threading.enumerate() if t.ident not in threads_before and t.is_alive()]
     warmup_s = max(min(30.0, 0.5 * args.minutes * 60), args.warmup_fraction * args.minutes * 60)
-    rows = check(result, registry_counts, leaked, warmup_s)
+    engine_exit = engine.core.process.poll() if engine_pid(engine) is not None else 0
+    rows = check(result, registry_counts, leaked, warmup_s, engine_exit)
     print_summary(result, rows)
     if args.json:
         Path(args.json).write_text(json.dumps({

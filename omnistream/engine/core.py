@@ -77,8 +77,7 @@ class EngineCore:
         self._collected_at = time.monotonic()  # last full collection while busy
         # the thread holds the core only while it works: an engine nobody references any more
         # is collected, and its loop ends within _IDLE_POLL_S
-        if not os.environ.get("OMNISTREAM_KEEP_SWITCH_INTERVAL"):
-            sys.setswitchinterval(min(sys.getswitchinterval(), _SWITCH_INTERVAL_S))
+        shorten_switch_interval()
         self._thread = threading.Thread(target=_loop_main, args=(weakref.ref(self),), name="omnistream-engine", daemon=True)
         self._thread.start()
         _OPEN.add(self)
@@ -254,6 +253,14 @@ class EngineCore:
         )
 
 
+def shorten_switch_interval() -> None:
+    """The process-wide switch interval down to _SWITCH_INTERVAL_S (see there), unless
+    OMNISTREAM_KEEP_SWITCH_INTERVAL is set. The front-end of an engine process asks for it too:
+    its reader thread hands tokens to the handles and must not wait 5 ms behind an event loop."""
+    if not os.environ.get("OMNISTREAM_KEEP_SWITCH_INTERVAL"):
+        sys.setswitchinterval(min(sys.getswitchinterval(), _SWITCH_INTERVAL_S))
+
+
 _OPEN: "weakref.WeakSet[EngineCore]" = weakref.WeakSet()  # cores whose loop may still run
 
 
@@ -278,6 +285,10 @@ def _name_native_thread(name: str) -> None:
 
 def _loop_main(ref: "weakref.ref[EngineCore]") -> None:
     _name_native_thread("omni-engine")
+    core = ref()
+    if core is not None:
+        core.llm.enter_loop_thread()  # e.g. its CUDA stream (engine/encode_ahead.py)
+        del core
     while True:
         core = ref()
         if core is None or not core._iterate():

@@ -12,9 +12,8 @@ The child's interpreter lock is shared only by its loop, its receiver and its se
 parent's HTTP parsing, JSON, media decoding and SSE never delay a step's launch.
 
 Events of one "out" message keep the loop's order: ("t", request id, token, logprob),
-("e", RequestOutput), ("r", call id, ok, value or error). `load` (engine/core.py EngineLoad, and
-how many adds the child has received) rides on every message, so the parent's load checks and
-gauges need no round trip. Errors are sent as they are when they pickle, else as an EngineError
+("e", RequestOutput), ("r", call id, ok, value or error). `load` (engine/core.py EngineLoad) rides
+on every message, so the parent's load checks and gauges need no round trip. Errors are sent as they are when they pickle, else as an EngineError
 with their text. The child is `python -m omnistream.engine.core_process --fd N` on one end of a
 socketpair, not a multiprocessing spawn: spawn re-runs the parent's main script in the child,
 and a user's script without an `if __name__ == "__main__"` guard would build a second engine
@@ -140,7 +139,6 @@ class _Child:
         self.core = core
         self.pin_media = pin_media
         self.outbox = _Outbox()
-        self.adds = 0  # "add" commands received (the parent counts those not yet seen as waiting)
         self.sender = threading.Thread(target=self._send_loop, name="omnistream-engine-out", daemon=True)
         self.sender.start()
 
@@ -165,7 +163,6 @@ class _Child:
             req: Request = msg[1]
             if self.pin_media:
                 _pin_media(req)
-            self.adds += 1
             self.core.add(req, _Forwarder(req.request_id, self.outbox))
         elif kind == "abort":
             self.core.abort(msg[1])
@@ -203,7 +200,7 @@ class _Child:
                 return
             load = self.core.load()  # read after the events: it includes their effects
             try:
-                self.wire.send(("out", events, load, self.adds))
+                self.wire.send(("out", events, load))
             except (OSError, EOFError, ValueError):
                 return  # the parent is gone; the receiver sees it too
             except Exception as e:  # noqa: BLE001 - an event that does not pickle: say so, once per message
@@ -223,7 +220,7 @@ class _Child:
             else:
                 fixed.append(ev)
         try:
-            self.wire.send(("out", fixed, self.core.load(), self.adds))
+            self.wire.send(("out", fixed, self.core.load()))
         except Exception:  # noqa: BLE001 - nothing more to do: the parent sees its requests hang up at close
             log.exception("engine process: could not send the failure either")
 

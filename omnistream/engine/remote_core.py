@@ -31,7 +31,7 @@ from typing import Any, Callable
 
 from omnistream.config import EngineConfig
 from omnistream.engine.build import ModelRecipe
-from omnistream.engine.core import EngineLoad
+from omnistream.engine.core import EngineLoad, shorten_switch_interval
 from omnistream.engine.core_process import ChildInfo, ChildSpec
 from omnistream.engine.handle import RequestHandle
 from omnistream.engine.protocol import EngineRequest, RequestMetrics, RequestOutput
@@ -71,11 +71,10 @@ class RemoteCore:
         self._handles: dict[str, RequestHandle] = {}
         self._calls: dict[int, Future] = {}
         self._call_ids = itertools.count()
-        self._lock = threading.Lock()  # _handles, _calls, _dead, _adds_sent
+        self._lock = threading.Lock()  # _handles, _calls, _dead
         self._dead: EngineError | None = None  # why nothing can run any more
         self._closing = False
-        self._adds_sent = 0
-        self._load = (EngineLoad(0, 0, 0, 0), 0)  # (last reported, adds the child had received)
+        self._load = EngineLoad(0, 0, 0, 0)  # as of the child's last message
         try:
             self.info = self._wait_ready()
         except BaseException:
@@ -83,6 +82,7 @@ class RemoteCore:
             conn.close()
             raise
         self.factory = RequestFactory(model, cfg, self.info.num_blocks)
+        shorten_switch_interval()
         self._reader = threading.Thread(target=self._read_loop, name="omnistream-engine-in", daemon=True)
         self._reader.start()
         _OPEN.add(self)
@@ -96,13 +96,11 @@ class RemoteCore:
         with self._lock:
             self._check_alive()
             self._handles[req.request_id] = handle
-            self._adds_sent += 1
         try:
             self._wire.send(("add", req))
         except Exception as e:  # noqa: BLE001 - a broken pipe (the child died), or a request that does not pickle
             with self._lock:
                 self._handles.pop(req.request_id, None)
-                self._adds_sent -= 1
             if isinstance(e, (OSError, EOFError)):
                 raise self._dead or EngineError(f"the engine process is gone: {e}") from None
             raise EngineError(f"request {req.request_id} could not be sent to the engine process: {type(e).__name__}: {e}") from e
@@ -139,11 +137,10 @@ class RemoteCore:
                           "to its loop; use run_op(name, *args) with an operation of engine/ops.py")
 
     def load(self) -> EngineLoad:
-        """The child's counters as of its last message; requests sent since then that it had
-        not received yet count as waiting."""
-        load, seen = self._load
-        pending = max(0, self._adds_sent - seen)
-        return EngineLoad(load.waiting + pending, load.running, load.kv_blocks_free, load.vision_tokens_encoded)
+        """The child's counters as of its last message (one comes with every step that samples
+        and every end): like the in-thread core's, they lag by up to a step, and a request
+        still on its way to the loop is not counted yet."""
+        return self._load
 
     @property
     def is_loop_thread(self) -> bool:
@@ -203,8 +200,8 @@ class RemoteCore:
                 log.exception("engine process: a message could not be read")
                 continue
             if msg[0] == "out":
-                _, events, load, adds_seen = msg
-                self._load = (load, adds_seen)  # first: a reader woken below sees the counters after its events
+                _, events, load = msg
+                self._load = load  # first: a reader woken below sees the counters of its events
                 self._dispatch(events)
         self._on_exit()
 
