@@ -1,7 +1,8 @@
-"""Vision encoding budgeted per chunk: a prompt prefilled in several chunks encodes, in each
-step, only the temporal patches that the step's chunk covers and that are not encoded yet; its
-tokens and logits equal the unchunked run and transformers, with the encoder cache off and on;
-embeddings and cache holds are dropped once the prompt is computed."""
+"""Vision encoding budgeted per chunk (the in-step path, encode_ahead off): a prompt prefilled in
+several chunks encodes, in each step, only the temporal patches that the step's chunk covers and
+that are not encoded yet; its tokens and logits equal the unchunked run and transformers, with
+the encoder cache off and on; embeddings and cache holds are dropped once the prompt is
+computed. (Media encoded ahead of the steps: tests/test_encode_ahead.py.)"""
 
 from __future__ import annotations
 
@@ -66,7 +67,7 @@ CONV = [_user(_image(3), _video(_frames(10, seed=2)), "What happens?")]  # image
 def test_chunked_prefill_encodes_each_patch_once_when_first_needed(tiny_model_dir, hf_tiny_model, cache_bytes):
     whole = _engine(tiny_model_dir)
     [expected] = whole.generate([CONV], GREEDY, return_logits=True)
-    eng = _engine(tiny_model_dir, max_num_batched_tokens=24, encoder_cache_bytes=cache_bytes)
+    eng = _engine(tiny_model_dir, max_num_batched_tokens=24, encoder_cache_bytes=cache_bytes, encode_ahead=False)
     log = StepLog(eng.llm.runner)
     [res] = eng.generate([CONV], GREEDY, return_logits=True)
     prefill = [s for s in log.steps if s[1] or any(start < req.prompt_len for req, start, _ in s[0])]
@@ -93,7 +94,7 @@ def test_chunked_prefill_encodes_each_patch_once_when_first_needed(tiny_model_di
 def test_partial_hits_with_chunks(tiny_model_dir, hf_tiny_model):
     """The first 3 patches cached by an earlier, shorter clip: the chunks of the longer one
     encode only patches 3 and 4, each in the step that first covers it."""
-    eng = _engine(tiny_model_dir, max_num_batched_tokens=24, encoder_cache_bytes=1 << 20)
+    eng = _engine(tiny_model_dir, max_num_batched_tokens=24, encoder_cache_bytes=1 << 20, encode_ahead=False)
     stream = _frames(10, seed=9)
     eng.generate([[_user(_video(stream[:6]), "So far?")]], GREEDY)
     log = StepLog(eng.llm.runner)

@@ -36,6 +36,9 @@ def activation_reserve_bytes(model: MultimodalLM, cfg: EngineConfig, max_encoder
     """The model's peak step activations (MultimodalLM.memory_estimate) with headroom, plus the
     CUDA graphs' memory."""
     peak = model.memory_estimate(itemsize, cfg.scheduler.max_num_batched_tokens, max_encoder_rows).activation_bytes
+    if cfg.encode_ahead and graphs:  # on the GPU the tower runs beside the steps (engine/encode_ahead.py): both at once
+        peak = (model.memory_estimate(itemsize, cfg.scheduler.max_num_batched_tokens, 1).activation_bytes
+                + model.memory_estimate(itemsize, 1, max_encoder_rows).activation_bytes)
     # 25% headroom: allocator rounding and the transient copies the estimate does not list
     # (measured: the 3B W1 run peaked 0.3% over a 10 GiB budget without it); 8-bit weights
     # add their dequantized temporary (layers/quant.py)

@@ -23,7 +23,7 @@ from omnistream.cache.prefix_hash import extend_hashes
 from omnistream.config import EngineConfig
 from omnistream.engine.model_runner import LaunchedStep, ModelRunner
 from omnistream.engine.protocol import EngineRequest
-from omnistream.engine.request import Request
+from omnistream.engine.request import Request, RequestStatus
 from omnistream.engine.scheduler import ScheduledChunk, Scheduler, SchedulerOutput
 from omnistream.errors import BudgetError, EngineError, UserInputError
 from omnistream.models.interface import MultimodalLM
@@ -78,6 +78,8 @@ class LLMEngine:
         self._prefix = uuid.uuid4().hex[:6]
         self.overlap = cfg.overlap_decode  # see step(); needs the row-batch path (runner.graphs)
         self._inflight: _InFlight | None = None  # a decode step launched, its tokens not yet read
+        # media encoded ahead of their steps (engine/encode_ahead.py), two steps' worth at most
+        self.ahead = self.runner.enable_encode_ahead(2 * cfg.scheduler.max_num_batched_tokens) if cfg.encode_ahead else None
 
     # ------------------------------------------------------------------ submitting thread
     def make_request(self, spec: EngineRequest) -> Request:
@@ -113,6 +115,10 @@ class LLMEngine:
         self.requests[req.request_id] = req
         self.scheduler.add(req)
 
+    def enter_loop_thread(self) -> None:
+        """Called once by the engine loop's thread before its first step."""
+        self.runner.enter_loop_thread()
+
     def has_work(self) -> bool:
         return self._inflight is not None or self.scheduler.has_work()
 
@@ -138,11 +144,14 @@ class LLMEngine:
             prev, self._inflight = self._inflight, None
             self._inflight = self._chain(prev)
             return self._complete(prev)
+        self._encode_ahead()
         out = self.scheduler.schedule()
         result = StepResult()
         for req, err in out.rejected:
             self._fail(req, err, result)
         if not out.chunks:
+            if self.ahead is not None and self.ahead.inflight:
+                self.ahead.wait()  # nothing runs until media encoded ahead are ready
             return result
         t0 = time.perf_counter()
         try:
@@ -162,7 +171,8 @@ class LLMEngine:
         """Launches the decode batch that follows `prev` (still in flight), or None when the
         next step needs the scheduler: someone waits, a request ends by length, blocks run
         out, a request needs more than its next token."""
-        if self.scheduler.waiting:
+        self._encode_ahead()
+        if any(not self._media_blocked(r) for r in self.scheduler.waiting):
             return None
         chunks = []
         for c in prev.launched.chunks:
@@ -174,7 +184,8 @@ class LLMEngine:
             chunks.append(ScheduledChunk(r, c.start + 1, 1, pending=True))
         running = {id(c.request) for c in chunks}
         ending = {id(c.request) for c in prev.launched.chunks}
-        if not chunks or any(id(r) not in running and id(r) not in ending for r in self.scheduler.running):
+        if not chunks or any(id(r) not in running and id(r) not in ending and not self._media_blocked(r)
+                             for r in self.scheduler.running):
             return None
         if not all(self.blocks.can_grow(c.request, c.start + 1) for c in chunks):
             return None
@@ -233,6 +244,28 @@ class LLMEngine:
         for req in list(self.requests.values()):
             self._fail(req, err, result)
         return result.failed
+
+    # ------------------------------------------------------------------ media encoded ahead
+    def _encode_ahead(self) -> None:
+        """Retires finished groups, launches the next, sets each prompt's media limit."""
+        if self.ahead is None:
+            return
+        waiting = [r for r in self.scheduler.waiting if r.media]
+        running = [r for r in self.scheduler.running if r.media and r.num_computed_tokens < r.prompt_len]
+        if waiting or running or self.ahead.inflight:
+            self.ahead.step(running + waiting, self._next_start)
+
+    def _next_start(self, req: Request) -> int:
+        """The token the request's next chunk starts at (a waiting one: past its cached prefix)."""
+        if req.status is RequestStatus.RUNNING:
+            return req.num_computed_tokens
+        if req.kv is not None:
+            return req.kv.computed
+        return len(self.blocks.match_prefix(req)) * self.blocks.block_size
+
+    def _media_blocked(self, req: Request) -> bool:
+        """Its next tokens are media still being encoded ahead: it cannot run this step."""
+        return req.media_ready_until is not None and req.media_ready_until <= self._next_start(req)
 
     # ------------------------------------------------------------------ internals
     def _isolate(self, out: SchedulerOutput, result: StepResult) -> list[tuple[ScheduledChunk, int]]:

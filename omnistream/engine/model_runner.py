@@ -12,6 +12,7 @@ Steps of few tokens on the GPU replay a CUDA graph captured per row-count bucket
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from omnistream.cache.encoder_cache import VisionPlan, temporal_slice
 from omnistream.engine.sampling import sample
 from omnistream.engine.scheduler import ScheduledChunk, SchedulerOutput
 from omnistream.engine.cuda_graphs import TILE_ROWS
+from omnistream.engine.encode_ahead import EncodeAhead
 from omnistream.engine.vision_timing import VisionTiming
 from omnistream.layers.attention import AttentionMetadata, row_layout, row_tiles
 from omnistream.models.interface import MultimodalLM
@@ -112,6 +114,8 @@ class ModelRunner:
         self.vision_graphs = None  # VisionGraphs, set by enable_cuda_graphs() (capture needs CUDA)
         self.row_backend = None  # paged row kernel (layers/attention.RowBackend); None: reference path
         self.row_max_query = ROW_MAX_QUERY
+        self.ahead: EncodeAhead | None = None  # media encoded ahead of their steps (enable_encode_ahead)
+        self.main_stream: torch.cuda.Stream | None = None  # the engine loop's stream, with encode-ahead on CUDA
         if device.type == "cuda":
             from omnistream.layers.triton_decode import triton_paged_decode
 
@@ -153,6 +157,24 @@ class ModelRunner:
             d, f = dst[s : s + chunk].to(self.device), src[s : s + chunk].to(self.device)
             flat[:, :, d] = flat[:, :, f]
 
+    def enable_encode_ahead(self, max_tokens: int) -> EncodeAhead:
+        """Media encoded before their steps (engine/encode_ahead.py). On CUDA the vision tower
+        gets a low-priority stream of its own and the engine loop a high-priority one (the loop
+        thread makes it current: enter_loop_thread)."""
+        side = None
+        if self.device.type == "cuda":
+            lowest, highest = torch.cuda.Stream.priority_range()
+            side = torch.cuda.Stream(self.device, priority=lowest)
+            self.main_stream = torch.cuda.Stream(self.device, priority=highest)
+        self.ahead = EncodeAhead(self, side, max_tokens)
+        return self.ahead
+
+    def enter_loop_thread(self) -> None:
+        """Called once by the thread that runs every step: its GPU work goes to main_stream."""
+        if self.main_stream is not None:
+            torch.cuda.synchronize(self.device)  # what the constructing thread queued is done
+            torch.cuda.set_stream(self.main_stream)
+
     @staticmethod
     def kv_bytes_per_token(model: MultimodalLM, dtype: torch.dtype) -> int:
         return model.kv_spec.bytes_per_token(dtype)
@@ -173,9 +195,17 @@ class ModelRunner:
             todo += self._missing_patches(c)
         if not todo:
             return None
-        timing = VisionTiming.start(self.device)
-        encoded_patches = self.run_vision_patches([sub for *_, sub in todo])
-        timing.stop([(req, n) for (req, *_), n in zip(todo, self.last_encoded_tokens)])
+        side = self.ahead is not None and self.ahead.stream is not None
+        with self.ahead.on_side_stream() if side else contextlib.nullcontext():  # see encode_ahead.py: Safety
+            timing = VisionTiming.start(self.device)
+            encoded_patches = self.run_vision_patches([sub for *_, sub in todo])
+            timing.stop([(req, n) for (req, *_), n in zip(todo, self.last_encoded_tokens)])
+        if side:
+            main = torch.cuda.current_stream(self.device)
+            main.wait_stream(self.ahead.stream)
+            for p in encoded_patches:
+                for t in p:
+                    t.record_stream(main)
         for (req, j, k0, _), patches in zip(todo, encoded_patches):
             req.mm_embeds[j][k0 : k0 + len(patches)] = patches
         return timing
@@ -384,6 +414,8 @@ class ModelRunner:
         (copied to pinned host memory behind an event), so the next step can be launched before
         they are read; others sample here. prev: the step whose device tokens are the inputs of
         this one's pending rows (ScheduledChunk.pending)."""
+        if self.ahead is not None:
+            self.ahead.sync_main_for(out.chunks)
         vision = self.encode_media(out.chunks)
         graphed = self.graphs is not None and self.graphs.can_run(out)
         if graphed:

@@ -54,6 +54,9 @@ class Request:
         if spec.arrival is not None:
             self.metrics.arrival = spec.arrival
         self.num_bypassed = 0  # times a later request was admitted before this one (admission policy)
+        # with media encoded ahead (engine/encode_ahead.py): the prompt is scheduled up to this
+        # token, the first media placeholder whose patch is not encoded yet; None: no limit
+        self.media_ready_until: int | None = None
         self.error: BaseException | None = None
         self.logits: list[torch.Tensor] | None = None  # sampled rows, kept only when asked (tests)
 

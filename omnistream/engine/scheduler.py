@@ -149,14 +149,20 @@ class Scheduler:
                 blocked.append(req)
                 closed = req.num_bypassed >= self.MAX_BYPASS
                 continue
+            start = req.kv.computed if req.kv is not None else len(hits) * self.blocks.block_size
+            if req.media_ready_until is not None and req.media_ready_until <= start:
+                continue  # its next tokens are media still being encoded: later requests may run
             if req.kv is not None:
                 self.blocks.take_kv(req)
             else:
                 self.blocks.take_prefix(req, hits)
             n = self._chunk_size(req, budget)
             if n == 0:
+                on_media = self._media_blocked(req)  # its media are being encoded: later ones may run
                 self.blocks.free_request(req)
                 req.num_computed_tokens = 0
+                if on_media:
+                    continue
                 break
             self.waiting.remove(req)
             self.blocks.grow(req, req.num_computed_tokens + n)
@@ -197,9 +203,15 @@ class Scheduler:
         remaining = req.num_tokens - req.num_computed_tokens
         if req.num_computed_tokens < req.prompt_len:  # a prompt chunk: the prefill cap applies
             budget = min(budget, self._prefill_left)
+            if req.media_ready_until is not None:  # media still being encoded (encode_ahead.py)
+                budget = min(budget, max(0, req.media_ready_until - req.num_computed_tokens))
         if remaining <= budget:
             return remaining
         return budget if self.cfg.enable_chunked_prefill and budget > 0 else 0
+
+    @staticmethod
+    def _media_blocked(req: Request) -> bool:
+        return req.media_ready_until is not None and req.media_ready_until <= req.num_computed_tokens
 
     def _charge(self, req: Request, n: int) -> None:
         if req.num_computed_tokens < req.prompt_len:

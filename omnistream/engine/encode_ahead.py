@@ -1,0 +1,206 @@
+"""Media encoded ahead of the steps that need it, on a side CUDA stream.
+
+Without it, a step that reaches a request's media encodes the temporal patches its chunk
+covers, in the step, on the one stream: while others decode, a step holds at most
+`max_step_tokens_while_decoding` tokens, so a clip is encoded one 2-frame patch per step (a
+1024-row vision forward runs at a third of the tower's efficiency at 32k rows) and every
+running answer waits for it (H200, 3B: 16 streams went from 2.9 to 18.7 ms per token while a
+64-frame clip was encoded; 32 concurrent 8-frame questions spent 1 s of vision in such steps).
+
+Here the engine loop, before it schedules a step, launches the missing patches of the requests
+that will need them (running prompts first, then the waiting queue in order), up to
+`max_rows` pixel rows per forward, on a low-priority stream of their own; the decode and
+prefill steps run on the engine's high-priority stream meanwhile (stream priorities let their
+kernels take SMs first). A request's prompt is scheduled only up to its first media token whose
+patch is not ready (Request.media_ready_until), so no step waits for the tower; a patch is
+ready once the host has seen its group's event complete. Lossless: the same patches, encoded
+by the same forward (the tower never attends across temporal patches or items), in larger
+groups.
+
+Safety: every vision forward of an engine with this on runs on the side stream (the in-step
+path too, followed by a wait of the main stream), so encoder-cache hits and evictions are
+ordered after the forwards that made them; embeddings made there and read on the main stream
+are recorded on it (the allocator does not reuse their memory early); a step that still covers
+a patch in flight waits for its group on the device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import torch
+
+from omnistream.cache.encoder_cache import temporal_slice
+from omnistream.engine.vision_timing import VisionTiming
+
+
+@dataclass
+class _Group:
+    """One vision forward launched ahead: its patches and the event that marks them done."""
+
+    runs: list[tuple[object, int, int, int]]  # (request, item index, first patch, end patch)
+    event: torch.cuda.Event | None  # None on the CPU (done at once)
+    timing: VisionTiming
+    keys: set[tuple[int, int, int]] = field(default_factory=set)  # (id(request), item, patch)
+    recorded: bool = False  # its embeddings are recorded on the main stream
+
+    def done(self) -> bool:
+        return self.event is None or self.event.query()
+
+
+class EncodeAhead:
+    def __init__(self, runner, stream: torch.cuda.Stream | None, max_tokens: int) -> None:
+        self.runner = runner  # its max_vision_patches: pixel rows per forward launched ahead
+        # media tokens encoded ahead and not yet computed, over all requests, at most (a long
+        # video is encoded as its prompt advances, not all at once: its embeddings are held
+        # until its chunks reach them)
+        self.max_tokens = max_tokens
+        self.stream = stream  # the side stream; None on the CPU (encodes synchronously)
+        self.inflight: list[_Group] = []
+        self.pending: set[tuple[int, int, int]] = set()  # patches of groups in flight
+        self.groups_launched = 0
+
+    # ------------------------------------------------------------------ per step (engine loop)
+    def step(self, requests: Iterable, start_of) -> None:
+        """Retires the groups that finished, launches the next one if none is in flight, and
+        sets each request's media_ready_until. requests: running prompts then waiting ones, in
+        the order they will be served; start_of(req): the token its next chunk starts at (for a
+        waiting request, past the prefix the cache already holds)."""
+        reqs = [r for r in requests if r.media and not r.finished]
+        self.poll()
+        if not self.inflight:
+            self._launch(reqs, start_of)
+        for r in reqs:
+            r.media_ready_until = self.ready_until(r, start_of(r))
+
+    def poll(self) -> None:
+        while self.inflight and self.inflight[0].done():
+            self._retire(self.inflight.pop(0))
+
+    def wait(self) -> None:
+        """Blocks until the oldest group in flight is done (the loop has nothing else to run)."""
+        if self.inflight and self.inflight[0].event is not None:
+            self.inflight[0].event.synchronize()
+        self.poll()
+
+    def ready_until(self, req, start: int) -> int | None:
+        """The first prompt token at or after `start` that is a media placeholder whose patch is
+        not encoded and done; None when there is none."""
+        for j, (off, item) in enumerate(req.media):
+            if off + item.num_tokens <= start:
+                continue
+            tpp, patches = item.tokens_per_temporal_patch, req.mm_embeds[j]
+            for k in range(max(0, start - off) // tpp, item.grid_thw[0]):
+                if patches is None or patches[k] is None or (id(req), j, k) in self.pending:
+                    return off + k * tpp
+        return None
+
+    def sync_main_for(self, chunks) -> None:
+        """The main stream waits for the groups in flight whose patches these chunks read
+        (normally none: the scheduler stops before them, but a prefix-cache eviction can move a
+        request's start back over media launched ahead)."""
+        if not self.pending:
+            return
+        ids = {id(c.request) for c in chunks}
+        for g in self.inflight:
+            if any(key[0] in ids and self._overlaps(c, key) for key in g.keys for c in chunks if id(c.request) == key[0]):
+                if g.event is not None:
+                    torch.cuda.current_stream().wait_event(g.event)
+                    self._record(g)
+
+    # ------------------------------------------------------------------ internals
+    @staticmethod
+    def _overlaps(c, key) -> bool:
+        _, j, k = key
+        off, item = c.request.media[j]
+        tpp = item.tokens_per_temporal_patch
+        a, b = off + k * tpp, off + (k + 1) * tpp
+        return a < c.start + c.num_tokens and c.start < b
+
+    def _select(self, reqs, start_of) -> list[tuple[object, int, int, int]]:
+        """Runs (request, item, k0, k1) of missing patches, in serving order, up to the runner's
+        max_vision_patches rows (one forward)."""
+        runs, rows, max_rows, tokens = [], 0, self.runner.max_vision_patches, self.max_tokens
+        for req in reqs:
+            start = start_of(req)
+            for j, (off, item) in enumerate(req.media):
+                if off + item.num_tokens <= start:
+                    continue
+                t = item.grid_thw[0]
+                tpp, per_patch = item.tokens_per_temporal_patch, item.pixel_values.shape[0] // t
+                k = first = max(0, start - off) // tpp
+                while k < t:
+                    if tokens < tpp and (k != first or off + k * tpp > start):
+                        break  # enough is encoded ahead (the patch a prompt waits on always goes)
+                    tokens -= tpp
+                    if req.mm_embeds[j] is not None and req.mm_embeds[j][k] is not None:
+                        k += 1  # encoded (or in flight): held ahead already
+                        continue
+                    if rows and rows + per_patch > max_rows:
+                        return runs  # the group is full
+                    if runs and runs[-1][:2] == (req, j) and runs[-1][3] == k:
+                        runs[-1] = (req, j, runs[-1][2], k + 1)  # extends the run
+                    else:
+                        runs.append((req, j, k, k + 1))
+                    rows += per_patch
+                    k += 1
+        return runs
+
+    def _launch(self, reqs, start_of) -> None:
+        runs = self._select(reqs, start_of)
+        if not runs:
+            return
+        runner = self.runner
+        for req, j, _, _ in runs:  # the request references its items' cache entries from now on
+            if req.mm_embeds[j] is None:
+                req.mm_embeds[j] = [None] * req.media[j][1].grid_thw[0]
+                runner._hold(req, req.media[j][1])
+        subs = [temporal_slice(req.media[j][1], k0, k1) for req, j, k0, k1 in runs]
+        with self.on_side_stream():
+            timing = VisionTiming.start(runner.device)
+            encoded = runner.run_vision_patches(subs)
+            timing.stop([(req, n) for (req, *_), n in zip(runs, runner.last_encoded_tokens)])
+            event = None
+            if self.stream is not None:
+                event = torch.cuda.Event()
+                event.record(self.stream)
+        group = _Group(runs, event, timing)
+        for (req, j, k0, k1), patches in zip(runs, encoded):
+            req.mm_embeds[j][k0:k1] = patches
+            group.keys |= {(id(req), j, k) for k in range(k0, k1)}
+        self.pending |= group.keys
+        self.inflight.append(group)
+        self.groups_launched += 1
+        if event is None:
+            self.poll()
+
+    def _retire(self, g: _Group) -> None:
+        self.pending -= g.keys
+        g.timing.resolve()  # each request's vision_encode_s
+        self._record(g)
+
+    def _record(self, g: _Group) -> None:
+        """Its embeddings are read on the main stream from now on: their memory is not reused
+        before what that stream has queued is done."""
+        if self.stream is None or g.recorded:
+            return
+        g.recorded = True
+        main = torch.cuda.current_stream()  # the engine loop's (this runs in its thread)
+        for req, j, k0, k1 in g.runs:
+            patches = req.mm_embeds[j]
+            for k in range(k0, k1):
+                if patches is not None and patches[k] is not None:
+                    patches[k].record_stream(main)
+
+    def on_side_stream(self):
+        """Context of every vision forward of the engine (see the module's note)."""
+        return torch.cuda.stream(self.stream) if self.stream is not None else _Null()
+
+
+class _Null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
