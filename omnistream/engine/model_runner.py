@@ -163,9 +163,9 @@ class ModelRunner:
         thread makes it current: enter_loop_thread)."""
         side = None
         if self.device.type == "cuda":
-            lowest, highest = torch.cuda.Stream.priority_range()
-            side = torch.cuda.Stream(self.device, priority=lowest)
-            self.main_stream = torch.cuda.Stream(self.device, priority=highest)
+            # out-of-range priorities map to the nearest valid one: the lowest, the highest
+            side = torch.cuda.Stream(self.device, priority=100)
+            self.main_stream = torch.cuda.Stream(self.device, priority=-100)
         self.ahead = EncodeAhead(self, side, max_tokens)
         return self.ahead
 
