@@ -483,8 +483,10 @@ class ModelRunner:
             r.logprobs.append((chosen[a], list(zip(top_ids[a][:k], top_lp[a][:k]))))
 
     def _now(self) -> float:
+        """The clock once this thread's stream has run what was queued (only that stream: the
+        vision tower's side stream may keep encoding ahead meanwhile)."""
         if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+            torch.cuda.current_stream(self.device).synchronize()
         return time.perf_counter()
 
 
