@@ -36,7 +36,7 @@ from omnistream.engine.core_process import ChildInfo, ChildSpec
 from omnistream.engine.handle import RequestHandle
 from omnistream.engine.protocol import EngineRequest, RequestMetrics, RequestOutput
 from omnistream.engine.request_factory import RequestFactory
-from omnistream.engine.wire import Wire, remove_leftovers
+from omnistream.engine.wire import SHM_MIN_BYTES, OrderedSender, Wire, remove_leftovers
 from omnistream.errors import EngineError
 from omnistream.models.interface import MultimodalLM
 
@@ -82,6 +82,7 @@ class RemoteCore:
             conn.close()
             raise
         self.factory = RequestFactory(model, cfg, self.info.num_blocks)
+        self._out = OrderedSender(self._wire, "omnistream-engine-send")  # every message after startup
         shorten_switch_interval()
         self._reader = threading.Thread(target=self._read_loop, name="omnistream-engine-in", daemon=True)
         self._reader.start()
@@ -96,20 +97,23 @@ class RemoteCore:
         with self._lock:
             self._check_alive()
             self._handles[req.request_id] = handle
-        try:
-            self._wire.send(("add", req))
-        except Exception as e:  # noqa: BLE001 - a broken pipe (the child died), or a request that does not pickle
+
+        def unsent(e: Exception) -> None:
             with self._lock:
-                self._handles.pop(req.request_id, None)
-            if isinstance(e, (OSError, EOFError)):
-                raise self._dead or EngineError(f"the engine process is gone: {e}") from None
-            raise EngineError(f"request {req.request_id} could not be sent to the engine process: {type(e).__name__}: {e}") from e
+                h = self._handles.pop(req.request_id, None)
+            if h is not None:
+                err = EngineError(f"request {req.request_id} could not be sent to the engine process: {type(e).__name__}: {e}")
+                h._end(RequestOutput(req.request_id, [], None, "error", RequestMetrics(), error=err))
+
+        # media rows go through shared memory: copied there by the sender thread, not the caller
+        heavy = sum(item.pixel_values.nbytes for _, item in req.media) >= SHM_MIN_BYTES
+        self._out.post(("add", req), heavy=heavy, on_error=unsent)
         return handle
 
     def abort(self, request_id: str) -> None:
         """Ends the request (finish_reason "abort"); no-op for one that already ended."""
         if self._dead is None and not self._closing:
-            self._send_quietly(("abort", request_id))
+            self._out.post(("abort", request_id))
 
     def run_op(self, name: str, *args: Any, timeout: float | None = None) -> Any:
         """Runs the named operation (engine/ops.py) in the child's loop, after everything sent
@@ -119,8 +123,7 @@ class RemoteCore:
             self._check_alive()
             call_id = next(self._call_ids)
             self._calls[call_id] = fut
-        if not self._send_quietly(("op", call_id, name, args)):
-            self._check_alive()
+        self._out.post(("op", call_id, name, args), on_error=lambda e: fut.set_exception(e) if not fut.done() else None)
         try:
             return fut.result(timeout)
         finally:
@@ -130,7 +133,7 @@ class RemoteCore:
     def post_op(self, name: str, *args: Any) -> None:
         """run_op() without waiting (errors are logged in the engine process)."""
         if self._dead is None and not self._closing:
-            self._send_quietly(("op", None, name, args))
+            self._out.post(("op", None, name, args))
 
     def call(self, fn: Callable, timeout: float | None = None) -> Any:
         raise EngineError("the engine runs in its own process (engine_process): a function cannot be sent "
@@ -156,7 +159,8 @@ class RemoteCore:
         if self._closing:
             return
         self._closing = True
-        self._send_quietly(("close",))
+        self._out.post(("close",))
+        self._out.stop(timeout)
         self._stop_process(timeout)
         self._reader.join(timeout)  # it saw the pipe close when the child exited
         self._wire.conn.close()
@@ -169,13 +173,6 @@ class RemoteCore:
             raise self._dead
         if self._closing:
             raise EngineError("the engine is closed")
-
-    def _send_quietly(self, msg: tuple) -> bool:
-        try:
-            self._wire.send(msg)
-            return True
-        except (OSError, EOFError, ValueError):  # the child is gone: the reader fails what waited
-            return False
 
     def _wait_ready(self) -> ChildInfo:
         conn = self._wire.conn

@@ -19,13 +19,17 @@ import copyreg
 import glob
 import io
 import itertools
+import logging
 import os
 import pickle
+import queue
 import threading
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import Any, Callable
 
 import torch
+
+log = logging.getLogger(__name__)
 
 SHM_MIN_BYTES = 64 << 10
 _SHM_DIR = "/dev/shm"
@@ -43,6 +47,11 @@ class Wire:
         """Pickles (off the lock: big tensors are copied out here) and writes one message.
         Raises OSError / EOFError when the other end is gone."""
         data = self.encode(obj)
+        with self._lock:
+            self.conn.send_bytes(data)
+
+    def write(self, data: bytes) -> None:
+        """Writes one message encoded by encode()."""
         with self._lock:
             self.conn.send_bytes(data)
 
@@ -74,6 +83,72 @@ class Wire:
             del dst  # unmapped here; the file stays until the receiver maps and unlinks it
             return _shm_tensor, (path, t.dtype, tuple(t.shape), nbytes)
         return _inline_tensor, (raw.numpy().tobytes(), t.dtype, tuple(t.shape))
+
+
+class OrderedSender:
+    """Messages in the order they are posted, the heavy ones encoded off the caller's thread.
+
+    Copying a clip's rows into shared memory takes milliseconds (4.8 MB: 1-10 ms, page faults
+    included): in a server's event loop that is every other client's time. A heavy message
+    (`post(..., heavy=True)`) is encoded and written by a sender thread; a light one is written
+    at once by the caller, unless heavy ones are still pending, then it queues behind them. One
+    lock orders the writes, so what is posted later is never written earlier."""
+
+    def __init__(self, wire: Wire, name: str) -> None:
+        self.wire = wire
+        self._order = threading.Lock()  # held while a message is written, and to count pending
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._pending = 0  # posted to the thread, not yet written
+        self._broken = False  # a write failed: the other end is gone (its reader notices too)
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def post(self, msg: Any, heavy: bool = False, on_error: Callable[[Exception], None] | None = None) -> None:
+        """Sends `msg`; a message that cannot be encoded calls on_error(e) (else it is logged).
+        A broken pipe is not an error here: the reader of the other end's messages sees it."""
+        with self._order:
+            if heavy or self._pending:
+                self._pending += 1
+                self._queue.put((msg, on_error))
+                return
+            data = self._encode(msg, on_error)
+            if data is not None:
+                self._write(data)
+
+    def stop(self, timeout: float) -> None:
+        """After every message posted so far is written: the thread ends."""
+        self._queue.put(None)
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            msg, on_error = item
+            data = self._encode(msg, on_error)
+            with self._order:
+                self._pending -= 1
+                if data is not None:
+                    self._write(data)
+
+    def _encode(self, msg: Any, on_error: Callable[[Exception], None] | None) -> bytes | None:
+        try:
+            return self.wire.encode(msg)
+        except Exception as e:  # noqa: BLE001 - that message fails, the others go on
+            if on_error is None:
+                log.exception("a message could not be encoded")
+            else:
+                on_error(e)
+            return None
+
+    def _write(self, data: bytes) -> None:
+        if self._broken:
+            return
+        try:
+            self.wire.write(data)
+        except (OSError, EOFError, ValueError):
+            self._broken = True
 
 
 def _empty_tensor(dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
