@@ -153,6 +153,8 @@ def _add_concurrency_bench(bsub, add_model_args) -> None:
     cc.add_argument("--interference-only", action="store_true", help="run only the encoder-interference measurement")
     cc.add_argument("--warmup-clients", type=_positive, default=4, help="clients of the untimed warm-up run of each mix")
     cc.add_argument("--max-batched-tokens", type=_positive, default=None, help="engine token budget per step (default: the engine's)")
+    cc.add_argument("--engine-process", action="store_true",
+                    help="run the engine core in its own process (the clients' threads then never hold the lock its loop needs)")
     cc.add_argument("--seed", type=int, default=0, help="seed of the weights, contexts and clips")
     cc.add_argument("--json", default=None, help="write all raw numbers and the environment to this file")
     cc.set_defaults(func=_concurrency)

@@ -439,11 +439,13 @@ def run_concurrency(model, device: str, dtype: str, clients: list[int], mixes: l
                     context_tokens: int = 1024, new_tokens: int = 64, arrival: str = "burst", rate: float | None = None,
                     baseline_requests: int = 4, interference_clients: int = 16, interference_tokens: int = 128,
                     interference_frames: int = 64, warmup_clients: int = 4, max_batched_tokens: int | None = None,
-                    seed: int = 0, log=print) -> dict:
+                    seed: int = 0, log=print, engine_process: bool = False) -> dict:
     dev = cuda_device(device)
     tdtype = resolve_dtype(dtype, str(dev))
     options = engine_options(clients if mixes else [], mixes, size, context_tokens, new_tokens, interference_clients,
                              interference_tokens, interference_frames, max_batched_tokens)
+    if engine_process:
+        options["engine_process"] = True
     with_hf = baseline_requests > 0 and bool(mixes)
     if with_hf:
         hf, engine = make_pair(model, str(dev), tdtype, seed, **options)
@@ -640,7 +642,7 @@ def cmd_concurrency(args) -> int:
     report = run_concurrency(model_arg(args), _default_device(args.device), args.dtype, parse_clients(args.clients), mixes, args.size,
                              args.context_tokens, args.new_tokens, args.arrival, args.rate, args.baseline_requests,
                              args.interference_clients, args.interference_tokens, args.interference_frames, args.warmup_clients,
-                             args.max_batched_tokens, args.seed)
+                             args.max_batched_tokens, args.seed, engine_process=args.engine_process)
     print_report(report)
     write_json(report, args.json)
     return 0
