@@ -83,8 +83,9 @@ class EngineConfig:
     engine_process: bool = False  # run the engine core in its own process, off the caller's interpreter lock
     # encode media before the steps that reach them, on a side CUDA stream, in forwards of up to
     # max_vision_patches rows; a prompt is scheduled up to its first media token not encoded yet
-    # (lossless; engine/encode_ahead.py)
-    encode_ahead: bool = True
+    # (lossless; engine/encode_ahead.py). Off by default: on the H200 it made both of its target
+    # workloads worse (see the module's note), until vision launches stop blocking the host
+    encode_ahead: bool = False
     weight_quant: str | None = None  # lossy small-GPU mode: int8 or fp8 weights for the LLM's linear layers, LM head and embedding (media encoders stay in dtype); unset: off
 
     def __post_init__(self) -> None:

@@ -12,9 +12,13 @@ from omnistream.engine.sampling import SamplingParams
 from omnistream.models.prompt import build_prompt
 from tests.reference import assert_close_logits, reference_logits
 from tests.test_encoder_cache import TPP, _frames, _image, _same, _user, _video
-from tests.test_vision_chunks import CONV, StepLog, _engine
+from tests.test_vision_chunks import CONV, StepLog, _engine as _plain_engine
 
 GREEDY = SamplingParams(max_new_tokens=4, ignore_eos=True)
+
+
+def _engine(tiny_model_dir, encode_ahead: bool = True, **options):
+    return _plain_engine(tiny_model_dir, encode_ahead=encode_ahead, **options)
 
 
 def _ahead_encoded(eng) -> int:
@@ -65,7 +69,7 @@ def test_prefix_cached_media_is_not_encoded_again(tiny_model_dir):
 def Engine_with_prefix(tiny_model_dir):
     from omnistream.entrypoints.api import Engine
 
-    return Engine.from_pretrained(tiny_model_dir, device="cpu", kv_cache_tokens=8192, block_size=16)
+    return Engine.from_pretrained(tiny_model_dir, device="cpu", kv_cache_tokens=8192, block_size=16, encode_ahead=True)
 
 
 def test_what_is_held_ahead_stays_bounded(tiny_model_dir):

@@ -86,10 +86,13 @@ class MemoryMeter:
 
 
 def tensor_bytes(tensors) -> int:
+    """Bytes of distinct tensors (tied weights once). A model shape on the meta device (the
+    front-end of an engine in its own process) has no addresses: there the objects count."""
     seen, total = set(), 0
     for t in tensors:
-        if t.data_ptr() not in seen:
-            seen.add(t.data_ptr())
+        key = id(t) if t.is_meta else t.data_ptr()
+        if key not in seen:
+            seen.add(key)
             total += t.numel() * t.element_size()
     return total
 

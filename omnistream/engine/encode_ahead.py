@@ -17,6 +17,18 @@ ready once the host has seen its group's event complete. Lossless: the same patc
 by the same forward (the tower never attends across temporal patches or items), in larger
 groups.
 
+Measured (H200, 3B, this design as it stands; EngineConfig.encode_ahead is off by default): the
+64-frame clip beside 16 streams had its vision at full-clip speed (105 ms instead of 283 ms in
+one-patch steps, clip TTFT 490 instead of 648 ms), but the streams' inter-token p99 went from
+23 to 58 ms; 32 concurrent 8-frame questions went from TTFT p99 1.9 s to 3.0 s. Likely causes,
+not yet confirmed: the host launches a 16k-row eager forward (~600 kernels) and makes pageable
+copies (several items' rows concatenated, the tower's index tables) inside the engine loop, so
+no decode step is launched meanwhile; decode graphs captured at normal priority may not take
+the main stream's priority; and under eager prefill steps at high priority the tower starves.
+What would make it pay: pinned, preallocated inputs and index tables (no host sync), the tower
+in CUDA graphs per group size, and a policy that encodes ahead only while the main stream has
+room (decodes), launching at most a few blocks per step.
+
 Safety: every vision forward of an engine with this on runs on the side stream (the in-step
 path too, followed by a wait of the main stream), so encoder-cache hits and evictions are
 ordered after the forwards that made them; embeddings made there and read on the main stream
