@@ -165,6 +165,7 @@ class RemoteCore:
         self._reader.join(timeout)  # it saw the pipe close when the child exited
         self._wire.conn.close()
         self._fail_all(EngineError("the engine was closed before the request finished"))
+        self._remove_leftovers()  # again: the sender may have encoded a message after the reader's pass
         _OPEN.discard(self)
 
     # ------------------------------------------------------------------ internals
@@ -235,6 +236,10 @@ class RemoteCore:
         with self._lock:
             self._dead = self._dead or err
         self._fail_all(err)
+        self._remove_leftovers()
+
+    def _remove_leftovers(self) -> None:
+        """Tensor files of messages never read (a side that died): both directions."""
         for side in ("-p", "-c"):
             remove_leftovers(self._prefix + side)
 
