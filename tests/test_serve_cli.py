@@ -41,6 +41,28 @@ def _run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
 
 
 # ---------------------------------------------------------------------------------- the server
+def _engine_processes(parent: int) -> list[int]:
+    """Pids of the engine processes (python -m omnistream.engine.core_process) whose parent is `parent`."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(fields[1]) == parent and b"omnistream.engine.core_process" in cmdline and fields[0] != "Z":
+            out.append(int(stat.parent.name))
+    return out
+
+
+def _exited(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return True
+    return state == "Z"
+
+
 class Served:
     def __init__(self, proc: subprocess.Popen, line: str, url: str) -> None:
         self.proc, self.line, self.url = proc, line, url
@@ -93,6 +115,7 @@ def test_ctrl_c_exits_quietly(served):
                                                                "ignore_eos": True, "messages": [{"role": "user", "content": "Go on."}]}) as r:
             assert r.status_code == 200
             next(r.iter_lines())
+            [engine] = _engine_processes(served.proc.pid)  # serve runs its engine core in a process of its own
             served.proc.send_signal(signal.SIGINT)
             t0 = time.monotonic()
             out, err = served.proc.communicate(timeout=60)
@@ -100,21 +123,27 @@ def test_ctrl_c_exits_quietly(served):
     assert time.monotonic() - t0 < 30  # the open stream is cut after --shutdown-timeout-s
     assert "Traceback" not in err and err.strip().splitlines()[-1] == "interrupted", err
     assert err.lower().count("random weights") == 0  # announced once, in the startup line
+    assert _exited(engine)  # the server closed its engine process before it exited
 
 
 def test_sigterm_stops_it_as_ctrl_c_does():
     """docker stop / systemd send SIGTERM: the same graceful stop (it used to kill the process
-    after uvicorn's shutdown, before the engine and sessions were closed, exit 143)."""
+    after uvicorn's shutdown, before the engine and sessions were closed, exit 143). systemd
+    signals the whole cgroup: the engine process ignores it, the server stops it after its own
+    graceful shutdown."""
     proc = subprocess.Popen([sys.executable, "-m", "omnistream", "serve", "--model", "demo", "--device", "cpu", "--port", "0",
-                             "--kv-cache-tokens", "4096"], env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             "--kv-cache-tokens", "4096"], env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
     try:
         assert proc.stdout.readline().startswith(STARTUP_PREFIX)
-        proc.send_signal(signal.SIGTERM)
+        [engine] = _engine_processes(proc.pid)
+        os.killpg(proc.pid, signal.SIGTERM)  # the server and its engine process
         out, err = proc.communicate(timeout=60)
     finally:
         proc.kill()
     assert proc.returncode == 130, err
     assert "Traceback" not in err and err.strip().splitlines()[-1] == "interrupted", err
+    assert _exited(engine)
 
 
 # ---------------------------------------------------------------------------------- entry points
