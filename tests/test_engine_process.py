@@ -148,6 +148,29 @@ def test_unknown_operation_and_call_are_refused_clearly(remote):
     assert remote.core.run_op("noop") is None and remote.llm is None
 
 
+def test_every_operation_runs_in_both_cores(in_thread, remote):
+    from omnistream.engine.ops import OPS
+
+    covered = {"noop", "retained_tokens", "retained_blocks", "fork_retained", "release_retained", "owned_blocks",
+               "release_owned", "ensure_encoder_cache", "discard_encoder_entries", "stats",
+               "open_gap", "close_gap"}  # the last two: by the live session of policy fast below
+    assert set(OPS) == covered, "a new operation needs a line here"
+    for eng in (in_thread, remote):
+        core = eng.core
+        assert core.run_op("noop") is None
+        assert core.run_op("retained_tokens", "nobody") == 0 and core.run_op("retained_blocks", "nobody") == []
+        core.run_op("fork_retained", "nobody", "nobody-2")
+        core.post_op("release_retained", "nobody-2")  # no wait; ordered before the next call
+        assert core.run_op("owned_blocks", "nobody") == [] and core.run_op("release_owned", "nobody") is None
+        assert core.run_op("ensure_encoder_cache", 1 << 20) is False  # OPTS configures one
+        core.run_op("discard_encoder_entries", ["no-such-key"])
+        stats = core.run_op("stats")
+        assert stats["kv_blocks_retained"] == 0 and stats["kv_blocks_free"] == stats["kv_blocks_total"]
+    with pytest.raises(BudgetError):  # an operation's error reaches the caller as itself
+        remote.core.run_op("open_gap", "nobody", 0, 10**9, 0)
+    remote.core.run_op("release_owned", "nobody")
+
+
 def test_load_counts_what_waits(remote):
     load = remote.core.load()
     assert load.waiting == 0 and load.running == 0 and load.kv_blocks_free == remote.stats()["kv_blocks_total"]

@@ -115,11 +115,6 @@ def discard_encoder_entries(llm: LLMEngine, keys: list[str]) -> None:
 
 # ------------------------------------------------------------------------------ state
 @op
-def vision_tokens_encoded(llm: LLMEngine) -> int:
-    return llm.runner.vision_tokens_encoded
-
-
-@op
 def stats(llm: LLMEngine) -> dict[str, Any]:
     """A consistent snapshot of the engine's state (Engine.stats adds the sessions)."""
     runner, enc = llm.runner, llm.runner.encoder_cache
