@@ -283,6 +283,30 @@ def test_close_leaves_no_process_and_fails_what_is_in_flight(tiny_model_dir):
         eng.generate([{"role": "user", "content": "hi"}])
 
 
+def test_an_engine_nobody_references_stops_its_process(tiny_model_dir):
+    import gc
+    import weakref
+
+    eng = Engine.from_pretrained(tiny_model_dir, engine_process=True, **OPTS)
+    eng.generate([{"role": "user", "content": "hi"}], GREEDY)
+    pid, ref, prefix = _child_pid(eng), weakref.ref(eng.core), eng.core._prefix
+    def ours() -> int:  # this engine's reader and sender threads (the module's engines have theirs)
+        return sum(t.name in ("omnistream-engine-in", "omnistream-engine-send") for t in threading.enumerate())
+
+    before = ours()
+    del eng
+    gc.collect()
+    assert ref() is None  # no thread holds the core
+    deadline = time.monotonic() + 10
+    while not _gone(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _gone(pid) and not glob.glob(f"/dev/shm/{prefix}-*")
+    deadline = time.monotonic() + 5
+    while ours() > before - 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert ours() == before - 2
+
+
 def test_engine_process_exits_when_its_parent_dies(tiny_model_dir, tmp_path):
     script = textwrap.dedent(f"""
         import os, sys

@@ -10,7 +10,9 @@ The client interface of EngineCore: requests are built in the caller's thread by
 make_request (engine/request_factory.py) and sent whole; a reader thread feeds the handles
 with the child's token batches and ends. If the child dies (killed, out of memory), every
 request and operation in flight fails with an EngineError saying so, and everything after
-fails at once: nothing waits for an answer that cannot come.
+fails at once: nothing waits for an answer that cannot come. As with the in-thread core, an
+engine nobody references any more is collected (the threads hold it weakly) and its process
+is told to stop.
 """
 
 from __future__ import annotations
@@ -84,8 +86,11 @@ class RemoteCore:
         self.factory = RequestFactory(model, cfg, self.info.num_blocks)
         self._out = OrderedSender(self._wire, "omnistream-engine-send")  # every message after startup
         shorten_switch_interval()
-        self._reader = threading.Thread(target=self._read_loop, name="omnistream-engine-in", daemon=True)
+        self._reader = threading.Thread(target=_read_loop, args=(weakref.ref(self), self._wire, self._prefix),
+                                        name="omnistream-engine-in", daemon=True)
         self._reader.start()
+        # collected without close(): the child is told to stop (it exits on its own)
+        self._finalizer = weakref.finalize(self, _tell_to_stop, self._out)
         _OPEN.add(self)
 
     # ------------------------------------------------------------------ client API (any thread)
@@ -166,6 +171,7 @@ class RemoteCore:
         self._wire.conn.close()
         self._fail_all(EngineError("the engine was closed before the request finished"))
         self._remove_leftovers()  # again: the sender may have encoded a message after the reader's pass
+        self._finalizer.detach()
         _OPEN.discard(self)
 
     # ------------------------------------------------------------------ internals
@@ -188,20 +194,11 @@ class RemoteCore:
             raise value
         return value
 
-    def _read_loop(self) -> None:
-        while True:
-            try:
-                msg = self._wire.recv()
-            except (EOFError, OSError):
-                break
-            except Exception:  # noqa: BLE001 - one message that does not unpickle: the rest still flows
-                log.exception("engine process: a message could not be read")
-                continue
-            if msg[0] == "out":
-                _, events, load = msg
-                self._load = load  # first: a reader woken below sees the counters of its events
-                self._dispatch(events)
-        self._on_exit()
+    def _on_message(self, msg: tuple) -> None:
+        if msg[0] == "out":
+            _, events, load = msg
+            self._load = load  # first: a reader woken below sees the counters of its events
+            self._dispatch(events)
 
     def _dispatch(self, events: list[tuple]) -> None:
         handles = self._handles
@@ -268,6 +265,38 @@ class RemoteCore:
         if self._exit_code(5.0) is None:
             p.kill()
             p.wait()
+
+
+def _tell_to_stop(out: OrderedSender) -> None:
+    """A core collected without close(): the child stops (and exits) on its own; no waiting
+    here, this may run inside a garbage collection."""
+    out.post(("close",))
+    out.stop(0.0)
+
+
+def _read_loop(ref: "weakref.ref[RemoteCore]", wire: Wire, prefix: str) -> None:
+    """The reader thread: every message of the child until its end of the socket closes. It
+    holds the core only while it handles a message; once the core is gone it still reads (and
+    so unlinks the tensor files of) what the stopping child sends."""
+    while True:
+        try:
+            msg = wire.recv()
+        except (EOFError, OSError):
+            break
+        except Exception:  # noqa: BLE001 - one message that does not unpickle: the rest still flows
+            log.exception("engine process: a message could not be read")
+            continue
+        core = ref()
+        if core is not None:
+            core._on_message(msg)
+        del core
+    core = ref()
+    if core is not None:
+        core._on_exit()
+        return
+    for side in ("-p", "-c"):  # collected without close(): nobody else sweeps or closes
+        remove_leftovers(prefix + side)
+    wire.conn.close()
 
 
 _OPEN: "weakref.WeakSet[RemoteCore]" = weakref.WeakSet()
