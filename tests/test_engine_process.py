@@ -130,6 +130,21 @@ def test_submit_refuses_at_once_what_can_never_run(remote):
     assert remote.generate([{"role": "user", "content": "still fine"}], GREEDY)[0].token_ids
 
 
+def test_a_request_failing_in_the_engine_fails_alone(remote):
+    import dataclasses
+
+    bad = remote.request_for(_conversations()[1], GREEDY)
+    off, item = bad.media[0]
+    # rows of the wrong width: the vision tower raises inside the engine process
+    bad.media = [(off, dataclasses.replace(item, pixel_values=item.pixel_values[:, :7].contiguous(), content_hash="bad",
+                                           patch_hashes=["bad"]))]
+    good = remote.request_for(_conversations()[0], GREEDY)
+    hb, hg = remote.submit(bad), remote.submit(good)
+    with pytest.raises(EngineError, match="failed in the engine"):
+        hb.result(60)
+    assert hg.result(60).token_ids == remote.generate(_conversations()[0], GREEDY)[0].token_ids
+
+
 def test_abort_frees_every_block(remote):
     total = remote.stats()["kv_blocks_total"]
     h = remote.submit(remote.request_for([{"role": "user", "content": "Go on forever."}],
