@@ -34,6 +34,9 @@ class ServerConfig:
     max_audio_seconds: float = 1200.0  # duration of one audio clip or a video's audio track (Qwen2.5-Omni)
     media_decode_timeout_s: float = 60.0  # wall time to decode one media item
     media_decode_threads: int = 16  # media decoded at once (PyAV and PIL decode outside the interpreter lock)
+    # worker processes that decode images and videos (server/media_workers.py: off the server's
+    # interpreter lock); 0: in the threads; unset: half the cores (at most 8) on 8 or more, else 0
+    media_decode_processes: int | None = None
     max_sessions: int = 256  # open sessions + live sessions per server
     session_ttl_s: float = 1800.0  # an idle session is closed after this
     max_live_questions_in_flight: int = 1  # per live session
@@ -46,6 +49,8 @@ class ServerConfig:
                      "max_live_questions_in_flight", "max_queued_requests"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.media_decode_processes is not None and self.media_decode_processes < 0:
+            raise ConfigError(f"media_decode_processes must be >= 0 (0: decode in threads), got {self.media_decode_processes}")
         for name in ("max_video_seconds", "max_audio_seconds", "media_decode_timeout_s", "session_ttl_s"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")

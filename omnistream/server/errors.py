@@ -53,6 +53,14 @@ class APIError(Exception):
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
+    def __reduce__(self):
+        # raised in a media worker process (server/media_workers.py): its param and code cross too
+        return _rebuild, (type(self), self.message, self.param, self.__dict__.get("code"))
+
+
+def _rebuild(cls, message: str, param: str | None, code: str | None) -> "APIError":
+    return cls(message, param=param, code=code)
+
 
 class BadRequest(APIError):
     status = 400

@@ -21,6 +21,9 @@ frames the request would sample come from the container header; the decoded clip
 again (headers lie). Decoding runs on a small thread pool, never on the event loop, and a
 request waits at most `media_decode_timeout_s` per item (the worker thread cannot be killed: it
 finishes in the background and its result is dropped; the pool's size bounds how many do).
+With `media_decode_processes` (the default on machines of 8 cores or more), images and videos
+are decoded in worker processes instead (server/media_workers.py), the thread waiting for them:
+the server's interpreter lock stays with its event loop.
 
 Re-sent media: items are cached by the sha256 of their bytes (with the tenant and the options in
 the key), so a stateless client that re-sends the same video each turn pays the decode,
@@ -64,6 +67,7 @@ from omnistream.media.video import smart_nframes
 from omnistream.models.prompt import block_kind
 from omnistream.server.config import ServerConfig
 from omnistream.server.errors import APIError, BadRequest, TooLarge, as_api_error
+from omnistream.server.media_workers import MediaWorkers, auto_processes
 from omnistream.server.openai_protocol import (
     AudioURLPart,
     ImagePart,
@@ -170,14 +174,18 @@ def _fresh_block(items: list[MediaItem]) -> list[MediaItem]:
 
 class MediaResolver:
     def __init__(self, processor: MediaProcessor, config: ServerConfig, *, cache_bytes: int = MEDIA_CACHE_BYTES,
-                 threads: int | None = None, hearing: Hearing | None = None) -> None:
+                 threads: int | None = None, hearing: Hearing | None = None, processes: int | None = None) -> None:
         self.processor, self.config, self.hearing = processor, config, hearing
         self.cache = MediaCache(cache_bytes)
         # 4 threads queued 32 clients' images and videos behind each other: +400 ms TTFT over HTTP (H200 bench serve)
         self.pool = ThreadPoolExecutor(threads or config.media_decode_threads, thread_name_prefix="media-decode")
+        n = auto_processes(config.media_decode_processes if processes is None else processes)
+        self.workers = MediaWorkers(processor, config, n) if n else None  # images and videos decoded there
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
+        if self.workers is not None:
+            self.workers.close()
 
     async def prepare(self, messages: list[Message], defaults: ProcessorKwargs | None,
                       tenant: str | None) -> PreparedMessages:
@@ -243,7 +251,9 @@ class MediaResolver:
         if items is not None:
             return items, 0.0, True
         t0 = time.perf_counter()
-        if kind == "image":
+        if self.workers is not None and kind in ("image", "video") and not opts.use_audio_in_video:
+            items = self.workers.decode(kind, src, opts)  # this thread waits; the decoding holds no lock here
+        elif kind == "image":
             items = [self._image(src, opts)]
         elif kind == "audio":
             items = self._audio(src)
