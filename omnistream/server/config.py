@@ -35,8 +35,9 @@ class ServerConfig:
     media_decode_timeout_s: float = 60.0  # wall time to decode one media item
     media_decode_threads: int = 16  # media decoded at once (PyAV and PIL decode outside the interpreter lock)
     # worker processes that decode images and videos (server/media_workers.py: off the server's
-    # interpreter lock); 0: in the threads; unset: half the cores (at most 8) on 8 or more, else 0
-    media_decode_processes: int | None = None
+    # interpreter lock); 0: in the threads (the default: on the H200 host 8 workers made bench
+    # serve's image requests slower, see the module); unset: half the cores (at most 8) on 8 or more
+    media_decode_processes: int | None = 0
     max_sessions: int = 256  # open sessions + live sessions per server
     session_ttl_s: float = 1800.0  # an idle session is closed after this
     max_live_questions_in_flight: int = 1  # per live session

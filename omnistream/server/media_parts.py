@@ -21,7 +21,7 @@ frames the request would sample come from the container header; the decoded clip
 again (headers lie). Decoding runs on a small thread pool, never on the event loop, and a
 request waits at most `media_decode_timeout_s` per item (the worker thread cannot be killed: it
 finishes in the background and its result is dropped; the pool's size bounds how many do).
-With `media_decode_processes` (the default on machines of 8 cores or more), images and videos
+With `media_decode_processes` (opt-in), images and videos
 are decoded in worker processes instead (server/media_workers.py), the thread waiting for them:
 the server's interpreter lock stays with its event loop.
 

@@ -9,6 +9,14 @@ image request's body (bench serve, engine in its own process). Worker processes 
 on their own interpreters; the server keeps reading the source (base64, a verified local path),
 the media cache and every limit's check that needs no decoding.
 
+Measured (H200 host, bench serve, 32 clients, engine in its own process): with 8 workers the
+media share of an image request's TTFT went from 41 to 200 ms and a video's from 231 to 239 ms,
+tokens/s from 0.97x to 0.87x of in-process: results come back pickled through one pipe and are
+unpickled by the pool's management thread in the server (4.8 MB per 8-frame clip), and the
+16 waiting threads queue on it. So it is opt-in (ServerConfig.media_decode_processes = 0 by
+default). What would make it pay: results through shared memory (as the engine process's wire
+does), one queue per worker.
+
 A worker that dies on a file (a decoder crash on crafted bytes) fails that request with a
 MediaError and the pool is started again: the server goes on. Workers are spawned (never forked
 from a server with threads), import what decoding needs once, and never touch CUDA (rows are not
