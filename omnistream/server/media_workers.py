@@ -11,11 +11,12 @@ the media cache and every limit's check that needs no decoding.
 
 Measured (H200 host, bench serve, 32 clients, engine in its own process): with 8 workers the
 media share of an image request's TTFT went from 41 to 200 ms and a video's from 231 to 239 ms,
-tokens/s from 0.97x to 0.87x of in-process: results come back pickled through one pipe and are
-unpickled by the pool's management thread in the server (4.8 MB per 8-frame clip), and the
-16 waiting threads queue on it. So it is opt-in (ServerConfig.media_decode_processes = 0 by
-default). What would make it pay: results through shared memory (as the engine process's wire
-does), one queue per worker.
+tokens/s from 0.97x to 0.87x of in-process. So it is opt-in (ServerConfig.media_decode_processes
+= 0 by default). The cause is not known yet: images (0.6 MB of rows) lost far more than videos
+(4.8 MB), which speaks against the pipe that carries results back (pickled, unpickled by the
+pool's management thread in the server); the one call queue that 16 waiting threads feed, or
+the workers' own start (spawned beside the engine process's), are the next suspects. Measure
+with tools/thread_cpu.py on the server and a per-stage timing in _decode before changing it.
 
 A worker that dies on a file (a decoder crash on crafted bytes) fails that request with a
 MediaError and the pool is started again: the server goes on. Workers are spawned (never forked
