@@ -557,6 +557,8 @@ def print_report(r: dict, out=None) -> None:
     arrival = w["arrival"] + (f" at {w['rate']} requests/s" if w["arrival"] == "poisson" else "")
     p(f"workload: clients {','.join(map(str, w['clients']))}; mixes {','.join(w['mixes']) or 'none'}; arrivals {arrival}; "
       f"text context ~{w['context_tokens']} tokens; clips {w['size']}x{w['size']}; {w['new_tokens']} new tokens per answer (greedy, no EOS)")
+    if w.get("engine_options", {}).get("engine_process"):
+        p("engine: its core in its own process (--engine-process); the clients' threads in this one")
     p(f"decode floor: {floor['decoder_weight_bytes'] / 1e9:.3f} GB decoder+lm_head weights per step / {floor['bandwidth_bytes_per_s'] / 1e12:.3f} TB/s "
       f"measured copy bandwidth = {floor['decode_ms_per_token']:.3f} ms per step: N rows -> N / that tokens/s")
     for row in r["configs"]:
