@@ -33,6 +33,12 @@ class EngineError(OmnistreamError):
     """Internal failure of the engine (not caused by the request)."""
 
 
+class EngineUnavailable(EngineError):
+    """The engine cannot take work any more: it is closed, or its process died or stopped
+    answering. A server answers 503: nothing about the request is wrong, another replica (or a
+    restarted server) can serve it."""
+
+
 _OBJECT_REPR = re.compile(r"<[\w.]+ object at 0x[0-9a-fA-F]+>")
 
 

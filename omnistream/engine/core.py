@@ -35,7 +35,7 @@ from omnistream.engine.handle import RequestHandle
 from omnistream.engine.llm_engine import LLMEngine, StepResult
 from omnistream.engine.protocol import EngineRequest, RequestOutput
 from omnistream.engine.request import Request
-from omnistream.errors import EngineError
+from omnistream.errors import EngineError, EngineUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -154,9 +154,13 @@ class EngineCore:
         self._closed = True
         self._thread.join(timeout)
 
+    def check_available(self) -> None:
+        """Raises EngineUnavailable when no request can run any more (the engine is closed)."""
+        self._check_open()
+
     def _check_open(self) -> None:
         if self._closed:
-            raise EngineError("the engine is closed")
+            raise EngineUnavailable("the engine is closed")
 
     # ------------------------------------------------------------------ the loop
     def _iterate(self) -> bool:

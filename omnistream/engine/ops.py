@@ -100,7 +100,7 @@ def ensure_encoder_cache(llm: LLMEngine, nbytes: int) -> bool:
     True when it was created."""
     if llm.runner.encoder_cache is not None:
         return False
-    log.warning("live session: no encoder cache configured, creating %d MiB", nbytes >> 20)
+    log.info("live session: no encoder cache configured (--encoder-cache-bytes), creating %d MiB", nbytes >> 20)
     llm.runner.encoder_cache = EncoderCache(nbytes)
     return True
 

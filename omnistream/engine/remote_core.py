@@ -27,7 +27,8 @@ import subprocess
 import sys
 import threading
 import weakref
-from concurrent.futures import Future
+from pathlib import Path
+from concurrent.futures import Future, TimeoutError as FutureTimeout
 from multiprocessing.connection import Connection
 from typing import Any, Callable
 
@@ -39,14 +40,31 @@ from omnistream.engine.handle import RequestHandle
 from omnistream.engine.protocol import EngineRequest, RequestMetrics, RequestOutput
 from omnistream.engine.request_factory import RequestFactory
 from omnistream.engine.wire import SHM_MIN_BYTES, OrderedSender, Wire, remove_leftovers
-from omnistream.errors import EngineError
+from omnistream.errors import EngineError, EngineUnavailable
 from omnistream.models.interface import MultimodalLM
 
 log = logging.getLogger(__name__)
 
 _STARTUP_POLL_S = 0.5
+# an operation the engine process has not answered in this long is given up (a stopped or stuck
+# child must not hang a server's shutdown or its /metrics; a loop between steps answers in ms)
+OP_TIMEOUT_S = 30.0
 _LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
 _ids = itertools.count()
+
+
+# `python -m` puts the working directory first on the import path: an `omnistream` folder there
+# (another checkout) would run the engine on other code than the server's. -P (3.11+) leaves it
+# out, and the child finds this very package first on its PYTHONPATH.
+_SAFE_PATH = ["-P"] if sys.version_info >= (3, 11) else []
+
+
+def _child_env() -> dict[str, str]:
+    import omnistream
+
+    root = str(Path(omnistream.__file__).resolve().parent.parent)
+    rest = os.environ.get("PYTHONPATH")
+    return {**os.environ, "PYTHONPATH": root + (os.pathsep + rest if rest else "")}
 
 
 class RemoteCore:
@@ -60,8 +78,8 @@ class RemoteCore:
         spec = ChildSpec(cfg, recipe, os.getpid(), self._prefix + "-c", level, _LOG_FORMAT)
         mine, theirs = socket.socketpair()
         # a new interpreter (CUDA must not be forked; see core_process.py for why not spawn)
-        self.process = subprocess.Popen([sys.executable, "-m", "omnistream.engine.core_process", "--fd", str(theirs.fileno())],
-                                        pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL)
+        self.process = subprocess.Popen([sys.executable, *_SAFE_PATH, "-m", "omnistream.engine.core_process", "--fd", str(theirs.fileno())],
+                                        pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, env=_child_env())
         theirs.close()  # the child's end lives in the child only: its death is our EOF
         conn = Connection(mine.detach())
         self._wire = Wire(conn, self._prefix + "-p")
@@ -130,7 +148,12 @@ class RemoteCore:
             self._calls[call_id] = fut
         self._out.post(("op", call_id, name, args), on_error=lambda e: fut.set_exception(e) if not fut.done() else None)
         try:
-            return fut.result(timeout)
+            return fut.result(OP_TIMEOUT_S if timeout is None else timeout)
+        except FutureTimeout:
+            if timeout is not None:
+                raise TimeoutError(f"the engine process did not answer {name!r} within {timeout:g} s") from None
+            raise EngineUnavailable(f"the engine process did not answer {name!r} within {OP_TIMEOUT_S:g} s "
+                                    "(stopped or stuck)") from None
         finally:
             with self._lock:
                 self._calls.pop(call_id, None)
@@ -174,12 +197,17 @@ class RemoteCore:
         self._finalizer.detach()
         _OPEN.discard(self)
 
+    def check_available(self) -> None:
+        """Raises EngineUnavailable when no request can run any more (closed, or the engine
+        process died)."""
+        self._check_alive()
+
     # ------------------------------------------------------------------ internals
     def _check_alive(self) -> None:
         if self._dead is not None:
             raise self._dead
         if self._closing:
-            raise EngineError("the engine is closed")
+            raise EngineUnavailable("the engine is closed")
 
     def _wait_ready(self) -> ChildInfo:
         conn = self._wire.conn
@@ -227,8 +255,8 @@ class RemoteCore:
         if self._closing:
             err = EngineError("the engine was closed before the request finished")
         else:
-            err = EngineError(f"the engine process died (exit code {code}): requests in flight failed; "
-                              "restart the engine")
+            err = EngineUnavailable(f"the engine process died (exit code {code}): requests in flight failed; "
+                                    "restart the server")
             log.error("%s", err)
         with self._lock:
             self._dead = self._dead or err

@@ -269,9 +269,10 @@ class Engine:
         """Drops cached media embeddings (benchmarks use it to make the next use encode again)."""
         self.core.run_op("discard_encoder_entries", list(keys))
 
-    def stats(self) -> dict[str, Any]:
-        """A consistent snapshot, taken by the engine loop between steps."""
-        out = self.core.run_op("stats")
+    def stats(self, timeout: float | None = None) -> dict[str, Any]:
+        """A consistent snapshot, taken by the engine loop between steps (TimeoutError when the
+        loop has not answered within `timeout` s)."""
+        out = self.core.run_op("stats", timeout=timeout)
         with self._sessions_lock:
             out["sessions"] = len(self._sessions)
         return out

@@ -137,7 +137,8 @@ class BackgroundServer:
 # the server's own defaults where no flag is given: OpenAI's temperature 1; the answer's
 # length is the request's max_tokens, else what the context leaves (server/chat.py)
 SERVER_SAMPLING = {"temperature": 1.0}
-SERVER_SAMPLING_SHOWN = {"max_new_tokens": "the request's max_tokens, else the room left in the context"}
+SERVER_SAMPLING_SHOWN = {"max_new_tokens": "the request's max_tokens, else 4096 (server/common.DEFAULT_MAX_TOKENS), "
+                                          "capped by the room left in the context"}
 # the engine options serve sets where no flag is given (the Python API's default stays off)
 SERVER_ENGINE_DEFAULTS = {"engine_process": True}
 

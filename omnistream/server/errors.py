@@ -29,6 +29,7 @@ from omnistream.errors import (
     BudgetError,
     ConfigError,
     EngineError,
+    EngineUnavailable,
     MediaError,
     UnknownSessionError,
     UserInputError,
@@ -104,6 +105,10 @@ def as_api_error(exc: BaseException) -> APIError:
             err = APIError(str(exc), code=code)
             err.status = status
             return err
+    if isinstance(exc, EngineUnavailable):
+        err = APIError(f"the engine is unavailable: {exc}", code="engine_unavailable")
+        err.status, err.type = 503, "server_error"
+        return err
     err = APIError("internal server error" if not isinstance(exc, EngineError) else f"engine error: {exc}",
                    code="internal_error")
     err.status, err.type = 500, "server_error"
@@ -117,7 +122,9 @@ def _respond(err: APIError) -> JSONResponse:
 
 async def _on_api_error(request: Request, exc: Exception) -> JSONResponse:
     err = as_api_error(exc)
-    if err.status >= 500:
+    if isinstance(exc, EngineUnavailable):  # said once where it happened; no traceback per request
+        log.warning("request %s refused: %s", _request_id(request), exc)
+    elif err.status >= 500:
         log.error("request %s failed", _request_id(request), exc_info=exc)
     return _respond(err)
 

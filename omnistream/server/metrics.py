@@ -70,6 +70,9 @@ class ServerMetrics:
         return generate_latest(self.registry)
 
 
+ENGINE_STATS_TIMEOUT_S = 5.0  # a scrape reports the engine down rather than wait for a stuck one
+
+
 class _EngineCollector:
     """Gauges and counters read from one Engine.stats() snapshot per scrape."""
 
@@ -81,7 +84,7 @@ class _EngineCollector:
 
     def collect(self) -> Iterator[Metric]:
         try:
-            s = self.state.engine.stats()
+            s = self.state.engine.stats(timeout=ENGINE_STATS_TIMEOUT_S)
         except Exception as e:  # noqa: BLE001 - a closed engine still gets scraped
             log.warning("engine stats unavailable: %s", e)
             yield _gauge("omnistream_engine_up", "1 when the engine loop answers", 0)

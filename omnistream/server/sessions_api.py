@@ -338,6 +338,7 @@ class ChatReply:
 async def create_session(request: Request, body: CreateSession | None = None) -> dict[str, Any]:
     state = get_state(request)
     body = body or CreateSession()
+    state.engine.core.check_available()  # a session that could never answer is refused (503)
     session = state.engine.session(system=body.system, tenant=tenant_for(request), kv_budget_tokens=body.kv_budget_tokens)
     return describe(await _open(state, session, tenant_for(request)), 0)
 

@@ -20,6 +20,7 @@ locks or the runner.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
@@ -33,6 +34,9 @@ from omnistream.media.item import MediaItem, media_blocks
 from omnistream.models.literal_text import RenderedHistory, encode_turn, render_history
 from omnistream.models.position_prefix import KnownPositions, extend_positions, text_positions
 from omnistream.models.prompt import block_kind, expand_placeholders
+
+log = logging.getLogger(__name__)
+RELEASE_TIMEOUT_S = 2.0  # a closing session waits this long for the engine to drop its KV
 
 if TYPE_CHECKING:
     from omnistream.entrypoints.api import Engine
@@ -258,8 +262,10 @@ class Session:
 
     def _release_kv(self) -> None:
         if not self.engine.core.is_loop_thread:
-            try:
-                self.engine.core.run_op("release_retained", self.id)
+            try:  # waited for briefly: a stopped engine must not hang a close (a server's shutdown)
+                self.engine.core.run_op("release_retained", self.id, timeout=RELEASE_TIMEOUT_S)
+            except TimeoutError:
+                log.warning("session %s: the engine did not release its KV within %g s", self.id, RELEASE_TIMEOUT_S)
             except Exception:  # noqa: BLE001 - the engine is closed: nothing to release
                 pass
 
