@@ -288,3 +288,22 @@ def test_budget_sizes_the_host_kv_pool(tiny_model_dir, tiny_config):
     # an explicit pool must fit an explicit budget
     with pytest.raises(BudgetError, match="KV cache of 1000000 tokens"):
         Engine.from_pretrained(tiny_model_dir, device="cpu", memory_budget_bytes=weights + reserve, kv_cache_tokens=1_000_000)
+
+
+def test_ask_checks_its_file_and_rates_before_loading_a_model(tmp_path, capsys, monkeypatch):
+    """A missing file or a bad --fps is reported at once: no model is loaded for it (found by a
+    fresh-clone trial: 3 s on the demo model, minutes on a real checkpoint)."""
+    from omnistream.entrypoints import cli
+
+    def no_model(*a, **k):
+        raise AssertionError("a model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(cli, "load_engine", no_model)
+    assert main(["ask", str(tmp_path / "missing.mp4"), "What?", "--device", "cpu"]) == 2
+    assert "not found" in _one_error_line(capsys)
+    clip = tmp_path / "clip.mp4"
+    clip.write_bytes(b"not really a video")
+    assert main(["ask", str(clip), "What?", "--device", "cpu", "--fps", "0"]) == 2
+    assert "--fps must be positive" in _one_error_line(capsys)
+    assert main(["ask", str(clip), "What?", "--device", "cpu", "--nframes", "0"]) == 2
+    assert "--nframes must be at least 1" in _one_error_line(capsys)

@@ -80,10 +80,26 @@ def _default_device(arg: str | None) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def _check_media_args(path: str, fps: float | None, nframes: int | None) -> None:
+    from omnistream.errors import MediaError
+
+    p = Path(path)
+    if not p.exists():
+        raise MediaError(f"media file not found: {path}")
+    if p.is_dir():
+        raise MediaError(f"{path} is a directory, not a media file")
+    if fps is not None and not fps > 0:
+        raise UserInputError(f"--fps must be positive, got {fps:g}")
+    if nframes is not None and nframes < 1:
+        raise UserInputError(f"--nframes must be at least 1, got {nframes}")
+
+
 def media_part(path: str, fps: float | None, nframes: int | None, max_pixels: int | None,
                audio_in_video: bool = False) -> dict:
     """Chooses image, audio or video by extension (a still image answers through the image
-    path, a sound file through the audio path); audio_in_video: a video's audio track too."""
+    path, a sound file through the audio path); audio_in_video: a video's audio track too.
+    What can be checked without a model is checked here, before one is loaded."""
+    _check_media_args(path, fps, nframes)
     suffix = Path(path).suffix.lower()
     if suffix in AUDIO_SUFFIXES:
         if audio_in_video:
