@@ -146,6 +146,38 @@ def test_sigterm_stops_it_as_ctrl_c_does():
     assert _exited(engine)
 
 
+def test_stop_signal_ends_long_streams_cleanly():
+    """A stop signal while a long answer streams (found by a fresh-clone trial: the stream was
+    cancelled at the end of the graceful period, a 60-line traceback in the log and a broken
+    chunked response for the client): the stream ends at once with a server_shutting_down
+    error event and [DONE], quietly, well within --shutdown-timeout-s."""
+    proc = subprocess.Popen([sys.executable, "-m", "omnistream", "serve", "--model", "demo", "--device", "cpu", "--port", "0",
+                             "--kv-cache-tokens", "16384", "--shutdown-timeout-s", "30"], env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        url = parse_startup_line(proc.stdout.readline())
+        events = []
+        with httpx.Client(base_url=url, timeout=60) as client:
+            with client.stream("POST", "/v1/chat/completions", json={
+                    "model": "demo-model", "stream": True, "max_tokens": 12000, "ignore_eos": True,
+                    "messages": [{"role": "user", "content": "Go on."}]}) as r:
+                assert r.status_code == 200
+                lines = r.iter_lines()
+                next(lines)
+                proc.send_signal(signal.SIGTERM)
+                t0 = time.monotonic()
+                events = [x for x in lines if x.startswith("data: ")]
+                took = time.monotonic() - t0
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert events and events[-1] == "data: [DONE]", events[-3:]
+    assert "server_shutting_down" in events[-2], events[-2]
+    assert took < 15, took  # ended at the signal, not at the end of the 30 s graceful period
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "Cancel" not in err and err.strip().splitlines()[-1] == "interrupted", err
+
+
 # ---------------------------------------------------------------------------------- entry points
 def test_version_and_python_dash_m():
     v = _run("--version")

@@ -94,7 +94,32 @@ def serve(app, sock: socket.socket, log_level: str, shutdown_timeout_s: float) -
     # off, the server writes its own line per request with the request id
     config = uvicorn.Config(app, log_config=None, log_level=log_level, access_log=False,
                             timeout_graceful_shutdown=shutdown_timeout_s)
-    uvicorn.Server(config).run(sockets=[sock])
+    _ending_server_class()(config).run(sockets=[sock])
+
+
+def _ending_server_class():
+    import uvicorn
+
+    class EndingServer(uvicorn.Server):
+        """At the stop signal, answers in flight are told to end (ServerState.begin_shutdown),
+        on the event loop: their streams close cleanly with a `server_shutting_down` event and
+        [DONE] instead of being cancelled at the end of the graceful period (a traceback in the
+        log, a broken chunked response for the client)."""
+
+        def handle_exit(self, sig, frame) -> None:
+            state = getattr(getattr(self.config.app, "state", None), "omni", None)
+            loop = getattr(self, "_omni_loop", None)
+            if state is not None and loop is not None:
+                loop.call_soon_threadsafe(state.begin_shutdown)
+            super().handle_exit(sig, frame)
+
+        async def startup(self, sockets=None) -> None:
+            import asyncio
+
+            self._omni_loop = asyncio.get_running_loop()
+            await super().startup(sockets=sockets)
+
+    return EndingServer
 
 
 class BackgroundServer:

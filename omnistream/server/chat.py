@@ -34,7 +34,7 @@ from omnistream.errors import UnknownSessionError
 from omnistream.models.prompt import build_prompt
 from omnistream.server.auth import tenant_for
 from omnistream.server.common import SSEResponse, max_tokens_for, sampling_for, sse
-from omnistream.server.errors import NotFound, Overloaded, as_api_error
+from omnistream.server.errors import NotFound, Overloaded, ShuttingDown, as_api_error
 from omnistream.server.media_parts import Hearing, MediaResolver, PreparedMessages
 from omnistream.server.openai_protocol import (
     AssistantMessage,
@@ -143,6 +143,16 @@ class ChatJob:
     received: float | None = None  # perf_counter(): the handler started (before the body was read)
     arrival: float | None = None  # perf_counter(): handed to the engine's clock (its TTFT starts here)
     first_sent: float | None = None  # perf_counter(): the first content chunk left for the socket
+    shutdown: bool = False  # cut short because the server stops (ServerState.begin_shutdown)
+
+    def __hash__(self) -> int:  # held in ServerState.on_shutdown (a WeakSet): by identity
+        return id(self)
+
+    def end_for_shutdown(self) -> None:
+        self.shutdown = True
+        for c in self.choices:
+            if not c.handle.done:
+                c.handle.abort()
 
     def abort(self) -> None:
         """Ends the choices still running (the client left, or the answer is complete) and counts
@@ -199,10 +209,14 @@ async def _submit(state: ServerState, request: Request, body: ChatCompletionRequ
             fut.add_done_callback(_abort_submitted)
             raise
     rid = request.scope.get("state", {}).get("request_id") or uuid.uuid4().hex
-    return ChatJob(id=f"chatcmpl-{rid}", model=state.model_name, body=body, prompt_tokens=prompt_len,
-                   prepared=prepared, choices=[ChoiceRun(i, h, StopText(body.stop_strings)) for i, h in enumerate(handles)],
-                   token_text=state.extras["token_text"], observe=getattr(state.extras.get("metrics"), "observe", None),
-                   received=received, arrival=arrival)
+    job = ChatJob(id=f"chatcmpl-{rid}", model=state.model_name, body=body, prompt_tokens=prompt_len,
+                  prepared=prepared, choices=[ChoiceRun(i, h, StopText(body.stop_strings)) for i, h in enumerate(handles)],
+                  token_text=state.extras["token_text"], observe=getattr(state.extras.get("metrics"), "observe", None),
+                  received=received, arrival=arrival)
+    state.on_shutdown.add(job)
+    if state.shutting_down:  # submitted while the server stops
+        job.end_for_shutdown()
+    return job
 
 
 def _small_text(prepared: PreparedMessages) -> bool:
@@ -310,6 +324,8 @@ async def _complete(request: Request, job: ChatJob) -> Response:
         gone.cancel()
         work.add_done_callback(_quiet)  # a cancelled gather's CancelledError is not an error to log
         job.abort()
+    if job.shutdown:
+        raise ShuttingDown("the server is shutting down: the answer was cut short")
     choices = [Choice(index=c.index, message=AssistantMessage(content=c.stop.text), finish_reason=c.finish_reason,
                       logprobs=job.logprobs_of(c.logprobs)) for c in job.choices]
     answer = ChatCompletion(id=job.id, created=job.created, model=job.model, choices=choices, usage=job.usage(),
@@ -356,6 +372,8 @@ async def _stream(job: ChatJob) -> AsyncIterator[str]:
     async def run(c: ChoiceRun) -> None:
         try:
             await _run_choice(job, c, emit)
+            if job.shutdown:
+                raise ShuttingDown("the server is shutting down: the answer was cut short")
             queue.put_nowait(chunk(c.index, {}, finish=c.finish_reason))
         except Exception as e:  # noqa: BLE001 - reported in the stream, the status is sent already
             queue.put_nowait(e)

@@ -81,6 +81,12 @@ class TooLarge(APIError, MediaError):
     status, code = 413, "payload_too_large"
 
 
+class ShuttingDown(APIError):
+    """The server stops: a request cut short gets this (its stream ends with it, then [DONE])."""
+
+    status, type, code = 503, "server_error", "server_shutting_down"
+
+
 class Overloaded(APIError):
     status, type, code = 503, "server_error", "overloaded"
     retry_after_s = 1

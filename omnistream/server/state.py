@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +27,17 @@ class ServerState:
     default_max_tokens: int | None = None
     # filled by the modules that own them (sessions_api: the session registry, ops: metrics)
     extras: dict[str, Any] = field(default_factory=dict)
+    shutting_down: bool = False  # begin_shutdown() was called: in-flight answers end now
+    # what to end at shutdown (chat: each in-flight job's `end_for_shutdown`), weakly held
+    on_shutdown: "weakref.WeakSet" = field(default_factory=lambda: weakref.WeakSet())
+
+    def begin_shutdown(self) -> None:
+        """The server is stopping (a signal): answers in flight end at once, each with a
+        `server_shutting_down` error (streams: that event, then [DONE]), so the graceful
+        shutdown does not wait for long answers and cut their connections."""
+        self.shutting_down = True
+        for job in list(self.on_shutdown):
+            job.end_for_shutdown()
 
 
 def get_state(request_or_ws) -> ServerState:
