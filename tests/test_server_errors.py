@@ -255,6 +255,10 @@ def test_body_over_the_limit(client, base_url):
 
     r = httpx.post(url, content=chunked(), headers=headers)
     assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large"
+    # without a valid key the size is nobody's business: 401 before the body is read (a
+    # fresh-clone trial got 413 here)
+    r = httpx.post(url, content=big, headers={"content-type": "application/json"})
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
     assert_serving(client)
 
 

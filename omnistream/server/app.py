@@ -26,6 +26,8 @@ def build_app(engine: "Engine", config: ServerConfig | None = None, *,
     # middleware added later wraps what was added before: ops' access log ends up outside auth
     from omnistream.server import auth, chat, errors, ops, realtime, sessions_api, web
 
-    for module in (errors, auth, ops, chat, sessions_api, realtime, web):
+    errors.install(app)
+    ops.install_body_limit(app)  # inside auth: a request without a key is a 401 whatever its size
+    for module in (auth, ops, chat, sessions_api, realtime, web):
         module.install(app)
     return app

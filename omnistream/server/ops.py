@@ -124,11 +124,16 @@ class BodyLimitMiddleware:
         return f"request body too large: {size} bytes or more, the limit is {self.max_bytes}"
 
 
+def install_body_limit(app: FastAPI) -> None:
+    """Before auth is installed, so inside it: a request without a valid key is refused (401)
+    before its body is read or measured."""
+    app.add_middleware(BodyLimitMiddleware, max_bytes=app.state.omni.config.max_body_bytes)
+
+
 def install(app: FastAPI) -> None:
     state: ServerState = app.state.omni
     registry = state.extras["metrics"] = ServerMetrics(state)
     app.add_api_route("/health", health, methods=["GET"])
     app.add_api_route("/v1/models", list_models, methods=["GET"])
     app.add_api_route("/metrics", metrics, methods=["GET"])
-    app.add_middleware(BodyLimitMiddleware, max_bytes=state.config.max_body_bytes)
     app.add_middleware(RequestLogMiddleware, metrics=registry)  # outermost: sees every answer
