@@ -146,6 +146,32 @@ def test_sigterm_stops_it_as_ctrl_c_does():
     assert _exited(engine)
 
 
+def test_ctrl_c_during_startup_is_quiet():
+    """A terminal's Ctrl-C reaches its whole foreground process group. During startup it used to
+    interrupt the engine process inside `import torch` too: its traceback on the terminal (a
+    fresh-clone trial). The engine process has a group of its own; the server stops it."""
+    proc = subprocess.Popen([sys.executable, "-m", "omnistream", "serve", "--model", "demo", "--device", "cpu", "--port", "0",
+                             "--kv-cache-tokens", "4096"], env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        engines = []
+        while not engines and time.monotonic() < deadline and proc.poll() is None:
+            engines = _engine_processes(proc.pid)
+            time.sleep(0.02)
+        assert engines, "no engine process started"
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C does: the terminal's foreground group
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    assert proc.returncode in (2, 130), err
+    deadline = time.monotonic() + 20
+    while not all(_exited(e) for e in engines) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert all(_exited(e) for e in engines)
+
+
 def test_stop_signal_ends_long_streams_cleanly():
     """A stop signal while a long answer streams (found by a fresh-clone trial: the stream was
     cancelled at the end of the graceful period, a 60-line traceback in the log and a broken

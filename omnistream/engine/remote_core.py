@@ -57,6 +57,10 @@ _ids = itertools.count()
 # (another checkout) would run the engine on other code than the server's. -P (3.11+) leaves it
 # out, and the child finds this very package first on its PYTHONPATH.
 _SAFE_PATH = ["-P"] if sys.version_info >= (3, 11) else []
+# a process group of its own: a terminal's Ctrl-C (SIGINT to the foreground group) reaches the
+# server only, which stops the engine process itself (a Ctrl-C during startup had interrupted the
+# child inside `import torch`, a traceback on the terminal)
+_OWN_GROUP = {"process_group": 0} if sys.version_info >= (3, 11) else {}
 
 
 def _child_env() -> dict[str, str]:
@@ -79,7 +83,8 @@ class RemoteCore:
         mine, theirs = socket.socketpair()
         # a new interpreter (CUDA must not be forked; see core_process.py for why not spawn)
         self.process = subprocess.Popen([sys.executable, *_SAFE_PATH, "-m", "omnistream.engine.core_process", "--fd", str(theirs.fileno())],
-                                        pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, env=_child_env())
+                                        pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, env=_child_env(),
+                                        **_OWN_GROUP)
         theirs.close()  # the child's end lives in the child only: its death is our EOF
         conn = Connection(mine.detach())
         self._wire = Wire(conn, self._prefix + "-p")
