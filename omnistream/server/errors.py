@@ -128,8 +128,8 @@ def _respond(err: APIError) -> JSONResponse:
 
 async def _on_api_error(request: Request, exc: Exception) -> JSONResponse:
     err = as_api_error(exc)
-    if isinstance(exc, EngineUnavailable):  # said once where it happened; no traceback per request
-        log.warning("request %s refused: %s", _request_id(request), exc)
+    if err.status == 503:  # overloaded, stopping or no engine: expected, said without a traceback
+        log.warning("request %s refused: %s", _request_id(request), err.message)
     elif err.status >= 500:
         log.error("request %s failed", _request_id(request), exc_info=exc)
     return _respond(err)
