@@ -97,9 +97,7 @@ def _check_media_args(path: str, fps: float | None, nframes: int | None) -> None
 def media_part(path: str, fps: float | None, nframes: int | None, max_pixels: int | None,
                audio_in_video: bool = False) -> dict:
     """Chooses image, audio or video by extension (a still image answers through the image
-    path, a sound file through the audio path); audio_in_video: a video's audio track too.
-    What can be checked without a model is checked here, before one is loaded."""
-    _check_media_args(path, fps, nframes)
+    path, a sound file through the audio path); audio_in_video: a video's audio track too."""
     suffix = Path(path).suffix.lower()
     if suffix in AUDIO_SUFFIXES:
         if audio_in_video:
@@ -204,6 +202,7 @@ def cmd_ask(args) -> int:
     check_pixel_count("--max-pixels", args.max_pixels)
     sampling = options.sampling_params(args)
     device, dtype, engine_options = engine_args(args)
+    _check_media_args(args.media, args.fps, args.nframes)
     part = media_part(args.media, args.fps, args.nframes, args.max_pixels, getattr(args, "audio_in_video", False))
     messages = [{"role": "user", "content": [part, {"type": "text", "text": args.question}]}]
     # closed before the process exits: a running loop thread aborted the interpreter at shutdown
