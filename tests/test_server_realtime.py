@@ -417,3 +417,21 @@ def test_response_sampling_takes_the_server_defaults():
     assert (s.temperature, s.top_p, s.top_k, s.seed, s.max_new_tokens) == (0, 0.5, 20, 1, 3)
     g = response_sampling(ResponseFields(), None)
     assert g.temperature == 0 and g.top_p == 1.0 and g.seed is None
+
+
+def test_server_stop_ends_live_answers_with_their_response_done(engine):
+    """The server stopping (ServerState.begin_shutdown, as at its stop signal) while a live answer
+    streams: the answer ends with its response.done, cancelled for server_shutting_down, before
+    the socket closes (a fresh-clone trial saw the socket closed with 1012 and no response.done)."""
+    app = build_app(engine, ServerConfig(api_key=KEY))
+    with serve(app) as url:
+        c = Client(url)
+        c.open(**SETTINGS)
+        c.frames(scene_frames(1, 4, seed=6))
+        c.ask("Talk for a long time.", max_output_tokens=2000)
+        c.until("response.output_text.delta")
+        app.state.omni.begin_shutdown()
+        _, done = c.until("response.done")
+        assert done["response"]["status"] == "cancelled"
+        assert done["response"]["status_details"]["reason"] == "server_shutting_down"
+        c.close()

@@ -196,6 +196,20 @@ class RealtimeConnection:
         self._send_lock = asyncio.Lock()
         self._events = 0
         self._closing = False
+        self.shutting_down = False  # the server stops (end_for_shutdown)
+        state.on_shutdown.add(self)
+
+    def __hash__(self) -> int:  # held in ServerState.on_shutdown (a WeakSet): by identity
+        return id(self)
+
+    def end_for_shutdown(self) -> None:
+        """The server stops: answers in flight end now, each with its response.done (cancelled,
+        reason server_shutting_down), before the server closes the socket."""
+        self.shutting_down = True
+        for r in list(self.responses.values()):
+            r.cancelled = True
+            if r.answer is not None:
+                r.answer.abort()
 
     @property
     def live(self) -> LiveSession:
@@ -456,7 +470,10 @@ class RealtimeConnection:
                     await self.send({"type": "response.output_text.delta", "response_id": r.id, "item_id": r.id,
                                      "output_index": 0, "content_index": 0, "delta": delta.text})
             res = await asyncio.to_thread(r.answer.finish)
-            await self.send({"type": "response.done", "response": _done(r.id, res, live)})
+            done = _done(r.id, res, live)
+            if self.shutting_down and done["status"] == "cancelled":
+                done["status_details"] = {"type": "cancelled", "reason": "server_shutting_down"}
+            await self.send({"type": "response.done", "response": done})
         except WebSocketDisconnect:
             pass  # the socket is gone: the receive loop ends and cleans up
         except asyncio.CancelledError:
