@@ -169,6 +169,9 @@ def test_bad_turns_are_400_and_leave_the_session_as_it_was(server):
     ]
     for r in bad:
         assert r.status_code == 400, r.text
+    for r in bad[:2]:  # the body is one part: no message to name (a fresh-clone trial saw messages[0].content[0])
+        error = r.json()["error"]
+        assert error["param"] is None and "messages[" not in error["message"], error
     model = oa(server).models.list().data[0].id
     two = c.post("/v1/chat/completions", headers={"X-Session-Id": sid}, json={
         "model": model, "messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]})
@@ -252,3 +255,14 @@ def test_ttl_and_cap(engine):
         assert engine.stats()["sessions"] == engine_sessions - 2  # closed in the engine too
         assert c.post("/v1/sessions", json={}).status_code == 200  # room again
     assert registry.counts() == {"session": 0, "live": 0}  # shutdown closed the last one
+
+
+def test_media_for_a_session_closed_meanwhile_is_a_404(server):
+    """A DELETE that lands while the media of an add are decoded: 404 session_not_found, not a
+    400 (found by a fresh-clone trial)."""
+    url, app = server
+    sid = new_session(server)
+    [entry] = [e for e in app.state.omni.extras["sessions"].entries("session") if e.session.id == sid or e.id == sid]
+    entry.session.close()  # as the DELETE would, between the lookup and the add
+    r = http(server).post(f"/v1/sessions/{sid}/media", json=image_part(png_bytes(5)))
+    assert r.status_code == 404, r.text

@@ -33,7 +33,7 @@ from omnistream.engine.protocol import OutputDelta, RequestOutput
 from omnistream.errors import UnknownSessionError, UserInputError
 from omnistream.server.auth import tenant_for
 from omnistream.server.common import SSEResponse, max_tokens_for, sampling_for, sse
-from omnistream.server.errors import as_api_error
+from omnistream.server.errors import APIError, as_api_error
 from omnistream.server.media_parts import MediaResolver
 from omnistream.server.openai_protocol import (
     AssistantMessage,
@@ -347,10 +347,27 @@ async def add_media(session_id: str, part: Annotated[MediaPart, Body()], request
     state = get_state(request)
     tenant = tenant_for(request)
     with registry(state).use(session_id, tenant) as entry:
-        parts, items, _ = await _prepare_turn(state, Message(role="user", content=[part]), None, tenant)
+        try:
+            parts, items, _ = await _prepare_turn(state, Message(role="user", content=[part]), None, tenant)
+        except APIError as e:
+            raise _of_the_body(e) from None
         async with entry.turn:  # never between a question's submission and its commit
+            if entry.session.closed:  # deleted while its media were decoded
+                raise UnknownSessionError(f"session {session_id!r} was closed")
             _add_parts(entry.session, parts, items)
         return await _describe(entry)
+
+
+_ONLY_PART = "messages[0].content[0]"  # where prepare() locates the one part of a media request
+
+
+def _of_the_body(e: APIError) -> APIError:
+    """A media request's body is one part: its errors name no message."""
+    if e.param != _ONLY_PART:
+        return e
+    out = type(e)(e.message.removeprefix(f"{_ONLY_PART}: "), param=None, code=e.code)
+    out.status, out.type = e.status, e.type
+    return out
 
 
 async def fork_session(session_id: str, request: Request) -> dict[str, Any]:
