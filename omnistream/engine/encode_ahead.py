@@ -42,6 +42,7 @@ a patch in flight waits for its group on the device.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Iterable
 
@@ -83,12 +84,13 @@ class EncodeAhead:
         sets each request's media_ready_until. requests: running prompts then waiting ones, in
         the order they will be served; start_of(req): the token its next chunk starts at (for a
         waiting request, past the prefix the cache already holds)."""
-        reqs = [r for r in requests if r.media and not r.finished]
+        # each start once: a waiting request's is a prefix-cache lookup
+        served = [(r, start_of(r)) for r in requests if r.media and not r.finished]
         self.poll()
         if not self.inflight:
-            self._launch(reqs, start_of)
-        for r in reqs:
-            r.media_ready_until = self.ready_until(r, start_of(r))
+            self._launch(served)
+        for r, start in served:
+            r.media_ready_until = self.ready_until(r, start)
 
     def poll(self) -> None:
         while self.inflight and self.inflight[0].done():
@@ -134,12 +136,11 @@ class EncodeAhead:
         a, b = off + k * tpp, off + (k + 1) * tpp
         return a < c.start + c.num_tokens and c.start < b
 
-    def _select(self, reqs, start_of) -> list[tuple[object, int, int, int]]:
+    def _select(self, served) -> list[tuple[object, int, int, int]]:
         """Runs (request, item, k0, k1) of missing patches, in serving order, up to the runner's
         max_vision_patches rows (one forward)."""
         runs, rows, max_rows, tokens = [], 0, self.runner.max_vision_patches, self.max_tokens
-        for req in reqs:
-            start = start_of(req)
+        for req, start in served:
             for j, (off, item) in enumerate(req.media):
                 if off + item.num_tokens <= start:
                     continue
@@ -163,8 +164,8 @@ class EncodeAhead:
                     k += 1
         return runs
 
-    def _launch(self, reqs, start_of) -> None:
-        runs = self._select(reqs, start_of)
+    def _launch(self, served) -> None:
+        runs = self._select(served)
         if not runs:
             return
         runner = self.runner
@@ -211,12 +212,4 @@ class EncodeAhead:
 
     def on_side_stream(self):
         """Context of every vision forward of the engine (see the module's note)."""
-        return torch.cuda.stream(self.stream) if self.stream is not None else _Null()
-
-
-class _Null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
+        return torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()

@@ -196,7 +196,7 @@ class ModelRunner:
         if not todo:
             return None
         side = self.ahead is not None and self.ahead.stream is not None
-        with self.ahead.on_side_stream() if side else contextlib.nullcontext():  # see encode_ahead.py: Safety
+        with self.ahead.on_side_stream() if self.ahead is not None else contextlib.nullcontext():  # encode_ahead.py: Safety
             timing = VisionTiming.start(self.device)
             encoded_patches = self.run_vision_patches([sub for *_, sub in todo])
             timing.stop([(req, n) for (req, *_), n in zip(todo, self.last_encoded_tokens)])

@@ -158,11 +158,8 @@ class Scheduler:
                 self.blocks.take_prefix(req, hits)
             n = self._chunk_size(req, budget)
             if n == 0:
-                on_media = self._media_blocked(req)  # its media are being encoded: later ones may run
                 self.blocks.free_request(req)
                 req.num_computed_tokens = 0
-                if on_media:
-                    continue
                 break
             self.waiting.remove(req)
             self.blocks.grow(req, req.num_computed_tokens + n)
@@ -208,10 +205,6 @@ class Scheduler:
         if remaining <= budget:
             return remaining
         return budget if self.cfg.enable_chunked_prefill and budget > 0 else 0
-
-    @staticmethod
-    def _media_blocked(req: Request) -> bool:
-        return req.media_ready_until is not None and req.media_ready_until <= req.num_computed_tokens
 
     def _charge(self, req: Request, n: int) -> None:
         if req.num_computed_tokens < req.prompt_len:
