@@ -325,12 +325,16 @@ async def _complete(request: Request, job: ChatJob) -> Response:
         work.add_done_callback(_quiet)  # a cancelled gather's CancelledError is not an error to log
         job.abort()
     if job.shutdown:
-        raise ShuttingDown("the server is shutting down: the answer was cut short")
+        raise _cut_short()
     choices = [Choice(index=c.index, message=AssistantMessage(content=c.stop.text), finish_reason=c.finish_reason,
                       logprobs=job.logprobs_of(c.logprobs)) for c in job.choices]
     answer = ChatCompletion(id=job.id, created=job.created, model=job.model, choices=choices, usage=job.usage(),
                             metrics=job.metrics())
     return JSONResponse(answer.model_dump(mode="json"))
+
+
+def _cut_short() -> ShuttingDown:
+    return ShuttingDown("the server is shutting down: the answer was cut short")
 
 
 def _quiet(fut: asyncio.Future) -> None:
@@ -373,7 +377,7 @@ async def _stream(job: ChatJob) -> AsyncIterator[str]:
         try:
             await _run_choice(job, c, emit)
             if job.shutdown:
-                raise ShuttingDown("the server is shutting down: the answer was cut short")
+                raise _cut_short()
             queue.put_nowait(chunk(c.index, {}, finish=c.finish_reason))
         except Exception as e:  # noqa: BLE001 - reported in the stream, the status is sent already
             queue.put_nowait(e)

@@ -54,6 +54,12 @@ class APIError(Exception):
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
+    def placed(self, message: str, param: str | None) -> "APIError":
+        """The same error (class, status, type, code) with another message and param."""
+        out = type(self)(message, param=param, code=self.code)
+        out.status, out.type = self.status, self.type
+        return out
+
     def __reduce__(self):
         # raised in a media worker process (server/media_workers.py): its param and code cross too
         return _rebuild, (type(self), self.message, self.param, self.__dict__.get("code"))

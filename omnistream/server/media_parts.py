@@ -432,9 +432,7 @@ def _audio_seconds(path: Path) -> float | None:
 def _located(e: Exception, where: str) -> APIError:
     """The error of one content part, naming the part."""
     err = as_api_error(e)
-    out = type(err)(f"{where}: {err.message}", param=where, code=err.code)
-    out.status, out.type = err.status, err.type
-    return out
+    return err.placed(f"{where}: {err.message}", where)
 
 
 def _data_url_bytes(url: str) -> bytes:

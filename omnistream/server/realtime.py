@@ -207,9 +207,7 @@ class RealtimeConnection:
         reason server_shutting_down), before the server closes the socket."""
         self.shutting_down = True
         for r in list(self.responses.values()):
-            r.cancelled = True
-            if r.answer is not None:
-                r.answer.abort()
+            _cancel(r)
 
     @property
     def live(self) -> LiveSession:
@@ -381,9 +379,7 @@ class RealtimeConnection:
             raise EventError(f"no response {rid!r} in flight" if rid else "no response in flight", "response_not_found",
                              "response_id")
         for r in targets:
-            r.cancelled = True  # one still waiting to start never starts
-            if r.answer is not None:
-                r.answer.abort()  # the stream ends; response.done says "cancelled"
+            _cancel(r)
 
     _handlers = {
         "session.update": _session_update,
@@ -604,6 +600,12 @@ def _validation_message(exc: ValidationError) -> str:
         where = ".".join(str(p) for p in e.get("loc", ()))
         problems.append(f"unknown field {where!r}" if e.get("type") == "extra_forbidden" else f"{where}: {e.get('msg')}")
     return "; ".join(problems)
+
+
+def _cancel(r: Response) -> None:
+    r.cancelled = True  # one still waiting to start never starts
+    if r.answer is not None:
+        r.answer.abort()  # the stream ends; response.done says "cancelled"
 
 
 def _done(rid: str, res: RequestOutput, live: LiveSession) -> dict[str, Any]:

@@ -365,9 +365,7 @@ def _of_the_body(e: APIError) -> APIError:
     """A media request's body is one part: its errors name no message."""
     if e.param != _ONLY_PART:
         return e
-    out = type(e)(e.message.removeprefix(f"{_ONLY_PART}: "), param=None, code=e.code)
-    out.status, out.type = e.status, e.type
-    return out
+    return e.placed(e.message.removeprefix(f"{_ONLY_PART}: "), None)
 
 
 async def fork_session(session_id: str, request: Request) -> dict[str, Any]:
