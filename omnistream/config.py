@@ -33,20 +33,31 @@ class CacheConfig:
             raise ConfigError(f"kv_cache_tokens must hold at least one block, got {self.kv_cache_tokens}")
 
 
+PREFILL_CAP_SCOPES = ("per_request", "per_step")
+
+
 @dataclass(frozen=True)
 class SchedulerConfig:
     max_num_batched_tokens: int = 8192  # token budget of one forward (prefill chunks + decodes)
     max_num_seqs: int = 64  # sequences running at once
     enable_chunked_prefill: bool = True  # split long prompts across steps under the budget
-    # while any sequence decodes, a step holds at most this many tokens (decodes + prefill
-    # chunks; prefill, and so media encoding, done per chunk, gets at least 16): steps of up to
-    # 256 tokens replay as CUDA graphs, larger ones launch ~1400 kernels eagerly (~50 ms of host
-    # time on the H200 host), so one user's long clip would stall every running answer
+    # while any sequence decodes, a step holds at most this many tokens for each request in prefill
+    # (see prefill_cap_scope; decodes included, prefill and so media encoding done per chunk get
+    # at least 16): steps of up to 256 tokens replay as CUDA graphs, larger ones launch ~1400
+    # kernels eagerly (~50 ms of host time on the H200 host), so one user's long clip would
+    # stall every running answer
     max_step_tokens_while_decoding: int = 256
+    # what max_step_tokens_while_decoding counts, per_request or per_step: per_request gives one
+    # cap to each request in prefill (running mid-prompt, or waiting with a free sequence slot),
+    # so a burst of short prompts joins the running batch in one step and one long prompt (a
+    # clip) still gets one cap per step; per_step gives one cap to the whole step
+    prefill_cap_scope: str = "per_request"
 
     def __post_init__(self) -> None:
         if self.max_num_batched_tokens < 1 or self.max_num_seqs < 1 or self.max_step_tokens_while_decoding < 1:
             raise ConfigError("max_num_batched_tokens, max_num_seqs and max_step_tokens_while_decoding must be positive")
+        if self.prefill_cap_scope not in PREFILL_CAP_SCOPES:
+            raise ConfigError(f"prefill_cap_scope must be one of {', '.join(PREFILL_CAP_SCOPES)}, got {self.prefill_cap_scope!r}")
 
 
 def _check_device(device: str) -> None:

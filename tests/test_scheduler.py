@@ -131,7 +131,8 @@ def test_request_blocked_by_owned_kv_fails_instead_of_waiting_forever():
 
 
 def test_prefill_is_capped_while_others_decode():
-    sched = Scheduler(SchedulerConfig(max_num_batched_tokens=100, max_step_tokens_while_decoding=21), BlockManager(64, 4))
+    cfg = dict(max_num_batched_tokens=100, max_step_tokens_while_decoding=21, prefill_cap_scope="per_step")
+    sched = Scheduler(SchedulerConfig(**cfg), BlockManager(64, 4))
     a = make_request(6, max_new=20, rid="a")
     sched.add(a)
     out = sched.schedule()
@@ -145,10 +146,41 @@ def test_prefill_is_capped_while_others_decode():
     advance(sched, out)
     out = sched.schedule()
     assert sum(x.num_tokens for x in out.chunks if x.request is not a) == 15  # b's last 10, c's 5
-    many = Scheduler(SchedulerConfig(max_num_batched_tokens=100, max_step_tokens_while_decoding=4), BlockManager(64, 4))
+    many = Scheduler(SchedulerConfig(max_num_batched_tokens=100, max_step_tokens_while_decoding=4, prefill_cap_scope="per_step"), BlockManager(64, 4))
     for i in range(6):  # 6 decoders > the cap: prefill still gets MIN_PREFILL_TOKENS
         many.add(make_request(2, max_new=50, rid=f"d{i}"))
     advance(many, many.schedule())
     many.add(make_request(40, rid="p"))
     out = many.schedule()
     assert sum(x.num_tokens for x in out.chunks if x.request.request_id == "p") == 16
+
+
+def test_prefill_cap_is_per_request_in_prefill_by_default():
+    """Each request in prefill brings one cap: a burst of short prompts joins a decoding batch in
+    one step; one long prompt still gets one cap per step."""
+    sched = Scheduler(SchedulerConfig(max_num_batched_tokens=100, max_step_tokens_while_decoding=30), BlockManager(64, 4))
+    a = make_request(6, max_new=20, rid="a")
+    sched.add(a)
+    advance(sched, sched.schedule())  # a's prompt: nobody decodes yet
+    for i in range(4):
+        sched.add(make_request(9, rid=f"q{i}"))
+    out = sched.schedule()  # a decodes, 4 wait: 4 caps of 30 (one cap would leave q3 2 tokens)
+    assert [(x.request.request_id, x.num_tokens) for x in out.chunks] == [("a", 1), ("q0", 9), ("q1", 9), ("q2", 9), ("q3", 9)]
+    advance(sched, out)
+    long = make_request(60, rid="long")
+    sched.add(long)
+    out = sched.schedule()  # 5 decode, one prompt in prefill: one cap of 30 minus 5 decodes
+    assert sum(x.num_tokens for x in out.chunks if x.request is long) == 25
+    advance(sched, out)
+    out = sched.schedule()  # still one request in prefill (running mid-prompt): one cap
+    assert sum(x.num_tokens for x in out.chunks if x.request is long) == 25
+
+
+def test_prefill_caps_count_only_requests_with_a_free_sequence_slot():
+    sched = Scheduler(SchedulerConfig(max_num_batched_tokens=100, max_step_tokens_while_decoding=10, max_num_seqs=3), BlockManager(64, 4))
+    sched.add(make_request(3, max_new=20, rid="a"))
+    advance(sched, sched.schedule())
+    for i in range(5):  # five wait, two sequence slots are free: two caps, minus a's decode row
+        sched.add(make_request(40, rid=f"w{i}"))
+    out = sched.schedule()
+    assert [(x.request.request_id, x.num_tokens) for x in out.chunks] == [("a", 1), ("w0", 19)]

@@ -131,6 +131,8 @@ def _concurrency(args) -> int:
 
 def _add_concurrency_bench(bsub, add_model_args) -> None:
     """W3 (concurrency): N clients at once, each its own session, vs transformers one at a time."""
+    from omnistream.entrypoints.options import add_engine_args
+
     cc = bsub.add_parser("concurrency", help="W3: N concurrent sessions: tok/s, TTFT/ITL percentiles, batch size vs the decode floor; "
                                              "transformers one request at a time; encoder interference")
     add_model_args(cc)
@@ -152,11 +154,10 @@ def _add_concurrency_bench(bsub, add_model_args) -> None:
     cc.add_argument("--interference-frames", type=_positive, default=64, help="frames of the interference clip")
     cc.add_argument("--interference-only", action="store_true", help="run only the encoder-interference measurement")
     cc.add_argument("--warmup-clients", type=_positive, default=4, help="clients of the untimed warm-up run of each mix")
-    cc.add_argument("--max-batched-tokens", type=_positive, default=None, help="engine token budget per step (default: the engine's)")
-    cc.add_argument("--engine-process", action="store_true",
-                    help="run the engine core in its own process (the clients' threads then never hold the lock its loop needs)")
     cc.add_argument("--seed", type=int, default=0, help="seed of the weights, contexts and clips")
     cc.add_argument("--json", default=None, help="write all raw numbers and the environment to this file")
+    add_engine_args(cc, {"kv_cache_tokens": "enough for the largest configuration, a quarter to spare",
+                         "max_num_seqs": "every client of the largest configuration, at least 64"})
     cc.set_defaults(func=_concurrency)
 
 

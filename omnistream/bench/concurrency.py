@@ -421,31 +421,29 @@ def _ratio(a, b):
 
 
 # ---------------------------------------------------------------------------------- driver
-def engine_options(clients: list[int], mixes: list[tuple[str, ...]], size: int, context_tokens: int, new_tokens: int,
-                   interference: int, interference_tokens: int, interference_frames: int, max_batched_tokens: int | None) -> dict:
+def workload_engine_options(clients: list[int], mixes: list[tuple[str, ...]], size: int, context_tokens: int, new_tokens: int,
+                   interference: int, interference_tokens: int, interference_frames: int, given: dict | None = None) -> dict:
     """KV pool for the largest configuration (sessions close between configurations) or the
-    interference run, with a quarter to spare; enough sequence slots for every client."""
+    interference run, with a quarter to spare; enough sequence slots for every client; then
+    the engine options the user gave (they win)."""
     need = max([n * max(per_request_kv(k, size, context_tokens, new_tokens) for k in kinds) for n in clients for kinds in mixes] or [0])
     if interference:
         need = max(need, interference * (min(context_tokens, INTERFERENCE_CONTEXT) + TURN_TOKENS + interference_tokens)
                    + video_tokens(interference_frames, size) + TURN_TOKENS + new_tokens)
-    opts = {"kv_cache_tokens": int(need * 1.25) + 4096, "max_num_seqs": max([64, interference + 1, *clients])}
-    if max_batched_tokens:
-        opts["max_num_batched_tokens"] = max_batched_tokens
-    return opts
+    return {"kv_cache_tokens": int(need * 1.25) + 4096, "max_num_seqs": max([64, interference + 1, *clients])} | (given or {})
 
 
 def run_concurrency(model, device: str, dtype: str, clients: list[int], mixes: list[tuple[str, ...]], size: int = 448,
                     context_tokens: int = 1024, new_tokens: int = 64, arrival: str = "burst", rate: float | None = None,
                     baseline_requests: int = 4, interference_clients: int = 16, interference_tokens: int = 128,
-                    interference_frames: int = 64, warmup_clients: int = 4, max_batched_tokens: int | None = None,
-                    seed: int = 0, log=print, engine_process: bool = False) -> dict:
+                    interference_frames: int = 64, warmup_clients: int = 4, seed: int = 0, log=print,
+                    engine_opts: dict | None = None) -> dict:
+    """engine_opts: keyword arguments of the engine (e.g. engine_process=True,
+    max_num_batched_tokens=...), over the sizes this workload needs."""
     dev = cuda_device(device)
     tdtype = resolve_dtype(dtype, str(dev))
-    options = engine_options(clients if mixes else [], mixes, size, context_tokens, new_tokens, interference_clients,
-                             interference_tokens, interference_frames, max_batched_tokens)
-    if engine_process:
-        options["engine_process"] = True
+    options = workload_engine_options(clients if mixes else [], mixes, size, context_tokens, new_tokens, interference_clients,
+                             interference_tokens, interference_frames, engine_opts)
     with_hf = baseline_requests > 0 and bool(mixes)
     if with_hf:
         hf, engine = make_pair(model, str(dev), tdtype, seed, **options)
@@ -633,6 +631,7 @@ def print_table(r: dict, out=None) -> None:
 
 def cmd_concurrency(args) -> int:
     from omnistream.entrypoints.cli import _default_device
+    from omnistream.entrypoints.options import engine_options
 
     if args.new_tokens < 2:
         raise SystemExit("error: --new-tokens must be >= 2 (inter-token latency needs two tokens)")
@@ -644,7 +643,7 @@ def cmd_concurrency(args) -> int:
     report = run_concurrency(model_arg(args), _default_device(args.device), args.dtype, parse_clients(args.clients), mixes, args.size,
                              args.context_tokens, args.new_tokens, args.arrival, args.rate, args.baseline_requests,
                              args.interference_clients, args.interference_tokens, args.interference_frames, args.warmup_clients,
-                             args.max_batched_tokens, args.seed, engine_process=args.engine_process)
+                             args.seed, engine_opts=engine_options(args))
     print_report(report)
     write_json(report, args.json)
     return 0

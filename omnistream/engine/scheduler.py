@@ -5,6 +5,12 @@ decode asks for 1 token, an unfinished prompt for its next chunk), then waiting 
 admitted while the budget, the sequence limit and free KV blocks allow. When blocks run out
 the newest running request is preempted (its blocks freed, recomputed later: still exact).
 
+While any sequence decodes, prefill is capped so that one long prompt cannot stall the running
+answers: at most `max_step_tokens_while_decoding` tokens per step (decodes included), per
+request in prefill by default (`prefill_cap_scope`): a burst of 64 short questions is admitted
+in one step (one cap per step took ten steps of the burst on the H200), a single 8k-token clip
+still runs one cap per step.
+
 Admission (the policy for requests that fit the pool but not the free blocks now):
 - a request is admitted only when its whole prompt fits the free blocks, after dropping idle
   retained session KV (least recently used first) if that is what it takes;
@@ -101,7 +107,8 @@ class Scheduler:
         # prefill tokens of this step: capped while someone decodes (see SchedulerConfig)
         decoding = sum(1 for r in self.running if r.num_computed_tokens >= r.prompt_len)
         if decoding and self.cfg.enable_chunked_prefill:
-            self._prefill_left = min(budget, max(MIN_PREFILL_TOKENS, self.cfg.max_step_tokens_while_decoding - decoding))
+            cap = self.cfg.max_step_tokens_while_decoding * self._prefill_shares(len(self.running) - decoding)
+            self._prefill_left = min(budget, max(MIN_PREFILL_TOKENS, cap - decoding))
         else:
             self._prefill_left = budget
         chunks: list[ScheduledChunk] = []
@@ -128,6 +135,15 @@ class Scheduler:
             self._charge(req, n)
         rejected = self._admit(chunks, budget, preempted)
         return SchedulerOutput(chunks, sum(c.num_tokens for c in chunks), preempted, rejected)
+
+    def _prefill_shares(self, prefilling: int) -> int:
+        """How many max_step_tokens_while_decoding caps this step's prefill gets (>= 1):
+        per_request, one per request in prefill (running mid-prompt, or waiting with a free
+        sequence slot); per_step, one."""
+        if self.cfg.prefill_cap_scope == "per_step":
+            return 1
+        room = max(0, self.cfg.max_num_seqs - len(self.running))
+        return max(1, prefilling + min(len(self.waiting), room))
 
     def _admit(self, chunks: list[ScheduledChunk], budget: int, preempted: list[Request]) -> list[tuple[Request, Exception]]:
         rejected: list[tuple[Request, Exception]] = []

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Session-5 probe on the H200 (carry .whl and scratch/head: the committed tree as a tar): the
+# prefill cap per request in prefill (prefill_cap_scope) against one cap per step, and CUDA
+# graphs for steps of up to 1024 rows (cuda_graphs.MAX_ROWS) against 256, on the text bursts
+# (32, 64 clients), 32 video8 clients and the encoder interference; then a step timeline.
+set -uo pipefail
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+mkdir -p /tmp/head && tar -xf scratch/head/head.tar -C /tmp/head && cd /tmp/head || exit 1
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+OUT=${OUT:-/tmp/out}; mkdir -p $OUT
+# ROWS=N: graphs up to N rows (a module constant: in-thread engine only)
+run() { echo "### ROWS=${ROWS:-256} $*" | tee -a $OUT/log.txt; local t0=$SECONDS
+  timeout -k 10 ${STEP_S:-150} python3 -c "import sys, omnistream.engine.cuda_graphs as g; g.MAX_ROWS = int('${ROWS:-256}'); from omnistream.entrypoints.cli import main; sys.exit(main())" "$@" 2>&1 \
+    | grep -v -i "warn" | grep -E "^\[|TTFT ms|target|interference|ITL|took|rror|raceback" | tee -a $OUT/log.txt
+  echo "### took $((SECONDS - t0)) s" | tee -a $OUT/log.txt; }
+LOAD="bench concurrency --model-config 3b --size 448 --new-tokens 64 --baseline-requests 0 --interference-clients 0"
+case "${PART:-1}" in
+1)
+  run $LOAD --mix text --clients 32,64 --prefill-cap-scope per_step --json $OUT/text_per_step.json
+  run $LOAD --mix text --clients 32,64 --json $OUT/text_per_request.json
+  ROWS=1024 run $LOAD --mix text --clients 32,64 --json $OUT/text_per_request_rows1024.json
+  run $LOAD --mix video8 --clients 32 --json $OUT/video8_per_request.json
+  ROWS=1024 run $LOAD --mix video8 --clients 32 --json $OUT/video8_per_request_rows1024.json
+  run bench concurrency --model-config 3b --size 448 --new-tokens 64 --interference-only --interference-clients 16 --interference-tokens 128 --interference-frames 64 --json $OUT/interference.json
+  run $LOAD --mix text --clients 32,64 --engine-process --json $OUT/text_per_request_process.json ;;
+esac
