@@ -43,19 +43,22 @@ class SchedulerConfig:
     enable_chunked_prefill: bool = True  # split long prompts across steps under the budget
     # while any sequence decodes, a step holds at most this many tokens for each request in prefill
     # (see prefill_cap_scope; decodes included, prefill and so media encoding done per chunk get
-    # at least 16): steps of up to 256 tokens replay as CUDA graphs, larger ones launch ~1400
-    # kernels eagerly (~50 ms of host time on the H200 host), so one user's long clip would
-    # stall every running answer
+    # at least 16), so one user's long clip, chunked, never stalls every running answer
     max_step_tokens_while_decoding: int = 256
     # what max_step_tokens_while_decoding counts, per_request or per_step: per_request gives one
     # cap to each request in prefill (running mid-prompt, or waiting with a free sequence slot),
     # so a burst of short prompts joins the running batch in one step and one long prompt (a
     # clip) still gets one cap per step; per_step gives one cap to the whole step
     prefill_cap_scope: str = "per_request"
+    # per_request's caps add up to at most this many tokens per step while any sequence decodes:
+    # steps of up to 1024 rows replay as CUDA graphs; a larger mixed step of many short prompts
+    # ran eagerly at ~0.6 s on the H200 (one new kernel plan per sequence and layer)
+    max_prefill_tokens_while_decoding: int = 1024
 
     def __post_init__(self) -> None:
-        if self.max_num_batched_tokens < 1 or self.max_num_seqs < 1 or self.max_step_tokens_while_decoding < 1:
-            raise ConfigError("max_num_batched_tokens, max_num_seqs and max_step_tokens_while_decoding must be positive")
+        if min(self.max_num_batched_tokens, self.max_num_seqs, self.max_step_tokens_while_decoding, self.max_prefill_tokens_while_decoding) < 1:
+            raise ConfigError("max_num_batched_tokens, max_num_seqs, max_step_tokens_while_decoding and "
+                              "max_prefill_tokens_while_decoding must be positive")
         if self.prefill_cap_scope not in PREFILL_CAP_SCOPES:
             raise ConfigError(f"prefill_cap_scope must be one of {', '.join(PREFILL_CAP_SCOPES)}, got {self.prefill_cap_scope!r}")
 

@@ -184,3 +184,14 @@ def test_prefill_caps_count_only_requests_with_a_free_sequence_slot():
         sched.add(make_request(40, rid=f"w{i}"))
     out = sched.schedule()
     assert [(x.request.request_id, x.num_tokens) for x in out.chunks] == [("a", 1), ("w0", 19)]
+
+
+def test_prefill_caps_add_up_to_at_most_the_ceiling_while_decoding():
+    cfg = SchedulerConfig(max_num_batched_tokens=100, max_step_tokens_while_decoding=10, max_prefill_tokens_while_decoding=25)
+    sched = Scheduler(cfg, BlockManager(64, 4))
+    sched.add(make_request(3, max_new=20, rid="a"))
+    advance(sched, sched.schedule())
+    for i in range(6):  # six caps of 10 would be 60: the ceiling, 25, minus a's decode row
+        sched.add(make_request(8, rid=f"w{i}"))
+    out = sched.schedule()
+    assert [(x.request.request_id, x.num_tokens) for x in out.chunks] == [("a", 1), ("w0", 8), ("w1", 8), ("w2", 8)]

@@ -9,8 +9,8 @@ mkdir -p /tmp/head && tar -xf scratch/head/head.tar -C /tmp/head && cd /tmp/head
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 OUT=${OUT:-/tmp/out}; mkdir -p $OUT
 # ROWS=N: graphs up to N rows (a module constant: in-thread engine only)
-run() { echo "### ROWS=${ROWS:-256} $*" | tee -a $OUT/log.txt; local t0=$SECONDS
-  timeout -k 10 ${STEP_S:-150} python3 -c "import sys, omnistream.engine.cuda_graphs as g; g.MAX_ROWS = int('${ROWS:-256}'); from omnistream.entrypoints.cli import main; sys.exit(main())" "$@" 2>&1 \
+run() { echo "### ROWS=${ROWS:-default} $*" | tee -a $OUT/log.txt; local t0=$SECONDS
+  timeout -k 10 ${STEP_S:-150} python3 -c "import sys, omnistream.engine.cuda_graphs as g; g.MAX_ROWS = int('${ROWS:-0}') or g.MAX_ROWS; from omnistream.entrypoints.cli import main; sys.exit(main())" "$@" 2>&1 \
     | grep -v -i "warn" | grep -E "^\[|TTFT ms|target|interference|ITL|took|rror|raceback" | tee -a $OUT/log.txt
   echo "### took $((SECONDS - t0)) s" | tee -a $OUT/log.txt; }
 LOAD="bench concurrency --model-config 3b --size 448 --new-tokens 64 --baseline-requests 0 --interference-clients 0"
@@ -24,3 +24,15 @@ case "${PART:-1}" in
   run bench concurrency --model-config 3b --size 448 --new-tokens 64 --interference-only --interference-clients 16 --interference-tokens 128 --interference-frames 64 --json $OUT/interference.json
   run $LOAD --mix text --clients 32,64 --engine-process --json $OUT/text_per_request_process.json ;;
 esac
+# PART=2: step timelines of the bursts, then the new defaults on the bursts
+if [ "${PART:-1}" = 2 ]; then
+  run $LOAD --mix text --clients 32,64 --json $OUT/text_default.json
+  run $LOAD --mix video8 --clients 32 --json $OUT/video8_default.json
+fi
+# PART=2: step timelines of the bursts (tools/gpu_step_timeline.py)
+if [ "${PART:-1}" = 2 ]; then
+  for args in "text 64" "text 64 prefill_cap_scope=per_step" "video8 32"; do
+    echo "### timeline $args" | tee -a $OUT/log.txt
+    timeout 150 python3 tools/gpu_step_timeline.py $args 2>&1 | grep -v -i warn | tee -a $OUT/timeline.txt | grep -E "^rep|steps:" | tee -a $OUT/log.txt
+  done
+fi

@@ -1,20 +1,26 @@
-"""Timeline of a burst: N sessions ask text follow-ups over ~1k-token cached contexts at the
-same moment (3B); prints every engine step of the timed burst (start ms after the release,
-duration, rows, sequences, row-batch/graph or eager) until all have their first token, then
-TTFT percentiles and the step mix. Usage: python3 tools/gpu_step_timeline.py [N]"""
+"""Timeline of a burst (3B, in-thread engine): N sessions ask at the same moment, text follow-ups
+over ~1k-token cached contexts (kind text) or a question over an 8-frame 448x448 clip (video8).
+Prints every engine step until all have their first token: start ms after the release, host
+ms, GPU ms (CUDA events around the step), rows, sequences, sequences sampled, graphed; then
+TTFT percentiles, the wall and the step mix. Engine options as KEY=VALUE after the kind and N.
+Usage: python3 tools/gpu_step_timeline.py KIND N [KEY=VALUE ...]"""
 
+import ast
 import sys
 import threading
 import time
 
 import numpy as np
+import torch
 
+from omnistream.bench.concurrency import SYSTEM, context_prompt, text_question
 from omnistream.bench.models import make_engine
+from omnistream.bench.multiturn import add_clip, question
 from omnistream.engine.sampling import SamplingParams
 
-n = int(sys.argv[1]) if len(sys.argv) > 1 else 32
-print("switch interval", sys.getswitchinterval())
-eng = make_engine("3b", "cuda", "auto", kv_cache_tokens=200_000)
+kind, n = sys.argv[1], int(sys.argv[2])
+opts = {k: ast.literal_eval(v) if v[:1].isdigit() else v for k, v in (a.split("=", 1) for a in sys.argv[3:])}
+eng = make_engine("3b", "cuda", "auto", kv_cache_tokens=200_000, max_num_seqs=max(64, n), **opts)
 sp = SamplingParams(max_new_tokens=64, ignore_eos=True)
 llm, runner = eng.llm, eng.llm.runner
 log = []
@@ -22,9 +28,12 @@ step, launch = llm.step, runner.launch
 
 
 def timed_step():
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     t0 = time.perf_counter()
+    a.record()
     r = step()
-    log.append((t0, time.perf_counter(), r.num_rows, r.num_seqs, len(r.sampled)))
+    b.record()
+    log.append((t0, time.perf_counter(), r.num_rows, r.num_seqs, len(r.sampled), a, b))
     return r
 
 
@@ -37,16 +46,26 @@ def timed_launch(out, prev=None):
 
 
 llm.step, runner.launch = timed_step, timed_launch
-sessions = [eng.session() for _ in range(n)]
-rng = np.random.default_rng(0)
-for s in sessions:
-    s.ask(" ".join(f"w{int(x)}" for x in rng.integers(0, 5000, 330)), SamplingParams(max_new_tokens=2))
+
+
+def setup(rep: int):
+    sessions = [eng.session(system=SYSTEM) for _ in range(n)]
+    for k, s in enumerate(sessions):
+        if kind == "text":
+            s.ask(context_prompt(eng.tokenizer, 1024, 10 * rep + k), SamplingParams(max_new_tokens=8, ignore_eos=True))
+        else:
+            add_clip(s, 8, 448, 1000 * rep + k)
+    return sessions
+
+
 for rep in range(2):
+    sessions = setup(rep)
     barrier, res = threading.Barrier(n + 1), [None] * n
 
     def client(k):
         barrier.wait()
-        res[k] = sessions[k].ask(f"Question {rep} for client {k}: what is w{k}?", sp)
+        q = text_question(k, k) if kind == "text" else question(k)
+        res[k] = sessions[k].ask(q, sp)
 
     threads = [threading.Thread(target=client, args=(k,)) for k in range(n)]
     for t in threads:
@@ -58,14 +77,20 @@ for rep in range(2):
     for t in threads:
         t.join()
     wall = time.perf_counter() - t_rel
+    torch.cuda.synchronize()
     ttft = sorted(1000 * r.metrics.ttft_s for r in res)
-    print(f"\nrep {rep}: {64 * n / wall:,.0f} tok/s, wall {1000 * wall:.1f} ms, TTFT p50 {np.median(ttft):.1f} p99 {ttft[-1]:.1f} ms, steps {len(log)}")
+    arrivals = sorted(1000 * (r.metrics.arrival - t_rel) for r in res)
+    print(f"\nrep {rep} {kind} x{n} {opts}: {64 * n / wall:,.0f} tok/s, wall {1000 * wall:.1f} ms, arrivals {arrivals[0]:.1f}..{arrivals[-1]:.1f} ms, "
+          f"TTFT p50 {np.median(ttft):.1f} p99 {ttft[-1]:.1f} ms, steps {len(log)}")
     last_first = max(r.metrics.first_token_at for r in res)
-    for i, (a, b, rows, seqs, sampled) in enumerate(log):
+    for i, (a, b, rows, seqs, sampled, ea, eb) in enumerate(log):
         if a > last_first + 0.01 and i > 12:
             break
-        print(f"  step {i:3d} at {1000 * (a - t_rel):7.2f} ms  {1000 * (b - a):6.2f} ms  rows {rows:5d} seqs {seqs:3d} sampled {sampled:3d}")
+        g = graphed[i] if i < len(graphed) else None
+        print(f"  step {i:3d} at {1000 * (a - t_rel):7.2f} ms  host {1000 * (b - a):6.2f}  gpu {ea.elapsed_time(eb):6.2f} ms  rows {rows:5d} "
+              f"seqs {seqs:3d} sampled {sampled:3d} graph {g}")
     durs = [1000 * (b - a) for a, b, *_ in log]
-    print(f"  steps: {len(log)}, median {np.median(durs):.2f} ms, sum {sum(durs):.1f} ms; launches graphed {sum(graphed)}/{len(graphed)}")
-print("switch interval", sys.getswitchinterval())
+    print(f"  steps: {len(log)}, host median {np.median(durs):.2f} ms, sum {sum(durs):.1f} ms; launches graphed {sum(graphed)}/{len(graphed)}")
+    for s in sessions:
+        s.close()
 eng.close()

@@ -7,9 +7,10 @@ the newest running request is preempted (its blocks freed, recomputed later: sti
 
 While any sequence decodes, prefill is capped so that one long prompt cannot stall the running
 answers: at most `max_step_tokens_while_decoding` tokens per step (decodes included), per
-request in prefill by default (`prefill_cap_scope`): a burst of 64 short questions is admitted
-in one step (one cap per step took ten steps of the burst on the H200), a single 8k-token clip
-still runs one cap per step.
+request in prefill by default (`prefill_cap_scope`), up to `max_prefill_tokens_while_decoding`
+in all: a burst of short questions joins the running batch in a few steps (one cap per step
+took ten steps of a 64-question burst on the H200), a single 8k-token clip still runs one cap
+per step.
 
 Admission (the policy for requests that fit the pool but not the free blocks now):
 - a request is admitted only when its whole prompt fits the free blocks, after dropping idle
@@ -108,6 +109,7 @@ class Scheduler:
         decoding = sum(1 for r in self.running if r.num_computed_tokens >= r.prompt_len)
         if decoding and self.cfg.enable_chunked_prefill:
             cap = self.cfg.max_step_tokens_while_decoding * self._prefill_shares(len(self.running) - decoding)
+            cap = min(cap, max(self.cfg.max_step_tokens_while_decoding, self.cfg.max_prefill_tokens_while_decoding))
             self._prefill_left = min(budget, max(MIN_PREFILL_TOKENS, cap - decoding))
         else:
             self._prefill_left = budget
