@@ -36,3 +36,16 @@ if [ "${PART:-1}" = 2 ]; then
     timeout 150 python3 tools/gpu_step_timeline.py $args 2>&1 | grep -v -i warn | tee -a $OUT/timeline.txt | grep -E "^rep|steps:" | tee -a $OUT/log.txt
   done
 fi
+# PART=3: with the submit lock: the bursts in-thread and in an engine process, a larger prefill
+# ceiling, the interference, bench serve
+if [ "${PART:-1}" = 3 ]; then
+  run $LOAD --mix text --clients 32,64 --json $OUT/text.json
+  run $LOAD --mix text --clients 32,64 --engine-process --json $OUT/text_process.json
+  run $LOAD --mix video8 --clients 32 --json $OUT/video8.json
+  run $LOAD --mix video8 --clients 32 --max-prefill-tokens-while-decoding 4096 --json $OUT/video8_ceiling4096.json
+  run $LOAD --mix text --clients 32,64 --max-prefill-tokens-while-decoding 4096 --json $OUT/text_ceiling4096.json
+  run bench concurrency --model-config 3b --size 448 --new-tokens 64 --interference-only --interference-clients 16 --interference-tokens 128 --interference-frames 64 --json $OUT/interference.json
+  echo "### bench serve" | tee -a $OUT/log.txt
+  timeout -k 10 200 python3 -m omnistream.entrypoints.cli bench serve --model-config 3b --device cuda --clients 32 --new-tokens 64 --json $OUT/serve.json 2>&1 | grep -v -i warn | tail -32 | tee -a $OUT/log.txt
+fi
+

@@ -156,7 +156,8 @@ class Session:
         ask() and ask_stream() are this; a server uses it to stream without a thread."""
         self._turn.acquire()
         try:
-            turn, handle = self._submit(question, sampling, return_logits, logprobs)
+            with self.engine.submit_lock:  # builds one at a time: the first queued soonest (api.Engine)
+                turn, handle = self._submit(question, sampling, return_logits, logprobs)
         except BaseException:
             self._turn.release()
             raise
