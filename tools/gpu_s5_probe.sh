@@ -49,3 +49,10 @@ if [ "${PART:-1}" = 3 ]; then
   timeout -k 10 200 python3 -m omnistream.entrypoints.cli bench serve --model-config 3b --device cuda --clients 32 --new-tokens 64 --json $OUT/serve.json 2>&1 | grep -v -i warn | tail -32 | tee -a $OUT/log.txt
 fi
 
+# PART=4: vision graphs for short clips (grid (4, 32, 32)): bit-identical check, video8 burst
+if [ "${PART:-1}" = 4 ]; then
+  echo "### vision graph check" | tee -a $OUT/log.txt
+  timeout 120 python3 tools/gpu_vision_graph_check.py 2>&1 | grep -v -i warn | tail -5 | tee -a $OUT/log.txt
+  run $LOAD --mix video8 --clients 32 --json $OUT/video8.json
+  run $LOAD --mix video8 --clients 32 --engine-process --json $OUT/video8_process.json
+fi

@@ -2,10 +2,13 @@
 
 A live camera encodes one 2-frame patch of the same size at every step. Eagerly that is ~1000
 kernel launches (32 blocks), ~35 ms of host time on an H100 machine for ~3 ms of GPU work.
-The second time a single-patch grid (1, h, w) is seen, its forward is captured with static
-input and output buffers and replayed from then on. Only that shape: runs of several missing
-patches (grids (k, h, w), varying k) would make the few kept graphs evict each other and be
-captured again and again, and their GPU time hides the launch cost anyway. Replays compute exactly the eager function
+The second time an item's grid (k, h, w) of at most MAX_PATCHES patches is seen, its forward is
+captured with static input and output buffers and replayed from then on: a live camera's
+2-frame patch (1, h, w), and the short clips of many users asking at once (32 clients with
+8-frame 448x448 clips: grid (4, 32, 32), one per step while others decode, ~40 ms of a step
+eagerly on the H200 host). A grid must recur to be captured, so varying runs of a long clip's
+patches do not make the few kept graphs evict each other; larger inputs' GPU time hides the
+launch cost anyway. Replays compute exactly the eager function
 (same kernels, same layout); the output is copied out of the static buffer. A few grid lists
 are kept (least recently used out).
 """
@@ -16,8 +19,8 @@ from collections import OrderedDict
 
 import torch
 
-MAX_PATCHES = 2048  # larger inputs run eagerly: their GPU time hides the launch cost
-MAX_GRAPHS = 2  # each keeps its activations (~50 MB for one 448x448 patch)
+MAX_PATCHES = 4096  # larger inputs run eagerly: their GPU time hides the launch cost
+MAX_GRAPHS = 2  # each keeps its activations (~50 MB for one 448x448 2-frame patch, ~200 MB at MAX_PATCHES)
 
 
 class _Captured:
@@ -51,7 +54,7 @@ class VisionGraphs:
         """(P, 1176) pixels on the device, in the tower's dtype -> embeddings, or None when this
         input should run eagerly (first sighting of its grids, or too large)."""
         key = (tuple(tuple(g) for g in grids), pixels.dtype)
-        if len(grids) != 1 or grids[0][0] != 1 or pixels.shape[0] > MAX_PATCHES:
+        if len(grids) != 1 or pixels.shape[0] > MAX_PATCHES:
             return None
         cap = self.graphs.get(key)
         if cap is None:
