@@ -849,7 +849,9 @@ def run_bench_serve(cfg: BenchServeConfig, log=print) -> dict[str, Any]:
                      "live_questions": cfg.live_questions, "live_policy": cfg.live_policy,
                      "engine_options": dict(cfg.engine_options)},
         "server": {"startup_line": server.startup_line, "startup_s": server.startup_s, "exit_code": exit_code,
-                   "stderr_tail": "".join(server.stderr[-20:])},
+                   "stderr_tail": "".join(server.stderr[-20:]),
+                   # a traceback (the engine process's own, say) is not lost behind the access log
+                   "stderr_problems": "".join(line for line in server.stderr if "omnistream.server.access" not in line)[-20000:]},
         "http": http, "in_process": local, "overhead": o, "targets": check_targets(o),
         "answers": equal_answers(http_samples, local_samples),
         "in_process_engine_stats_after": engine_stats,

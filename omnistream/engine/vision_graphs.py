@@ -33,7 +33,10 @@ class _Captured:
             visual(self.input, list(grids), self.layout)
         torch.cuda.synchronize()
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        # thread_local: the engine's other threads (an engine process's receiver pins incoming
+        # media) keep their CUDA calls during a capture; in the default global mode such a call
+        # is refused while any stream captures, and killed the engine process under bench serve
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
             self.output = visual(self.input, list(grids), self.layout)
 
     def run(self, pixels: torch.Tensor) -> torch.Tensor:
