@@ -29,6 +29,11 @@ class UnknownSessionError(UserInputError):
     """A session id that does not exist (or was closed)."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (docker stop, systemd): a stop the system asked for, handled as Ctrl-C is
+    (graceful, no traceback) but reported as its own: the CLI exits 143 (128 + SIGTERM)."""
+
+
 class EngineError(OmnistreamError):
     """Internal failure of the engine (not caused by the request)."""
 

@@ -189,6 +189,7 @@ def cluster():
         from omnistream.cluster.spec import APP_NAME, ClusterSpec, ReplicaSpec
 
         assert node_address() == "127.0.0.1"
+        assert any(n.startswith("session_") for n in os.listdir(local.temp_dir))  # its own folder, not /tmp/ray
         port = free_port()
         start_serve("127.0.0.1", port)
         spec = ReplicaSpec(model="demo", server=ServerConfig(api_key=KEY))
@@ -196,6 +197,7 @@ def cluster():
                   name=APP_NAME, route_prefix="/")
         yield f"http://127.0.0.1:{port}", local
     assert local.pids == set(), f"Ray processes left behind: {sorted(local.pids)}"
+    assert not os.path.exists(local.temp_dir), "the cluster's session folder was left behind"
 
 
 @pytest.fixture(scope="module")

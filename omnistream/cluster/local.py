@@ -22,7 +22,9 @@ is lost.
 from __future__ import annotations
 
 import os
+import shutil
 import sys
+import tempfile
 import time
 from typing import Any
 
@@ -31,16 +33,31 @@ _LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 
 class LocalRay:
+    """The cluster's session files (sockets, logs) live in a temporary folder of its own,
+    removed when the block ends: under Ray's default, /tmp/ray, every test run and every
+    `serve --replicas` left a session folder behind."""
+
     def __init__(self, num_cpus: float | None = None, num_gpus: float | None = None, **init_options: Any) -> None:
         self.num_cpus, self.num_gpus, self.init_options = num_cpus, num_gpus, init_options
         self.pids: set[int] = set()
+        self.temp_dir: str | None = None
 
     def __enter__(self) -> "LocalRay":
-        start_local_ray(self.num_cpus, self.num_gpus, **self.init_options)
+        # short: Ray's unix socket paths under it must stay within 107 bytes
+        self.temp_dir = self.init_options.pop("_temp_dir", None) or tempfile.mkdtemp(prefix="omray-")
+        try:
+            start_local_ray(self.num_cpus, self.num_gpus, _temp_dir=self.temp_dir, **self.init_options)
+        except BaseException:
+            shutil.rmtree(self.temp_dir, ignore_errors=True)
+            raise
         return self
 
     def __exit__(self, *exc) -> None:
-        self.pids = stop_ray()
+        try:
+            self.pids = stop_ray()
+        finally:
+            if not self.pids:  # a process still alive may still write there
+                shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
 def start_local_ray(num_cpus: float | None = None, num_gpus: float | None = None, **init_options: Any) -> None:

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, TypeVar
 
 from omnistream.engine import ops
-from omnistream.engine.handle import RequestHandle
+from omnistream.engine.handle import PreparedRequest, RequestHandle
 from omnistream.engine.llm_engine import LLMEngine, StepResult
 from omnistream.engine.protocol import EngineRequest, RequestOutput
 from omnistream.engine.request import Request
@@ -86,11 +86,17 @@ class EngineCore:
     def submit(self, spec: EngineRequest) -> RequestHandle:
         """Queues a request; raises BudgetError / UserInputError at once for one that can
         never run (nothing is queued then)."""
+        return self.send(self.prepare(spec))
+
+    def prepare(self, spec: EngineRequest) -> PreparedRequest:
+        """submit()'s build and checks, without queueing (send() queues)."""
         self._check_open()
         req = self.llm.make_request(spec)
-        handle = RequestHandle(req.request_id, self._decode, self.abort)
-        self.add(req, handle)
-        return handle
+        return PreparedRequest(req, RequestHandle(req.request_id, self._decode, self.abort))
+
+    def send(self, prepared: PreparedRequest) -> RequestHandle:
+        self.add(prepared.request, prepared.handle)
+        return prepared.handle
 
     def add(self, req: Request, handle: Any) -> None:
         """Queues a request already built by make_request; `handle` receives its tokens

@@ -16,9 +16,13 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from typing import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
 
 from omnistream.engine.protocol import OutputDelta, RequestOutput, TokenLogprob
+
+if TYPE_CHECKING:
+    from omnistream.engine.request import Request
 
 
 class RequestHandle:
@@ -205,3 +209,15 @@ class _DeltaReader:
             return ""
         text, self.text = full[len(self.text) :], full
         return text
+
+
+@dataclass(frozen=True)
+class PreparedRequest:
+    """A request built and checked (a BudgetError or UserInputError is raised by then) but not
+    queued yet: a core's prepare(), then send(). The build is CPU work that callers do one at a
+    time (api.Engine.submit_lock); the queueing (a socket write to an engine process) need not
+    hold that lock."""
+
+    request: "Request"
+    handle: RequestHandle
+

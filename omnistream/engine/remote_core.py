@@ -36,7 +36,7 @@ from omnistream.config import EngineConfig
 from omnistream.engine.build import ModelRecipe
 from omnistream.engine.core import EngineLoad, shorten_switch_interval
 from omnistream.engine.core_process import ChildInfo, ChildSpec
-from omnistream.engine.handle import RequestHandle
+from omnistream.engine.handle import PreparedRequest, RequestHandle
 from omnistream.engine.protocol import EngineRequest, RequestMetrics, RequestOutput
 from omnistream.engine.request_factory import RequestFactory
 from omnistream.engine.wire import SHM_MIN_BYTES, OrderedSender, Wire, remove_leftovers
@@ -119,12 +119,20 @@ class RemoteCore:
     # ------------------------------------------------------------------ client API (any thread)
     def submit(self, spec: EngineRequest) -> RequestHandle:
         """Builds the request here (raises BudgetError / UserInputError at once) and sends it."""
+        return self.send(self.prepare(spec))
+
+    def prepare(self, spec: EngineRequest) -> PreparedRequest:
+        """submit()'s build and checks, without sending (send() sends)."""
         self._check_alive()
         req = self.factory.make_request(spec)
         handle = RequestHandle(req.request_id, self._decode, self.abort)
         with self._lock:
             self._check_alive()
             self._handles[req.request_id] = handle
+        return PreparedRequest(req, handle)
+
+    def send(self, prepared: PreparedRequest) -> RequestHandle:
+        req, handle = prepared.request, prepared.handle
 
         def unsent(e: Exception) -> None:
             with self._lock:

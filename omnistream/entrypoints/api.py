@@ -29,7 +29,7 @@ import torch
 from omnistream.config import EngineConfig
 from omnistream.engine.build import MAX_VISION_PATCHES, ModelRecipe, build_llm, build_model, checkpoint_model  # noqa: F401 - MAX_VISION_PATCHES, build_model: re-exported
 from omnistream.engine.core import EngineCore
-from omnistream.engine.handle import RequestHandle
+from omnistream.engine.handle import PreparedRequest, RequestHandle
 from omnistream.engine.protocol import EngineRequest, RequestOutput
 from omnistream.engine.sampling import SamplingParams
 from omnistream.errors import ConfigError, UnknownSessionError, UserInputError
@@ -74,8 +74,8 @@ class Engine:
         self.session_id_prefix = "s-"
         self._sessions: dict[str, Session] = {}
         self._sessions_lock = threading.Lock()
-        # held while a caller builds and queues a request (sessions hold it over their prompt's
-        # rendering too). Under the interpreter lock, concurrent builds advance round-robin: a
+        # held while a caller builds a request (prepare(); sessions hold it over their prompt's
+        # rendering too), not while it is queued (send()). Under the interpreter lock, concurrent builds advance round-robin: a
         # burst of 64 questions all finished building at ~56 ms (H200 host, 3B), the engine
         # idle until then; one at a time, the first is queued after one build and runs at once
         self.submit_lock = threading.RLock()
@@ -119,8 +119,19 @@ class Engine:
         """Queues one request on the engine loop; the handle streams its output (iterate it, or
         `async for`), `result()` waits for the end. Raises BudgetError at once for a request
         that can never fit."""
+        return self.send(self.prepare(request))
+
+    def prepare(self, request: EngineRequest) -> PreparedRequest:
+        """submit()'s build and checks (raises as submit does), under submit_lock; send()
+        queues what it returns. For callers whose own work before the build should be ordered
+        with it (sessions: their prompt's rendering), holding submit_lock over both."""
         with self.submit_lock:
-            return self.core.submit(request)
+            return self.core.prepare(request)
+
+    def send(self, prepared: PreparedRequest) -> RequestHandle:
+        """Queues a prepared request (outside submit_lock: a socket write to an engine process
+        need not hold up the next caller's build) -> its handle."""
+        return self.core.send(prepared)
 
     def abort(self, request_id: str) -> None:
         self.core.abort(request_id)

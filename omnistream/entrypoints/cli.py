@@ -1,7 +1,8 @@
 """Command line: omnistream ask | demo | stream | serve | profile | bench.
 
 User-input errors (a bad flag value included) print one line (`error: ...`) and exit 2; Ctrl-C
-prints `interrupted` and exits 130; nothing else prints a traceback unless --debug is given.
+prints `interrupted` and exits 130, a SIGTERM to `serve` prints `terminated` and exits 143;
+nothing else prints a traceback unless --debug is given.
 `ask`, `demo`, `stream` and `serve` take every engine option and sampling parameter as a flag
 (entrypoints/options.py).
 """
@@ -18,7 +19,7 @@ from pathlib import Path
 
 from omnistream.entrypoints import options
 from omnistream.entrypoints.progress import Progress
-from omnistream.errors import OmnistreamError, UserInputError
+from omnistream.errors import OmnistreamError, Terminated, UserInputError
 
 DESCRIPTION = """omnistream: multi-turn and live video question answering on Qwen2.5-VL and -Omni.
 
@@ -31,6 +32,7 @@ DESCRIPTION = """omnistream: multi-turn and live video question answering on Qwe
 `omnistream COMMAND --help` lists a command's options."""
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a program ended by Ctrl-C
+EXIT_TERMINATED = 143  # 128 + SIGTERM, what docker and systemd expect of a stopped service
 
 AUDIO_SUFFIXES = {".wav", ".mp3", ".flac", ".ogg", ".oga", ".opus", ".m4a", ".aac"}
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
@@ -287,11 +289,12 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # the user's own stop, not a fault: no traceback
+    except KeyboardInterrupt as e:  # the user's (or the system's) own stop, not a fault: no traceback
         if args is not None and args.debug:
             raise
-        print("interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        terminated = isinstance(e, Terminated)
+        print("terminated" if terminated else "interrupted", file=sys.stderr)
+        return EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

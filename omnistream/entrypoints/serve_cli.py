@@ -4,7 +4,8 @@ Builds the engine, the app (`omnistream.server.app.build_app`) and runs it under
 socket bound here, so the startup line can say where it listens even for `--port 0`. One
 process serves one device (`--device cuda:N`). Ctrl-C stops uvicorn (connections are given
 --shutdown-timeout-s to finish), then the engine is closed; the process exits 130 with
-`interrupted`, no traceback.
+`interrupted`, no traceback; SIGTERM (docker stop, systemd) stops it the same way and exits
+143 with `terminated`.
 
 `--model-config 3b|7b|tiny` serves a random-weight model of that architecture built directly on
 the device (no checkpoint: load tests, `omnistream bench serve`), seeded by --weights-seed.
@@ -25,7 +26,7 @@ import sys
 import time
 
 from omnistream.entrypoints import options
-from omnistream.errors import ConfigError
+from omnistream.errors import ConfigError, Terminated
 
 STARTUP_PREFIX = "omnistream serve: listening on "  # bench serve and the tests read this line
 UVICORN_LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
@@ -87,14 +88,22 @@ def build_engine(args, device: str, dtype: str, engine_options: dict):
 
 
 def serve(app, sock: socket.socket, log_level: str, shutdown_timeout_s: float) -> None:
-    """Runs uvicorn on `sock` until a signal stops it (uvicorn then re-raises SIGINT here)."""
+    """Runs uvicorn on `sock` until a signal stops it, then raises that stop: uvicorn re-raises
+    the signal itself (KeyboardInterrupt for SIGINT, Terminated for SIGTERM, see
+    _stop_on_sigterm), except where its handler is SIG_IGN: a shell's background job ignores
+    SIGINT, and the server then returned as if nothing had happened, exit 0 and no word."""
     import uvicorn
 
     # log_config None: logging stays as the CLI set it (one format); uvicorn's access log is
     # off, the server writes its own line per request with the request id
     config = uvicorn.Config(app, log_config=None, log_level=log_level, access_log=False,
                             timeout_graceful_shutdown=shutdown_timeout_s)
-    _ending_server_class()(config).run(sockets=[sock])
+    server = _ending_server_class()(config)
+    server.run(sockets=[sock])
+    if server.stop_signal == signal.SIGTERM:
+        raise Terminated
+    if server.stop_signal is not None:
+        raise KeyboardInterrupt
 
 
 def _ending_server_class():
@@ -106,7 +115,10 @@ def _ending_server_class():
         [DONE] instead of being cancelled at the end of the graceful period (a traceback in the
         log, a broken chunked response for the client)."""
 
+        stop_signal: int | None = None  # the signal that stopped it
+
         def handle_exit(self, sig, frame) -> None:
+            self.stop_signal = self.stop_signal or sig
             state = getattr(getattr(self.config.app, "state", None), "omni", None)
             loop = getattr(self, "_omni_loop", None)
             if state is not None and loop is not None:
@@ -182,10 +194,10 @@ def server_sampling(args):
 def _stop_on_sigterm() -> None:
     """SIGTERM (docker stop, systemd) stops the server as Ctrl-C does: uvicorn shuts down
     gracefully (open requests get --shutdown-timeout-s), then re-raises the signal here, which
-    becomes a KeyboardInterrupt: sessions and the engine are closed, `interrupted`, exit 130.
-    (The default action would kill the process after uvicorn's shutdown, skipping that.)"""
+    becomes Terminated (a KeyboardInterrupt): sessions and the engine are closed, `terminated`,
+    exit 143. (The default action would kill the process after uvicorn's shutdown, skipping that.)"""
     def stop(signum, frame):
-        raise KeyboardInterrupt
+        raise Terminated
 
     signal.signal(signal.SIGTERM, stop)
 

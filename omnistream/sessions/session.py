@@ -26,7 +26,7 @@ import time
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 from omnistream.cache.prefix_hash import extend_hashes
-from omnistream.engine.handle import RequestHandle
+from omnistream.engine.handle import PreparedRequest, RequestHandle
 from omnistream.engine.protocol import EngineRequest, OutputDelta, RequestOutput, Retain
 from omnistream.engine.sampling import SamplingParams
 from omnistream.errors import UserInputError
@@ -157,13 +157,14 @@ class Session:
         self._turn.acquire()
         try:
             with self.engine.submit_lock:  # builds one at a time: the first queued soonest (api.Engine)
-                turn, handle = self._submit(question, sampling, return_logits, logprobs)
+                turn, prepared = self._prepare(question, sampling, return_logits, logprobs)
+            handle = self.engine.send(prepared)
         except BaseException:
             self._turn.release()
             raise
         return PendingAnswer(handle, lambda res: self._commit(turn, res), self._turn.release)
 
-    def _submit(self, question: str, sampling: SamplingParams | None, return_logits: bool, logprobs: int | None) -> tuple[tuple, RequestHandle]:
+    def _prepare(self, question: str, sampling: SamplingParams | None, return_logits: bool, logprobs: int | None) -> tuple[tuple, PreparedRequest]:
         self._check_open()
         asked = time.perf_counter()  # TTFT counts from the question; media was ingested at add_*()
         user = {"role": "user", "content": self._pending_parts + [{"type": "text", "text": question}]}
@@ -179,7 +180,7 @@ class Session:
             cache_salt=self.tenant, known_hashes=self._names, known_positions=positions, retain=Retain(self.id, self.kv_budget_tokens),
             return_logits=return_logits, logprobs=logprobs, arrival=asked, media_decode_s=decode_s, preprocess_s=preprocess_s,
         )
-        return (user, new_ids, new_media, positions), self.engine.submit(spec)
+        return (user, new_ids, new_media, positions), self.engine.prepare(spec)
 
     def _commit(self, turn: tuple, result: RequestOutput) -> RequestOutput:
         """The answer joins the conversation: its ids, then the template's end of turn."""
