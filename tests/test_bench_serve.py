@@ -11,7 +11,8 @@ import sys
 
 import pytest
 
-from omnistream.bench.serve import FOLLOWUP, Sample, overhead, parse_mix, summarize
+from omnistream.bench.serve_stats import overhead, summarize
+from omnistream.bench.serve_workload import FOLLOWUP, Sample, parse_mix
 from omnistream.entrypoints.cli import main
 
 ARGS = ["bench", "serve", "--model-config", "tiny", "--device", "cpu", "--clients", "3", "--requests", "6",
@@ -163,7 +164,8 @@ def test_mixed_printed_rows(mixed, capsys):
 
 def test_live_script_and_fast_answers_not_compared():
     """The live schedule: question k after its share of the frames; `fast` answers are timing-dependent."""
-    from omnistream.bench.serve import _cuts, equal_answers
+    from omnistream.bench.serve_stats import equal_answers
+    from omnistream.bench.serve_workload import _cuts
 
     assert _cuts(6, 2) == [3, 6] and _cuts(16, 3) == [5, 11, 16] and _cuts(2, 2) == [1, 2]
     http = [Sample(0, "live", text="a", turn=0, exact=False), Sample(0, "live", text="b", turn=1, exact=False),

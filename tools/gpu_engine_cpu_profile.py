@@ -10,7 +10,9 @@ import sys
 import time
 
 from omnistream.bench.models import make_engine
-from omnistream.bench.serve import _tokenizer_for, engine_phase, make_workload
+from omnistream.bench.serve import _tokenizer_for
+from omnistream.bench.serve_local import engine_phase
+from omnistream.bench.serve_workload import make_workload
 from omnistream.engine.sampling import SamplingParams
 
 import os
