@@ -34,6 +34,7 @@ from omnistream.errors import (
     UnknownSessionError,
     UserInputError,
 )
+from omnistream.server import validation
 
 log = logging.getLogger(__name__)
 
@@ -143,22 +144,22 @@ async def _on_api_error(request: Request, exc: Exception) -> JSONResponse:
 
 async def _on_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
     """pydantic's list of problems -> one 400 naming each bad field (the first one as `param`)."""
-    problems, param = [], None
-    for e in exc.errors():
-        loc = [str(p) for p in e.get("loc", ()) if p != "body"]
-        if e.get("type") == "json_invalid":
-            return _respond(BadRequest(f"invalid JSON body: {e.get('ctx', {}).get('error', e.get('msg'))}",
-                                       code="invalid_json"))
-        where = ".".join(loc)
-        if not where and e.get("type") in ("model_attributes_type", "dict_type", "model_type"):
+    errors = exc.errors()
+    invalid = next((e for e in errors if e.get("type") == "json_invalid"), None)
+    if invalid is not None:
+        return _respond(BadRequest(f"invalid JSON body: {invalid.get('ctx', {}).get('error', invalid.get('msg'))}",
+                                   code="invalid_json"))
+    texts, param = [], None
+    for where, message, kind in validation.problems(errors, skip=("body",)):
+        if not where and kind in ("model_attributes_type", "dict_type", "model_type"):
             return _respond(BadRequest("the request body must be a JSON object (Content-Type: application/json)",
                                        code="invalid_json"))
         param = param or where or None
-        if e.get("type") == "extra_forbidden":
-            problems.append(f"unknown or unsupported field {where!r}")
+        if kind == "extra_forbidden":
+            texts.append(f"unknown or unsupported field {where!r}")
         else:
-            problems.append(f"{where}: {e.get('msg')}" if where else str(e.get("msg")))
-    return _respond(BadRequest("; ".join(problems) or "invalid request", param=param, code="invalid_request"))
+            texts.append(f"{where}: {message}" if where else message)
+    return _respond(BadRequest("; ".join(texts) or "invalid request", param=param, code="invalid_request"))
 
 
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}

@@ -44,6 +44,7 @@ from omnistream.errors import EngineError, MediaError, UserInputError
 from omnistream.media.frame_memory import FrameMemoryConfig
 from omnistream.media.image import load_image
 from omnistream.server.auth import accepted_subprotocol, tenant_for
+from omnistream.server import validation
 from omnistream.server.errors import TooLarge, as_api_error
 from omnistream.server.session_registry import Entry, registry_of
 from omnistream.server.sessions_api import start_in_thread
@@ -595,11 +596,8 @@ def _model(cls: type[BaseModel], value: Any, param: str) -> BaseModel:
 
 
 def _validation_message(exc: ValidationError) -> str:
-    problems = []
-    for e in exc.errors():
-        where = ".".join(str(p) for p in e.get("loc", ()))
-        problems.append(f"unknown field {where!r}" if e.get("type") == "extra_forbidden" else f"{where}: {e.get('msg')}")
-    return "; ".join(problems)
+    return "; ".join(f"unknown field {where!r}" if kind == "extra_forbidden" else f"{where}: {message}"
+                     for where, message, kind in validation.problems(exc.errors()))
 
 
 def _cancel(r: Response) -> None:
