@@ -434,4 +434,10 @@ def test_server_stop_ends_live_answers_with_their_response_done(engine):
         _, done = c.until("response.done")
         assert done["response"]["status"] == "cancelled"
         assert done["response"]["status_details"]["reason"] == "server_shutting_down"
+        # then the documented end: session_expired, and a close with 1001 (going away); it was
+        # uvicorn's 1012 and no event (a fresh-clone trial)
+        _, err = c.until("error")
+        assert err["error"]["code"] == "session_expired" and "shutting down" in err["error"]["message"], err
+        opcode, data = c.ws.recv_data(control_frame=True)
+        assert opcode == websocket.ABNF.OPCODE_CLOSE and struct.unpack("!H", data[:2])[0] == 1001
         c.close()

@@ -46,6 +46,7 @@ from omnistream.models.interface import MultimodalLM
 log = logging.getLogger(__name__)
 
 _STARTUP_POLL_S = 0.5
+_STARTUP_GRACE_S = 1.0  # a child whose build failed exits by itself within this; else it is killed
 # an operation the engine process has not answered in this long is given up (a stopped or stuck
 # child must not hang a server's shutdown or its /metrics; a loop between steps answers in ms)
 OP_TIMEOUT_S = 30.0
@@ -103,7 +104,7 @@ class RemoteCore:
         try:
             self.info = self._wait_ready()
         except BaseException:
-            self._stop_process(5.0)
+            self._stop_starting()
             conn.close()
             raise
         self.factory = RequestFactory(model, cfg, self.info.num_blocks)
@@ -296,6 +297,16 @@ class RemoteCore:
             return self.process.wait(timeout)
         except subprocess.TimeoutExpired:
             return None
+
+    def _stop_starting(self) -> None:
+        """A startup that failed or was interrupted (Ctrl-C during the load): the child holds
+        nothing worth a graceful stop, and while it builds it cannot read a `close` (and it
+        ignores SIGINT and SIGTERM, see core_process.py). A short grace for one exiting on its
+        own (its build raised), then SIGKILL. It used to wait 5 s, terminate, wait 5 s more:
+        a Ctrl-C during the load took 10.6 s and printed a warning (a fresh-clone trial)."""
+        if self._exit_code(_STARTUP_GRACE_S) is None:
+            self.process.kill()
+            self.process.wait()
 
     def _stop_process(self, timeout: float) -> None:
         p = self.process

@@ -29,6 +29,7 @@ from omnistream.entrypoints import options
 from omnistream.errors import ConfigError, Terminated
 
 STARTUP_PREFIX = "omnistream serve: listening on "  # bench serve and the tests read this line
+SHUTDOWN_CLOSE_WAIT_S = 5.0  # for live sockets to say session_expired and close at a stop signal
 UVICORN_LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 ACCESS_LOGGER = "omnistream.server.access"
 
@@ -130,6 +131,18 @@ def _ending_server_class():
 
             self._omni_loop = asyncio.get_running_loop()
             await super().startup(sockets=sockets)
+
+        async def shutdown(self, sockets=None) -> None:
+            """Before uvicorn closes the connections (a live socket would get 1012 and no
+            event), what begin_shutdown started ends: live sockets say session_expired and
+            close with 1001."""
+            import asyncio
+
+            state = getattr(getattr(self.config.app, "state", None), "omni", None)
+            tasks = list(getattr(state, "shutdown_tasks", ()))
+            if tasks:
+                await asyncio.wait(tasks, timeout=SHUTDOWN_CLOSE_WAIT_S)
+            await super().shutdown(sockets=sockets)
 
     return EndingServer
 

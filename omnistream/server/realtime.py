@@ -198,23 +198,41 @@ class RealtimeConnection:
         self._events = 0
         self._closing = False
         self.shutting_down = False  # the server stops (end_for_shutdown)
+        self._loop: asyncio.AbstractEventLoop | None = None  # the socket's, once run() started
         state.on_shutdown.add(self)
 
     def __hash__(self) -> int:  # held in ServerState.on_shutdown (a WeakSet): by identity
         return id(self)
 
     def end_for_shutdown(self) -> None:
-        """The server stops: answers in flight end now, each with its response.done (cancelled,
-        reason server_shutting_down), before the server closes the socket."""
+        """The server stops (any thread): answers in flight end now, each with its
+        response.done (cancelled, reason server_shutting_down), then the socket says
+        session_expired and closes with 1001 (going away). Before, uvicorn's shutdown closed
+        it with 1012 and no event (a fresh-clone trial); the server waits for this close
+        (ServerState.shutdown_tasks) before its own."""
         self.shutting_down = True
         for r in list(self.responses.values()):
             _cancel(r)
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._start_shutdown_close)
+
+    def _start_shutdown_close(self) -> None:
+        task = asyncio.ensure_future(self._close_for_shutdown())
+        self.state.shutdown_tasks.add(task)
+        task.add_done_callback(self.state.shutdown_tasks.discard)
+
+    async def _close_for_shutdown(self) -> None:
+        if self._closing:
+            return
+        await asyncio.gather(*(r.task for r in list(self.responses.values()) if r.task is not None), return_exceptions=True)
+        await self._expire("the server is shutting down")
 
     @property
     def live(self) -> LiveSession:
         return self.entry.session
 
     async def run(self) -> None:
+        self._loop = asyncio.get_running_loop()
         await self.ws.accept(subprotocol=accepted_subprotocol(self.ws))
         model = self.ws.query_params.get("model")
         if model is not None and model != self.state.model_name:
@@ -530,10 +548,12 @@ class RealtimeConnection:
                 **asdict(self.config), **audio, "max_questions_in_flight": self.state.config.max_live_questions_in_flight}
 
     # ------------------------------------------------------------------ the end
-    async def _expire(self) -> None:
-        """The registry's close (TTL, server shutdown): end the socket; run() cleans up."""
-        await self._send_error(EventError("session closed by the server (idle past its TTL, or shutting down)",
-                                          "session_expired"))
+    async def _expire(self, why: str = "idle past its TTL, or the server is shutting down") -> None:
+        """The registry's close (TTL, server shutdown) or the server's stop: end the socket;
+        run() cleans up."""
+        if self._closing:
+            return
+        await self._send_error(EventError(f"session closed by the server ({why})", "session_expired"))
         self._closing = True
         try:
             await self.ws.close(code=1001)

@@ -30,6 +30,9 @@ class ServerState:
     shutting_down: bool = False  # begin_shutdown() was called: in-flight answers end now
     # what to end at shutdown (chat: each in-flight job's `end_for_shutdown`), weakly held
     on_shutdown: "weakref.WeakSet" = field(default_factory=lambda: weakref.WeakSet())
+    # tasks begin_shutdown started that the server waits for before closing connections (live
+    # sockets saying session_expired and closing with 1001)
+    shutdown_tasks: set = field(default_factory=set)
 
     def begin_shutdown(self) -> None:
         """The server is stopping (a signal): answers in flight end at once, each with a
