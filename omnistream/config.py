@@ -56,9 +56,9 @@ class SchedulerConfig:
     max_prefill_tokens_while_decoding: int = 1024
 
     def __post_init__(self) -> None:
-        if min(self.max_num_batched_tokens, self.max_num_seqs, self.max_step_tokens_while_decoding, self.max_prefill_tokens_while_decoding) < 1:
-            raise ConfigError("max_num_batched_tokens, max_num_seqs, max_step_tokens_while_decoding and "
-                              "max_prefill_tokens_while_decoding must be positive")
+        for name in ("max_num_batched_tokens", "max_num_seqs", "max_step_tokens_while_decoding", "max_prefill_tokens_while_decoding"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if self.prefill_cap_scope not in PREFILL_CAP_SCOPES:
             raise ConfigError(f"prefill_cap_scope must be one of {', '.join(PREFILL_CAP_SCOPES)}, got {self.prefill_cap_scope!r}")
 

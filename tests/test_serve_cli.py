@@ -362,7 +362,8 @@ def test_ask_passes_engine_options_to_the_engine(tiny_model_dir, tmp_path, capsy
     (["ask", "x.mp4", "q", "--encoder-cache-bytes", "2 potatoes"], "argument --encoder-cache-bytes: expected bytes"),
     (["serve", "--model", "demo", "--port", "http"], "argument --port: expected an integer, got 'http'"),
     (["serve", "--model", "demo", "--log-level", "loud"], "argument --log-level: invalid choice: 'loud'"),
-    (["ask", "x.mp4", "q", "--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+    (["ask", "x.mp4", "q", "--no-such-flag"], "unrecognized arguments: --no-such-flag (see: omnistream ask --help)"),
+    (["bench", "concurrency", "--no-such-flag"], "unrecognized arguments: --no-such-flag (see: omnistream bench concurrency --help)"),
 ])
 def test_bad_flag_value_is_one_line(argv, expected, capsys):
     with pytest.raises(SystemExit) as info:
@@ -373,11 +374,14 @@ def test_bad_flag_value_is_one_line(argv, expected, capsys):
 
 
 @pytest.mark.parametrize(("argv", "expected"), [
-    (["serve", "--model", "demo", "--port", "70000"], "port must be 0..65535, got 70000"),
-    (["serve", "--model", "demo", "--max-sessions", "0"], "max_sessions must be positive, got 0"),
-    (["serve", "--model", "demo", "--block-size", "3"], "block_size must be a power of two, got 3"),
-    (["serve", "--model", "demo", "--top-p", "0"], "top_p must be a number in (0, 1], got 0.0"),
-    (["serve", "--model", "demo", "--allowed-media-path", "/no/such/dir"], "allowed_media_path /no/such/dir: not a directory"),
+    (["serve", "--model", "demo", "--port", "70000"], "--port must be 0..65535, got 70000"),
+    (["serve", "--model", "demo", "--max-sessions", "0"], "--max-sessions must be positive, got 0"),
+    (["serve", "--model", "demo", "--block-size", "3"], "--block-size must be a power of two, got 3"),
+    (["serve", "--model", "demo", "--top-p", "0"], "--top-p must be a number in (0, 1], got 0.0"),
+    (["serve", "--model", "demo", "--allowed-media-path", "/no/such/dir"], "--allowed-media-path /no/such/dir: not a directory"),
+    (["ask", "x.mp4", "q", "--prefill-cap-scope", "bogus"], "--prefill-cap-scope must be one of per_request, per_step, got 'bogus'"),
+    (["ask", "x.mp4", "q", "--max-prefill-tokens-while-decoding", "0"], "--max-prefill-tokens-while-decoding must be positive, got 0"),
+    (["ask", "x.mp4", "q", "--kv-cache-tokens", "10"], "--kv-cache-tokens must hold at least one block"),
     (["serve"], "give --model DIR"),
     (["ask", "x.mp4", "q", "--memory-budget-gib", "-1"], "--memory-budget-gib must be positive"),
     (["ask", "x.mp4", "q", "--memory-budget-gib", "1", "--memory-budget-bytes", "1GiB"], "not both"),

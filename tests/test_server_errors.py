@@ -172,7 +172,26 @@ def test_unknown_model_route_and_session(client, base_url):
 
 
 def test_context_length_exceeded(client):
-    assert rejected(client, 400, max_tokens=10_000_000)["code"] == "context_length_exceeded"
+    body = rejected(client, 400, max_tokens=10_000_000)
+    assert body["code"] == "context_length_exceeded"
+    # named as sent (it said max_new_tokens, param null: a fresh-clone trial)
+    assert body["param"] == "max_tokens" and body["message"].startswith("max_tokens 10000000 + the prompt's"), body
+    body = rejected(client, 400, max_completion_tokens=10_000_000)
+    assert body["param"] == "max_completion_tokens" and body["code"] == "context_length_exceeded"
+
+
+def test_small_mistakes_in_messages_are_named(client):
+    """Found by a fresh-clone trial: an empty url read as a local path (403 local media files are
+    disabled), a user message without content was an empty turn (200), a data URL of text said
+    PIL's `cannot identify image file the data`."""
+    body = rejected(client, 400, content=[{"type": "image_url", "image_url": {"url": ""}}])
+    assert body["code"] == "invalid_url" and "image_url is empty" in body["message"], body
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": None}], max_tokens=2)
+    assert "a user message needs a content" in info.value.body["message"], info.value.body
+    text = "data:image/png;base64," + base64.b64encode(b"hello, not an image").decode()
+    body = rejected(client, 400, content=[{"type": "image_url", "image_url": {"url": text}}])
+    assert body["code"] == "invalid_media" and body["message"].endswith("(PNG, JPEG, WEBP, GIF, BMP, TIFF)"), body
 
 
 # --------------------------------------------------------------------------------- media

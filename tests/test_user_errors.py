@@ -162,7 +162,7 @@ def test_sampling_params_every_bad_field_and_good_ones():
 def test_max_new_tokens_zero_names_the_field(tiny_model_dir, clip, capsys):
     assert _ask(clip, tiny_model_dir, "--device", "cpu", "--max-new-tokens", "0") == 2
     line = _one_error_line(capsys)
-    assert "max_new_tokens must be an integer >= 1, got 0" in line and "SamplingParams(" not in line, line
+    assert "--max-new-tokens must be an integer >= 1, got 0" in line and "SamplingParams(" not in line, line
 
 
 # ------------------------------------------------------------------ 5. Ctrl-C
@@ -306,4 +306,7 @@ def test_ask_checks_its_file_and_rates_before_loading_a_model(tmp_path, capsys, 
     assert main(["ask", str(clip), "What?", "--device", "cpu", "--fps", "0"]) == 2
     assert "--fps must be positive" in _one_error_line(capsys)
     assert main(["ask", str(clip), "What?", "--device", "cpu", "--nframes", "0"]) == 2
-    assert "--nframes must be at least 1" in _one_error_line(capsys)
+    assert "--nframes must round to an even count in [2, 768], got 0" in _one_error_line(capsys)
+    # before the model loads (no_model would fail the test), named as the flag (a fresh-clone trial)
+    assert main(["ask", str(clip), "What?", "--device", "cpu", "--nframes", "1000"]) == 2
+    assert "--nframes must round to an even count in [2, 768], got 1000" in _one_error_line(capsys)

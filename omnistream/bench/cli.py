@@ -63,7 +63,7 @@ def add_bench_commands(sub, add_model_args) -> None:
     prof.set_defaults(func=_run("profile"))
 
     bench = sub.add_parser("bench", help="benchmarks: omnistream vs transformers on the same inputs")
-    bsub = bench.add_subparsers(dest="bench_cmd", required=True)
+    bsub = bench.add_subparsers(dest="bench_cmd", required=True, metavar="BENCHMARK")
     lat = bsub.add_parser("latency", help="vision encode, TTFT, decode ms/token, peak memory vs transformers")
     _add_workload_args(lat, add_model_args, frames=64, size=448, new_tokens=64)
     lat.add_argument("--repeats", type=_positive, default=3, help="measured requests per system (median)")

@@ -631,7 +631,7 @@ def print_table(r: dict, out=None) -> None:
 
 def cmd_concurrency(args) -> int:
     from omnistream.entrypoints.cli import _default_device
-    from omnistream.entrypoints.options import engine_options
+    from omnistream.entrypoints.options import check_engine_options, engine_options
 
     if args.new_tokens < 2:
         raise SystemExit("error: --new-tokens must be >= 2 (inter-token latency needs two tokens)")
@@ -640,10 +640,12 @@ def cmd_concurrency(args) -> int:
     mixes = [] if args.interference_only else parse_mixes(args.mix)
     if not mixes and args.interference_clients < 1:
         raise SystemExit("error: nothing to run (--interference-only with --interference-clients 0)")
-    report = run_concurrency(model_arg(args), _default_device(args.device), args.dtype, parse_clients(args.clients), mixes, args.size,
+    device, opts = _default_device(args.device), engine_options(args)
+    check_engine_options(device, args.dtype, opts)  # a bad flag before any model is built, named as the flag
+    report = run_concurrency(model_arg(args), device, args.dtype, parse_clients(args.clients), mixes, args.size,
                              args.context_tokens, args.new_tokens, args.arrival, args.rate, args.baseline_requests,
                              args.interference_clients, args.interference_tokens, args.interference_frames, args.warmup_clients,
-                             args.seed, engine_opts=engine_options(args))
+                             args.seed, engine_opts=opts)
     print_report(report)
     write_json(report, args.json)
     return 0

@@ -92,8 +92,12 @@ def _check_media_args(path: str, fps: float | None, nframes: int | None) -> None
         raise MediaError(f"{path} is a directory, not a media file")
     if fps is not None and not fps > 0:
         raise UserInputError(f"--fps must be positive, got {fps:g}")
-    if nframes is not None and nframes < 1:
-        raise UserInputError(f"--nframes must be at least 1, got {nframes}")
+    if nframes is not None:
+        from omnistream.media.resize import FPS_MAX_FRAMES, FRAME_FACTOR, round_by_factor
+
+        if not FRAME_FACTOR <= round_by_factor(nframes, FRAME_FACTOR) <= FPS_MAX_FRAMES:
+            # checked here, before the model loads (the sampler said it after the load, unnamed)
+            raise UserInputError(f"--nframes must round to an even count in [2, {FPS_MAX_FRAMES}], got {nframes}")
 
 
 def media_part(path: str, fps: float | None, nframes: int | None, max_pixels: int | None,
@@ -238,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    + ", ".join(sorted(s.lstrip(".") for s in AUDIO_SUFFIXES)) + ")")
     ask.add_argument("question")
     ask.add_argument("--fps", type=float, default=None, help=f"frames sampled per second of video (default: {FPS:g})")
-    ask.add_argument("--nframes", type=int, default=None, help="sample exactly this many frames instead (default: by --fps)")
+    ask.add_argument("--nframes", type=int, default=None, help="sample this many frames instead, at most the clip's own (default: by --fps)")
     ask.add_argument("--max-pixels", type=int, default=None, help="largest image/frame area after resizing, in pixels (default: the processor's)")
     ask.add_argument("--audio-in-video", action="store_true",
                      help="also hear the video's audio track, interleaved with its frames (a Qwen2.5-Omni model)")
@@ -276,12 +280,28 @@ def _compile_cache_out_of_tmp() -> None:
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache)
 
 
+def _command_prog(parser: argparse.ArgumentParser, argv: list[str]) -> str:
+    """The prog of the (sub)command argv names: `omnistream bench serve`."""
+    for token in argv:
+        if token.startswith("-"):
+            continue
+        sub = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+        if sub is None or token not in sub.choices:
+            break
+        parser = sub.choices[token]
+    return parser.prog
+
+
 def main(argv: list[str] | None = None) -> int:
     args = None
     try:
         _compile_cache_out_of_tmp()
         argv = sys.argv[1:] if argv is None else list(argv)
-        args = build_parser().parse_args(options.normalize_argv(argv))
+        parser = build_parser()
+        argv = options.normalize_argv(argv)
+        args, extra = parser.parse_known_args(argv)
+        if extra:  # named by the subcommand's own help, where its flags are (not `omnistream --help`)
+            parser.exit(2, f"error: unrecognized arguments: {' '.join(extra)} (see: {_command_prog(parser, argv)} --help)\n")
         logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
         return args.func(args)
     except OmnistreamError as e:

@@ -17,6 +17,7 @@ import inspect
 import re
 import types
 import typing
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -216,7 +217,17 @@ def _add(group, opt: Option, default: Any, dest_prefix: str, command_default: An
         group.add_argument(opt.flag, dest=dest, type=_parser_for(opt), default=command_default, metavar=_metavar(opt), help=help_text)
 
 
+def _choices(name: str) -> tuple[str, ...] | None:
+    """The values a text option takes, where there is a fixed list (shown in --help)."""
+    from omnistream.config import PREFILL_CAP_SCOPES
+    from omnistream.layers.quant import WEIGHT_QUANT_MODES
+
+    return {"prefill_cap_scope": PREFILL_CAP_SCOPES, "weight_quant": WEIGHT_QUANT_MODES}.get(name)
+
+
 def _metavar(opt: Option) -> str:
+    if _choices(opt.name):
+        return "{" + ",".join(_choices(opt.name)) + "}"
     if opt.name.endswith("_bytes"):
         return "BYTES"
     if opt.name.endswith("_file"):
@@ -259,10 +270,34 @@ def engine_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def check_engine_options(device: str, dtype: str, options: dict[str, Any]) -> None:
-    """Validates the options as the engine will (EngineConfig), before a model is loaded."""
+    """Validates the options as the engine will (EngineConfig), before a model is loaded; the
+    error names the flags (`--prefill-cap-scope`), not the Python fields."""
     from omnistream.config import EngineConfig
+    from omnistream.errors import ConfigError
 
-    EngineConfig.from_kwargs("-", device=device, dtype=dtype, **options)
+    with flag_names(engine_option_list(), extra=("device", "dtype")):
+        EngineConfig.from_kwargs("-", device=device, dtype=dtype, **options)
+
+
+@contextmanager
+def flag_names(option_list: list[Option], extra: tuple[str, ...] = ()):
+    """A ConfigError / UserInputError raised inside names the options' flags, not their fields:
+    `kv_cache_tokens must ...` -> `--kv-cache-tokens must ...` (the CLI's errors name what the
+    user typed; a fresh-clone trial)."""
+    from omnistream.errors import ConfigError, UserInputError
+
+    try:
+        yield
+    except (ConfigError, UserInputError) as e:
+        flags = {o.name: o.flag for o in option_list} | {n: "--" + n.replace("_", "-") for n in extra}
+        raise type(e)(as_flags(str(e), flags)) from None
+
+
+def as_flags(message: str, flags: dict[str, str]) -> str:
+    """Each field name in `message` (a whole word, not already a flag) -> its flag."""
+    for name in sorted(flags, key=len, reverse=True):
+        message = re.sub(rf"(?<![\w-]){re.escape(name)}(?![\w-])", flags[name], message)
+    return message
 
 
 def add_sampling_args(parser: argparse.ArgumentParser, title: str = "sampling options", shown: dict[str, str] | None = None,
@@ -285,7 +320,8 @@ def sampling_params(args: argparse.Namespace):
     """-> SamplingParams (a bad value raises UserInputError naming the field)."""
     from omnistream.engine.sampling import SamplingParams
 
-    return SamplingParams(**sampling_kwargs(args))
+    with flag_names(sampling_option_list()):
+        return SamplingParams(**sampling_kwargs(args))
 
 
 def add_server_args(parser: argparse.ArgumentParser, skip: set[str] = frozenset()) -> None:
@@ -299,7 +335,8 @@ def server_config(args: argparse.Namespace, **overrides: Any):
     """The server flags the user gave -> ServerConfig (validated: ConfigError names the field)."""
     from omnistream.server.config import ServerConfig
 
-    return ServerConfig(**(_given(args, SERVER_PREFIX, server_option_list()) | overrides))
+    with flag_names(server_option_list()):
+        return ServerConfig(**(_given(args, SERVER_PREFIX, server_option_list()) | overrides))
 
 
 def normalize_argv(argv: list[str]) -> list[str]:

@@ -201,7 +201,8 @@ def server_sampling(args):
         return None
     from omnistream.engine.sampling import SamplingParams
 
-    return SamplingParams(**(SERVER_SAMPLING | given))
+    with options.flag_names(options.sampling_option_list()):
+        return SamplingParams(**(SERVER_SAMPLING | given))
 
 
 def _stop_on_sigterm() -> None:

@@ -11,6 +11,7 @@ from fastapi.responses import StreamingResponse
 
 from omnistream.engine.sampling import SamplingParams
 from omnistream.errors import BudgetError
+from omnistream.server.errors import BadRequest
 from omnistream.server.openai_protocol import ChatCompletionRequest
 from omnistream.server.state import ServerState
 
@@ -20,10 +21,16 @@ DEFAULT_MAX_TOKENS = 4096  # when the request names none (OpenAI: the model's li
 def max_tokens_for(state: ServerState, body: ChatCompletionRequest, prompt_len: int) -> int:
     """The request's max_tokens; else the server's default (--max-new-tokens) or
     DEFAULT_MAX_TOKENS, within the room the context and the KV pool leave after the prompt."""
-    if body.requested_max_tokens is not None:
-        return body.requested_max_tokens  # over the context: the engine's BudgetError (400)
     engine = state.engine
-    room = min(engine.max_context, engine.kv_pool_tokens) - prompt_len
+    limit = min(engine.max_context, engine.kv_pool_tokens)
+    room = limit - prompt_len
+    if body.requested_max_tokens is not None:
+        n = body.requested_max_tokens
+        if n > room:  # named as the client sent it (the engine's error says max_new_tokens)
+            field = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+            raise BadRequest(f"{field} {n} + the prompt's {prompt_len} tokens exceed the {limit} tokens the model's context and "
+                             f"the KV pool hold: at most {max(room, 0)} here", param=field, code="context_length_exceeded")
+        return n
     if room < 1:
         raise BudgetError(f"the prompt of {prompt_len} tokens leaves no room for an answer "
                           f"(context {engine.max_context} tokens)")

@@ -263,6 +263,8 @@ class MediaResolver:
         return items, time.perf_counter() - t0, False
 
     def _read(self, url: str, kind: str) -> _Source:
+        if not url.strip():  # it read as a local path: "local media files are disabled", a 403
+            raise BadRequest(f"the {kind}_url is empty (a data: URL, a file path or an http(s) URL)", code="invalid_url")
         scheme = urlparse(url).scheme.lower() if "://" in url or url.startswith("data:") else ""
         if scheme == "data":
             data = _data_url_bytes(url)
@@ -306,7 +308,9 @@ class MediaResolver:
                 image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)  # header only, no pixels
         except Image.DecompressionBombError as e:
             raise TooLarge(f"image too large: {e}") from None
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        except UnidentifiedImageError:  # PIL's own text names an in-memory file: nothing to add
+            raise MediaError(f"{src.label} is not an image in a supported format ({', '.join(IMAGE_FORMATS)})") from None
+        except (OSError, ValueError, SyntaxError) as e:
             raise MediaError(f"{src.label} is not an image in a supported format "
                              f"({', '.join(IMAGE_FORMATS)}): {one_line(e)}") from None
         w, h = image.size

@@ -107,9 +107,15 @@ ContentPart = Annotated[TextPart | ImagePart | VideoPart | InputAudioPart | Audi
 
 class Message(_Strict):
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[ContentPart] | None = None
+    content: str | list[ContentPart] | None = None  # None: an assistant message only (as OpenAI)
     name: str | None = None  # accepted, not rendered (the chat template has no names)
     refusal: str | None = None  # an assistant message echoed back by the SDK carries it
+
+    @model_validator(mode="after")
+    def _content_given(self) -> "Message":
+        if self.content is None and self.role != "assistant":  # it rendered as an empty turn
+            raise ValueError(f"a {self.role} message needs a content (a string or a list of parts)")
+        return self
 
 
 class StreamOptions(_Strict):
