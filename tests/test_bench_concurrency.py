@@ -22,7 +22,10 @@ ARGS = ["bench", "concurrency", "--model-config", "tiny", "--device", "cpu", "--
 def test_concurrency_smoke(tmp_path, capsys):
     path = tmp_path / "concurrency.json"
     assert main([*ARGS, "--json", str(path)]) == 0
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
+    # progress on stderr: stdout is the report alone, from its header on (a fresh-clone trial)
+    assert out.startswith("omnistream bench concurrency:") and "warm-up:" in captured.err, out[:200]
     table = out[out.index("W3 summary"):].splitlines()
     rows = {(line.split()[0], line.split()[1]) for line in table[2:] if line.strip() and not line.startswith(" ")}
     assert {("text", "1"), ("text", "4"), ("video8", "1"), ("video8", "4"), ("interference", "2")} <= rows

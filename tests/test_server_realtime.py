@@ -279,6 +279,10 @@ def test_bad_events_get_an_error_and_the_session_goes_on(server):
         assert ev["error"]["message"]
         if isinstance(event_id, str) and event_id.startswith("c"):
             assert ev["error"]["event_id"] == event_id
+    # a validation error names the field at fault in `param` (it was null: a fresh-clone trial)
+    c.send("response.create", response={"max_output_tokens": 0})
+    ev = c.recv()
+    assert ev["error"]["param"] == "max_output_tokens" and ev["error"]["message"].startswith("max_output_tokens: "), ev
     c.frames(frames[2:], t0_ms=3000)  # timestamps after every refused one
     first = c.ask("What now?", max_output_tokens=200)
     c.ask("Too many?")  # over max_live_questions_in_flight (1)

@@ -32,6 +32,7 @@ the same text workload without the clip (its steady decode: from when every stre
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -629,6 +630,11 @@ def print_table(r: dict, out=None) -> None:
             p(f"  {t['target']:<40} {fmt_num(t['value'], scale, 2 if unit == 'x' else 0) + unit:>17}  {target_mark(t['ok'])}")
 
 
+def _progress(line: str) -> None:
+    """Progress while it runs, on stderr: stdout holds the report alone (`> report.txt`)."""
+    print(line, file=sys.stderr, flush=True)
+
+
 def cmd_concurrency(args) -> int:
     from omnistream.entrypoints.cli import _default_device
     from omnistream.entrypoints.options import check_engine_options, engine_options
@@ -645,7 +651,7 @@ def cmd_concurrency(args) -> int:
     report = run_concurrency(model_arg(args), device, args.dtype, parse_clients(args.clients), mixes, args.size,
                              args.context_tokens, args.new_tokens, args.arrival, args.rate, args.baseline_requests,
                              args.interference_clients, args.interference_tokens, args.interference_frames, args.warmup_clients,
-                             args.seed, engine_opts=opts)
+                             args.seed, engine_opts=opts, log=_progress)
     print_report(report)
     write_json(report, args.json)
     return 0

@@ -102,9 +102,15 @@ def _audio_track(args, clip):
     return AudioTrack(audio.samples, audio.sampling_rate, start_s=-float(clip.timestamps[0]))
 
 
-def _check_hears(engine) -> None:
-    if getattr(engine.model, "audio_config", None) is None:
-        raise UserInputError(f"--audio: {Path(engine.model_dir).name} does not take audio "
+def _check_hears(model: str) -> None:
+    """Before the clip's audio is decoded and the model loaded: its config names an audio
+    encoder (a clip without sound said `no audio stream` first, the more useful error second)."""
+    from omnistream.models.demo import builtin_model_dir
+    from omnistream.models.registry import resolve
+
+    model_dir = builtin_model_dir(model)
+    if getattr(resolve(model_dir).read_config(model_dir), "audio", None) is None:
+        raise UserInputError(f"--audio: {Path(model_dir).name} does not take audio "
                              "(a Qwen2.5-Omni checkpoint does, e.g. --model omni-demo)")
 
 
@@ -121,6 +127,8 @@ def cmd_stream(args) -> int:
         raise ConfigError("--compare answers over frames only (transformers' Qwen2.5-VL); leave out --audio or --compare")
     sampling = options.sampling_params(args)  # a bad value names its field
     check_pixel_count("--max-pixels", args.max_pixels)  # the live session would take 0 for "default"
+    if args.audio:
+        _check_hears(args.model)
     if Path(args.video).is_dir():
         raise UserInputError(f"{args.video} is a directory, not a video file")
     if not Path(args.video).is_file():
@@ -149,8 +157,6 @@ def cmd_stream(args) -> int:
     # closing the engine closes the live session and stops the loop thread before the process
     # exits (on Ctrl-C too): left running, it aborted the interpreter at shutdown
     with load_engine(args.model, device, str(dtype).replace("torch.", ""), **engine_options) as engine:
-        if track is not None:
-            _check_hears(engine)
         live = engine.live_session(max_pixels=args.max_pixels, policy=args.policy)
         _play(args, engine, live, hf, frames, stamps, asks, sampling, track)
     return 0

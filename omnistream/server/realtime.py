@@ -527,8 +527,10 @@ class RealtimeConnection:
 
     async def _send_error(self, exc: BaseException, event_id: str | None = None) -> None:
         """An `error` event: OpenAI's shape, plus the client's event_id it answers."""
+        param = getattr(exc, "param", None)
         if isinstance(exc, ValidationError):
             kind, code, message = "invalid_request_error", "invalid_event", _validation_message(exc)
+            param = next((where for where, _, _ in validation.problems(exc.errors()) if where), None)  # the first field at fault
         elif isinstance(exc, EventError):
             kind, code, message = "invalid_request_error", exc.code, str(exc)
         else:
@@ -536,7 +538,7 @@ class RealtimeConnection:
             kind, code, message = err.type, err.code, err.message
         try:
             await self.send({"type": "error", "error": {
-                "type": kind, "code": code, "message": message, "param": getattr(exc, "param", None),
+                "type": kind, "code": code, "message": message, "param": param,
                 "event_id": event_id}})
         except WebSocketDisconnect:
             pass
