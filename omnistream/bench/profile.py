@@ -144,11 +144,11 @@ def print_profile(r: dict, out=None) -> None:
     for name, s in r["stages"].items():
         print(f"{name:<34}{s:>10.4f}{100 * s / total if total else 0:>8.1f}", file=out)
     print(f"{'total':<34}{total:>10.4f}{100.0:>8.1f}", file=out)
-    rate = lambda flops, sec: "n/a" if not sec else f"{flops / sec / 1e12:.1f} TFLOP/s"  # noqa: E731
     w_, floor = r["work"], r["floor"]
-    print(f"vision {w_['vision_flops'] / 1e12:.2f} TFLOP at {rate(w_['vision_flops'], r['vision_s'])}, prefill "
-          f"{w_['prefill_flops'] / 1e12:.2f} TFLOP at {rate(w_['prefill_flops'], r['prefill_s'])} "
-          f"(matmul peak measured here: {floor['matmul_peak_flops_per_s'] / 1e12:.0f} TFLOP/s)", file=out)
+    rate = lambda flops, sec: "n/a" if not sec else _flops(flops / sec) + "/s"  # noqa: E731
+    print(f"vision {_flops(w_['vision_flops'])} at {rate(w_['vision_flops'], r['vision_s'])}, prefill "
+          f"{_flops(w_['prefill_flops'])} at {rate(w_['prefill_flops'], r['prefill_s'])} "
+          f"(matmul peak measured here: {_flops(floor['matmul_peak_flops_per_s'])}/s)", file=out)
     if r["decode_ms_per_token"] is not None:
         share = floor["decode_ms_per_token_with_kv"] / r["decode_ms_per_token"]
         print(f"decode per token: {r['decode_ms_per_token']:.3f} ms; floor {floor['decode_ms_per_token_with_kv']:.3f} ms "
@@ -179,3 +179,11 @@ def cmd_profile(args) -> int:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
         print(f"wrote {args.json}")
     return 0
+
+
+def _flops(x: float) -> str:
+    """In the unit that reads (a tiny model's 0.004 GFLOP printed as 0.00 TFLOP)."""
+    for unit, scale in (("TFLOP", 1e12), ("GFLOP", 1e9), ("MFLOP", 1e6)):
+        if abs(x) >= scale:
+            return f"{x / scale:.1f} {unit}"
+    return f"{x:.0f} FLOP"

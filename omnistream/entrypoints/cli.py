@@ -161,21 +161,22 @@ def load_engine(model: str, device: str, dtype: str, notice: bool = True, **engi
 
 def print_metrics(metrics, out=None) -> None:
     out = out or sys.stdout
+    # (name, value, unit, digits): seconds to the 0.1 ms, rates and sizes to one decimal
     rows = [
-        ("media decode", metrics.media_decode_s, "s"),
-        ("resize/patchify", metrics.preprocess_s, "s"),
-        ("vision encode", metrics.vision_encode_s, "s"),
-        ("prefill", metrics.prefill_s, "s"),
-        ("time to first token", metrics.ttft_s, "s"),
-        ("decode", metrics.decode_tokens_per_s, "tok/s"),
-        ("prompt tokens", metrics.prompt_tokens, ""),
-        ("  of which media", metrics.media_tokens, ""),
-        ("output tokens", metrics.output_tokens, ""),
-        ("peak memory", metrics.peak_memory_bytes / 2**20, "MiB"),
+        ("media decode", metrics.media_decode_s, "s", 4),
+        ("resize/patchify", metrics.preprocess_s, "s", 4),
+        ("vision encode", metrics.vision_encode_s, "s", 4),
+        ("prefill", metrics.prefill_s, "s", 4),
+        ("time to first token", metrics.ttft_s, "s", 4),
+        ("decode", metrics.decode_tokens_per_s, "tok/s", 1),
+        ("prompt tokens", metrics.prompt_tokens, "", 0),
+        ("  of which media", metrics.media_tokens, "", 0),
+        ("output tokens", metrics.output_tokens, "", 0),
+        ("peak memory", metrics.peak_memory_bytes / 2**20, "MiB", 1),
     ]
     print("stage                    value", file=out)
-    for name, value, unit in rows:
-        text = "-" if value is None else (f"{value:.4f}" if isinstance(value, float) else str(value))
+    for name, value, unit, digits in rows:
+        text = "-" if value is None else (f"{value:.{digits}f}" if isinstance(value, float) else str(value))
         print(f"{name:<22} {text:>9} {unit}", file=out)
 
 
