@@ -371,3 +371,26 @@ def test_wire_moves_tensors_exactly(tensor):
     assert got["t"].dtype == tensor.dtype and got["t"].shape == tensor.shape and torch.equal(got["t"], tensor)
     assert got["again"] is got["t"]  # one tensor referenced twice travels once
     assert not glob.glob(f"/dev/shm/omnistream-test-{os.getpid()}-*")
+
+
+@pytest.mark.parametrize("engine_process", [False, True])
+def test_a_burst_counts_as_waiting_at_once(tiny_model_dir, engine_process):
+    """load().waiting counts the requests sent but not yet taken by the loop, beyond the free
+    sequence slots: a server's --max-queued-requests check sees a burst at once (the counters
+    lagged a step: a burst of 100 went through a limit of 10, a fresh-clone trial). One slot,
+    five long requests: four wait, whatever the loop has taken by the time of the read (the
+    read may count one twice while the loop takes it)."""
+    with Engine.from_pretrained(tiny_model_dir, engine_process=engine_process, max_num_seqs=1, **OPTS) as eng:
+        sp = SamplingParams(max_new_tokens=400, ignore_eos=True)
+        handles = [eng.submit(EngineRequest(list(range(20 + i)), [], sp)) for i in range(5)]
+        waiting = eng.core.load().waiting
+        for h in handles:
+            h.abort()
+        for h in handles:
+            assert h.result(timeout=60).finish_reason in ("abort", "length")
+        deadline = time.monotonic() + 30
+        while eng.core.load().waiting and time.monotonic() < deadline:  # the child's report of the aborts
+            time.sleep(0.05)
+        idle = eng.core.load()
+    assert 4 <= waiting <= 5, waiting
+    assert idle.waiting == 0 and idle.running == 0, idle

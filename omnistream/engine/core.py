@@ -27,7 +27,7 @@ import threading
 import time
 import weakref
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, TypeVar
 
 from omnistream.engine import ops
@@ -58,12 +58,22 @@ _SWITCH_INTERVAL_S = 0.0005
 @dataclass(frozen=True)
 class EngineLoad:
     """Cheap counters a client reads without a round trip through the loop (a server's load
-    checks and gauges): read off the loop, so they may lag a step behind."""
+    checks and gauges): read off the loop, so they may lag a step behind, except `waiting`,
+    which also counts the requests sent but not yet seen by the loop beyond the sequence slots
+    that were free (a burst is counted at once: --max-queued-requests let a burst of 100
+    through a limit of 10, a fresh-clone trial)."""
 
-    waiting: int  # requests queued, not yet admitted
+    waiting: int  # requests queued, not yet admitted (see above)
     running: int  # requests admitted (prefilling or decoding)
     kv_blocks_free: int
     vision_tokens_encoded: int  # tokens the vision tower produced so far
+    adds_applied: int = 0  # requests the loop has taken from its inbox so far
+
+    def with_unseen(self, unseen: int, max_num_seqs: int) -> "EngineLoad":
+        """These counters plus `unseen` requests on their way to the loop: those beyond the
+        free sequence slots will wait (KV space is not counted: an estimate from above)."""
+        free = max(0, max_num_seqs - self.running - self.waiting)
+        return replace(self, waiting=self.waiting + max(0, unseen - free))
 
 
 class EngineCore:
@@ -71,6 +81,8 @@ class EngineCore:
         self.llm = llm
         self._decode = decode
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._adds_sent = self._adds_applied = 0  # requests put in the inbox / taken from it (load())
+        self._count_lock = threading.Lock()
         self._handles: dict[str, RequestHandle] = {}  # loop only
         self._closed = False
         self._steps = 0
@@ -103,6 +115,8 @@ class EngineCore:
         (`_push(token, logprob)`) and its end (`_end(RequestOutput)`) from the loop (a
         RequestHandle, or the engine process's forwarder: engine/core_process.py)."""
         self._check_open()
+        with self._count_lock:
+            self._adds_sent += 1
         self._inbox.put(("add", req, handle))
 
     def abort(self, request_id: str) -> None:
@@ -138,10 +152,17 @@ class EngineCore:
         self.post(lambda llm: fn(llm, *args))
 
     def load(self) -> EngineLoad:
+        """counters(), with the requests still in the inbox counted as waiting (EngineLoad)."""
+        load = self.counters()
+        return load.with_unseen(self._adds_sent - load.adds_applied, self.llm.cfg.scheduler.max_num_seqs)
+
+    def counters(self) -> EngineLoad:
+        """The loop's own counters, nothing estimated (what an engine process reports: its
+        parent adds what it sent since)."""
         # lengths read off the loop (atomic in CPython): a round trip would wait for a step
         llm = self.llm
         return EngineLoad(len(llm.scheduler.waiting), len(llm.scheduler.running), llm.blocks.num_free,
-                          llm.runner.vision_tokens_encoded)
+                          llm.runner.vision_tokens_encoded, self._adds_applied)
 
     @property
     def alive(self) -> bool:
@@ -219,6 +240,8 @@ class EngineCore:
                 req.finish_reason, req.error = "error", e
                 handle._end(self._output(req))
                 return
+            finally:  # after the add: a load() in between counts it twice, never not at all
+                self._adds_applied += 1  # the loop's thread only
             self._handles[req.request_id] = handle
         elif kind == "abort":
             req = self.llm.abort(cmd[1])

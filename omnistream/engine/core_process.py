@@ -198,7 +198,7 @@ class _Child:
             events = self.outbox.take()
             if events is None:
                 return
-            load = self.core.load()  # read after the events: it includes their effects
+            load = self.core.counters()  # read after the events: it includes their effects
             try:
                 self.wire.send(("out", events, load))
             except (OSError, EOFError, ValueError):
@@ -220,7 +220,7 @@ class _Child:
             else:
                 fixed.append(ev)
         try:
-            self.wire.send(("out", fixed, self.core.load()))
+            self.wire.send(("out", fixed, self.core.counters()))
         except Exception:  # noqa: BLE001 - nothing more to do: the parent sees its requests hang up at close
             log.exception("engine process: could not send the failure either")
 

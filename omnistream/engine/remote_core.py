@@ -101,6 +101,7 @@ class RemoteCore:
         self._dead: EngineError | None = None  # why nothing can run any more
         self._closing = False
         self._load = EngineLoad(0, 0, 0, 0)  # as of the child's last message
+        self._adds_sent = 0  # requests sent to the child (load(): those it has not taken yet)
         try:
             self.info = self._wait_ready()
         except BaseException:
@@ -144,6 +145,8 @@ class RemoteCore:
 
         # media rows go through shared memory: copied there by the sender thread, not the caller
         heavy = sum(item.pixel_values.nbytes for _, item in req.media) >= SHM_MIN_BYTES
+        with self._lock:
+            self._adds_sent += 1
         self._out.post(("add", req), heavy=heavy, on_error=unsent)
         return handle
 
@@ -183,9 +186,10 @@ class RemoteCore:
 
     def load(self) -> EngineLoad:
         """The child's counters as of its last message (one comes with every step that samples
-        and every end): like the in-thread core's, they lag by up to a step, and a request
-        still on its way to the loop is not counted yet."""
-        return self._load
+        and every end): like the in-thread core's, they lag by up to a step; `waiting` also
+        counts the requests sent since that the child had not taken yet (EngineLoad)."""
+        load = self._load
+        return load.with_unseen(self._adds_sent - load.adds_applied, self.factory.cfg.scheduler.max_num_seqs)
 
     @property
     def is_loop_thread(self) -> bool:
