@@ -360,13 +360,13 @@ def test_disconnect_mid_answer_frees_the_session(server, engine):
 def test_docs_list_every_event_and_error_code():
     import re
 
-    from omnistream.server import realtime
+    from omnistream.server import realtime, realtime_events
 
     doc = (Path(__file__).resolve().parent.parent / "docs" / "realtime.md").read_text()
-    source = Path(realtime.__file__).read_text()
+    source = Path(realtime.__file__).read_text() + Path(realtime_events.__file__).read_text()
     server_events = set(re.findall(r'"type": "([a-z_]+(?:\.[a-z_]+)+|error)"', source))
     assert {"session.created", "response.done", "response.output_text.delta", "error"} <= server_events
-    names = set(realtime.RealtimeConnection._handlers) | server_events | set(realtime.ERROR_CODES)
+    names = set(realtime.RealtimeConnection._handlers) | server_events | set(realtime_events.ERROR_CODES)
     assert not sorted(n for n in names if f"`{n}`" not in doc), "missing from docs/realtime.md"
 
 
@@ -412,7 +412,7 @@ def test_response_sampling_takes_the_server_defaults():
     """A live answer's unset sampling fields take `omnistream serve`'s defaults (as chat
     completions do); set ones win; without defaults it is greedy."""
     from omnistream.engine.sampling import SamplingParams
-    from omnistream.server.realtime import DEFAULT_MAX_OUTPUT_TOKENS, ResponseFields, response_sampling
+    from omnistream.server.realtime_events import DEFAULT_MAX_OUTPUT_TOKENS, ResponseFields, response_sampling
 
     defaults = SamplingParams(temperature=0.7, top_p=0.9, top_k=20, seed=5)
     s = response_sampling(ResponseFields(), defaults)

@@ -74,7 +74,7 @@ async def engine_live(engine, pool: ThreadPoolExecutor, spec: Spec, max_tokens: 
     added, as the server's intake does), its answer streaming in its own task."""
     from omnistream.engine.sampling import SamplingParams
     from omnistream.media.frame_memory import FrameMemoryConfig
-    from omnistream.server.realtime import decode_frame
+    from omnistream.server.realtime_events import decode_frame
 
     plan, samples = spec.live, samples_for(spec)
     loop = asyncio.get_running_loop()
