@@ -47,18 +47,21 @@ class SchedulerConfig:
     max_step_tokens_while_decoding: int = 256
     # what max_step_tokens_while_decoding counts, per_request or per_step: per_request gives one
     # cap to each request in prefill (running mid-prompt, or waiting with a free sequence slot),
-    # so a burst of short prompts joins the running batch in one step and one long prompt (a
-    # clip) still gets one cap per step; per_step gives one cap to the whole step
+    # pooled: the step's prefill takes up to (requests in prefill) x the cap, requests served in
+    # order, so a burst of short prompts joins the running batch in one step (a single long
+    # prompt alone still gets one cap per step); per_step gives one cap to the whole step
     prefill_cap_scope: str = "per_request"
-    # per_request's caps add up to at most this many tokens per step while any sequence decodes:
-    # steps of up to 1024 rows replay as CUDA graphs; a larger mixed step of many short prompts
-    # ran eagerly at ~0.6 s on the H200 (one new kernel plan per sequence and layer)
-    max_prefill_tokens_while_decoding: int = 1024
+    # per_request's pool: a step holds at most this many tokens (decodes included) while any
+    # sequence decodes; unset: the rows of the largest CUDA graph (1024, or 256 under a memory
+    # budget: engine/graph_limits.py), so such steps replay as graphs (a larger mixed step of many
+    # short prompts ran eagerly at ~0.6 s on the H200)
+    max_prefill_tokens_while_decoding: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_num_batched_tokens", "max_num_seqs", "max_step_tokens_while_decoding", "max_prefill_tokens_while_decoding"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"{name} must be positive, got {value}")
         if self.prefill_cap_scope not in PREFILL_CAP_SCOPES:
             raise ConfigError(f"prefill_cap_scope must be one of {', '.join(PREFILL_CAP_SCOPES)}, got {self.prefill_cap_scope!r}")
 

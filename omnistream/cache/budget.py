@@ -17,15 +17,12 @@ from __future__ import annotations
 import torch
 
 from omnistream.config import EngineConfig
+from omnistream.engine.graph_limits import graph_limits
 from omnistream.errors import BudgetError
 from omnistream.layers.quant import dequant_scratch_bytes, saved_bytes
 from omnistream.models.interface import MultimodalLM
 
 CPU_DEFAULT_KV_TOKENS = 65536
-# CUDA-graph memory: row-batch graphs up to 256 rows (activations ~25 MB, split-K scratch 64 MB,
-# in-graph logits of 64 rows ~20 MB) and at most 2 vision graphs of one temporal patch (~50 MB
-# each at 448x448), with allocator rounding
-GRAPH_RESERVE_BYTES = 384 << 20
 
 
 # the smallest pool a budget must leave: 16 blocks (a short prompt and its answer)
@@ -42,7 +39,8 @@ def activation_reserve_bytes(model: MultimodalLM, cfg: EngineConfig, max_encoder
     # 25% headroom: allocator rounding and the transient copies the estimate does not list
     # (measured: the 3B W1 run peaked 0.3% over a 10 GiB budget without it); 8-bit weights
     # add their dequantized temporary (layers/quant.py)
-    return int(1.25 * peak) + dequant_scratch_bytes(model, itemsize) + (GRAPH_RESERVE_BYTES if graphs else 0)
+    graph_bytes = graph_limits(cfg.cache.memory_budget_bytes).reserve_bytes if graphs else 0  # CUDA graphs' memory
+    return int(1.25 * peak) + dequant_scratch_bytes(model, itemsize) + graph_bytes
 
 
 def weight_bytes(model: MultimodalLM, itemsize: int) -> int:

@@ -53,11 +53,9 @@ class LocalRay:
         return self
 
     def __exit__(self, *exc) -> None:
-        try:
-            self.pids = stop_ray()
-        finally:
-            if not self.pids:  # a process still alive may still write there
-                shutil.rmtree(self.temp_dir, ignore_errors=True)
+        self.pids = stop_ray()
+        if not self.pids:  # a process still alive may still write there (and a failed stop raised above)
+            shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
 def start_local_ray(num_cpus: float | None = None, num_gpus: float | None = None, **init_options: Any) -> None:

@@ -19,6 +19,7 @@ import torch
 from omnistream.cache.budget import kv_pool_tokens
 from omnistream.cache.encoder_cache import EncoderCache
 from omnistream.config import EngineConfig
+from omnistream.engine.graph_limits import graph_limits
 from omnistream.engine.llm_engine import LLMEngine
 from omnistream.layers.quant import quantize_model
 from omnistream.models.interface import MultimodalLM
@@ -92,7 +93,8 @@ def build_llm(model: MultimodalLM, cfg: EngineConfig) -> LLMEngine:
     if cfg.cache.encoder_cache_bytes > 0:
         llm.runner.encoder_cache = EncoderCache(cfg.cache.encoder_cache_bytes, cfg.cache.encoder_cache_cpu_bytes)
     if device.type == "cuda" and cfg.cuda_graphs:
-        llm.runner.enable_cuda_graphs(max_context=32768)
+        limits = graph_limits(cfg.cache.memory_budget_bytes)  # smaller under a memory budget (its reserve)
+        llm.runner.enable_cuda_graphs(max_context=32768, max_rows=limits.rows, vision_patches=limits.vision_patches)
     log.info("KV pool: %d blocks of %d tokens (%.2f GiB)", num_blocks, cfg.cache.block_size,
              num_blocks * cfg.cache.block_size * per_token / 2**30)
     return llm

@@ -159,10 +159,12 @@ class EngineCore:
     def counters(self) -> EngineLoad:
         """The loop's own counters, nothing estimated (what an engine process reports: its
         parent adds what it sent since)."""
-        # lengths read off the loop (atomic in CPython): a round trip would wait for a step
-        llm = self.llm
+        # lengths read off the loop (atomic in CPython): a round trip would wait for a step. The
+        # count of adds first: one the loop applies between the reads is then in both counts
+        # (counted twice), never in neither
+        applied, llm = self._adds_applied, self.llm
         return EngineLoad(len(llm.scheduler.waiting), len(llm.scheduler.running), llm.blocks.num_free,
-                          llm.runner.vision_tokens_encoded, self._adds_applied)
+                          llm.runner.vision_tokens_encoded, applied)
 
     @property
     def alive(self) -> bool:

@@ -21,6 +21,7 @@ import torch
 from omnistream.cache.block_manager import BlockManager
 from omnistream.cache.prefix_hash import extend_hashes
 from omnistream.config import EngineConfig
+from omnistream.engine.graph_limits import graph_limits
 from omnistream.engine.model_runner import LaunchedStep, ModelRunner
 from omnistream.engine.protocol import EngineRequest
 from omnistream.engine.request import Request, RequestStatus
@@ -70,7 +71,7 @@ class LLMEngine:
         self.stop_ids = set(model.stop_token_ids)
         self.max_context = model.max_context
         self.blocks = BlockManager(num_blocks, cfg.cache.block_size, cfg.cache.enable_prefix_caching)
-        self.scheduler = Scheduler(cfg.scheduler, self.blocks)
+        self.scheduler = Scheduler(cfg.scheduler, self.blocks, graph_limits(cfg.cache.memory_budget_bytes).rows)
         self.runner = ModelRunner(model, num_blocks, cfg.cache.block_size, self.device, cfg.torch_dtype)
         self.requests: dict[str, Request] = {}  # every request not yet ended, by id
         self.counters = EngineCounters()

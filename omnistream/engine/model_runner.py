@@ -131,9 +131,12 @@ class ModelRunner:
 
     set_decode_backend = set_row_backend  # the earlier name (decodes were the only rows)
 
-    def enable_cuda_graphs(self, max_context: int, max_rows: int | None = None, use_graphs: bool = True) -> None:
-        """Row-batch steps (decodes, chunks of up to max_rows tokens) through DecodeGraphs;
-        use_graphs=False runs the same path without capture (how the CPU tests check it)."""
+    def enable_cuda_graphs(self, max_context: int, max_rows: int | None = None, use_graphs: bool = True,
+                           vision_patches: int | None = None) -> None:
+        """Row-batch steps (decodes, chunks of up to max_rows tokens) through DecodeGraphs, and
+        recurring vision inputs of up to vision_patches patches through VisionGraphs (sizes:
+        engine/graph_limits.py); use_graphs=False runs the row path without capture (how the
+        CPU tests check it)."""
         from omnistream.engine.cuda_graphs import MAX_ROWS, DecodeGraphs
 
         max_blocks = min(self.scratch_block, (max_context + self.block_size - 1) // self.block_size)
@@ -142,7 +145,7 @@ class ModelRunner:
         if use_graphs:
             from omnistream.engine.vision_graphs import VisionGraphs
 
-            self.vision_graphs = VisionGraphs(self.model.media_encoder("video"))
+            self.vision_graphs = VisionGraphs(self.model.media_encoder("video"), vision_patches)
 
     @torch.inference_mode()
     def move_kv(self, src: torch.Tensor, dst: torch.Tensor, chunk: int = 2048) -> None:

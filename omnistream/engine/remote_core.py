@@ -22,6 +22,7 @@ import itertools
 import logging
 import os
 import pickle
+import signal
 import socket
 import subprocess
 import sys
@@ -139,6 +140,7 @@ class RemoteCore:
         def unsent(e: Exception) -> None:
             with self._lock:
                 h = self._handles.pop(req.request_id, None)
+                self._adds_sent -= 1  # never reaches the child: not counted as on its way (load())
             if h is not None:
                 err = EngineError(f"request {req.request_id} could not be sent to the engine process: {type(e).__name__}: {e}")
                 h._end(RequestOutput(req.request_id, [], None, "error", RequestMetrics(), error=err))
@@ -309,7 +311,10 @@ class RemoteCore:
         own (its build raised), then SIGKILL. It used to wait 5 s, terminate, wait 5 s more:
         a Ctrl-C during the load took 10.6 s and printed a warning (a fresh-clone trial)."""
         if self._exit_code(_STARTUP_GRACE_S) is None:
-            self.process.kill()
+            try:
+                os.killpg(self.process.pid, signal.SIGKILL)  # its own group: whatever it started too
+            except (ProcessLookupError, PermissionError, AttributeError):
+                self.process.kill()
             self.process.wait()
 
     def _stop_process(self, timeout: float) -> None:

@@ -6,11 +6,12 @@ admitted while the budget, the sequence limit and free KV blocks allow. When blo
 the newest running request is preempted (its blocks freed, recomputed later: still exact).
 
 While any sequence decodes, prefill is capped so that one long prompt cannot stall the running
-answers: at most `max_step_tokens_while_decoding` tokens per step (decodes included), per
-request in prefill by default (`prefill_cap_scope`), up to `max_prefill_tokens_while_decoding`
-in all: a burst of short questions joins the running batch in a few steps (one cap per step
-took ten steps of a 64-question burst on the H200), a single 8k-token clip still runs one cap
-per step.
+answers: at most `max_step_tokens_while_decoding` tokens per step (decodes included), once per
+request in prefill by default (`prefill_cap_scope`), pooled and served in order, up to
+`max_prefill_tokens_while_decoding` (the largest CUDA graph) in all: a burst of short questions
+joins the running batch in a step or two (one cap per step took ten steps of a 64-question
+burst on the H200); a single 8k-token clip alone still runs one cap per step (with others in
+prefill behind it, it takes from the pool first: it came first).
 
 Admission (the policy for requests that fit the pool but not the free blocks now):
 - a request is admitted only when its whole prompt fits the free blocks, after dropping idle
@@ -30,6 +31,7 @@ from dataclasses import dataclass, field
 
 from omnistream.cache.block_manager import BlockManager
 from omnistream.config import SchedulerConfig
+from omnistream.engine.graph_limits import FULL
 from omnistream.engine.request import Request, RequestStatus
 from omnistream.errors import BudgetError
 
@@ -61,9 +63,12 @@ MIN_PREFILL_TOKENS = 16  # prefill progress per step however many sequences deco
 
 
 class Scheduler:
-    def __init__(self, cfg: SchedulerConfig, blocks: BlockManager) -> None:
+    def __init__(self, cfg: SchedulerConfig, blocks: BlockManager, graph_rows: int = FULL.rows) -> None:
+        """graph_rows: the largest CUDA graph's rows, the prefill pool's ceiling while decoding
+        where cfg.max_prefill_tokens_while_decoding is unset (engine/graph_limits.py)."""
         self.cfg = cfg
         self.blocks = blocks
+        self.step_ceiling = max(cfg.max_step_tokens_while_decoding, cfg.max_prefill_tokens_while_decoding or graph_rows)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self._prefill_left = cfg.max_num_batched_tokens  # prefill tokens left in the step being built
@@ -109,7 +114,7 @@ class Scheduler:
         decoding = sum(1 for r in self.running if r.num_computed_tokens >= r.prompt_len)
         if decoding and self.cfg.enable_chunked_prefill:
             cap = self.cfg.max_step_tokens_while_decoding * self._prefill_shares(len(self.running) - decoding)
-            cap = min(cap, max(self.cfg.max_step_tokens_while_decoding, self.cfg.max_prefill_tokens_while_decoding))
+            cap = min(cap, self.step_ceiling)
             self._prefill_left = min(budget, max(MIN_PREFILL_TOKENS, cap - decoding))
         else:
             self._prefill_left = budget

@@ -27,8 +27,9 @@ class _Captured:
     def __init__(self, visual, pixels: torch.Tensor, grids: tuple) -> None:
         self.layout = visual.layout(list(grids), pixels.device)  # the tower's own index tables
         self.input = torch.zeros_like(pixels)
-        # the eager kernels, not the compiled ones: a replay is then bit for bit the eager
-        # forward (the first sighting of a patch is encoded eagerly, later ones replayed)
+        # captured with the kernels an eager forward of this size runs (below
+        # fused._COMPILE_MIN_ROWS rows the eager ones, at it the compiled ones): a replay is
+        # then bit for bit the eager forward (the first sighting is encoded eagerly)
         for _ in range(2):  # warm up (cuBLAS handles) outside the graph
             visual(self.input, list(grids), self.layout)
         torch.cuda.synchronize()
@@ -46,8 +47,9 @@ class _Captured:
 
 
 class VisionGraphs:
-    def __init__(self, visual) -> None:
+    def __init__(self, visual, max_patches: int | None = None) -> None:
         self.visual = visual
+        self.max_patches = max_patches or MAX_PATCHES  # larger inputs run eagerly (engine/graph_limits.py)
         self.graphs: OrderedDict[tuple, _Captured] = OrderedDict()
         self.seen: set[tuple] = set()
         self.replays = 0
@@ -57,7 +59,7 @@ class VisionGraphs:
         """(P, 1176) pixels on the device, in the tower's dtype -> embeddings, or None when this
         input should run eagerly (first sighting of its grids, or too large)."""
         key = (tuple(tuple(g) for g in grids), pixels.dtype)
-        if len(grids) != 1 or pixels.shape[0] > MAX_PATCHES:
+        if len(grids) != 1 or pixels.shape[0] > self.max_patches:
             return None
         cap = self.graphs.get(key)
         if cap is None:

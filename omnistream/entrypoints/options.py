@@ -273,9 +273,8 @@ def check_engine_options(device: str, dtype: str, options: dict[str, Any]) -> No
     """Validates the options as the engine will (EngineConfig), before a model is loaded; the
     error names the flags (`--prefill-cap-scope`), not the Python fields."""
     from omnistream.config import EngineConfig
-    from omnistream.errors import ConfigError
 
-    with flag_names(engine_option_list(), extra=("device", "dtype")):
+    with flag_names(engine_option_list()):
         EngineConfig.from_kwargs("-", device=device, dtype=dtype, **options)
 
 

@@ -139,6 +139,9 @@ def _ending_server_class():
             import asyncio
 
             state = getattr(getattr(self.config.app, "state", None), "omni", None)
+            if state is not None and not state.shutting_down:  # the signal's callback has not run yet
+                state.begin_shutdown()
+            await asyncio.sleep(0)  # callbacks queued by other threads' begin_shutdown run first
             tasks = list(getattr(state, "shutdown_tasks", ()))
             if tasks:
                 await asyncio.wait(tasks, timeout=SHUTDOWN_CLOSE_WAIT_S)

@@ -120,7 +120,15 @@ class RealtimeConnection:
         self.shutting_down = True
         for r in list(self.responses.values()):
             _cancel(r)
-        if self._loop is not None and not self._loop.is_closed():
+        if self._loop is None or self._loop.is_closed():
+            return
+        try:
+            on_loop = asyncio.get_running_loop() is self._loop
+        except RuntimeError:
+            on_loop = False
+        if on_loop:  # at once: the server's shutdown reads the tasks right after begin_shutdown
+            self._start_shutdown_close()
+        else:
             self._loop.call_soon_threadsafe(self._start_shutdown_close)
 
     def _start_shutdown_close(self) -> None:
@@ -468,7 +476,8 @@ class RealtimeConnection:
             await self.ws.close(code=1001)
         except RuntimeError:
             pass
-        await asyncio.to_thread(self.live.close)  # idempotent; run() may still be on its way
+        if self.entry is not None:  # a socket stopped while its session was still opening has none
+            await asyncio.to_thread(self.live.close)  # idempotent; run() may still be on its way
 
     async def _shutdown(self) -> None:
         """Socket gone: abort the answers, close the live session (KV freed, worker stopped)."""
