@@ -51,11 +51,11 @@ class SchedulerConfig:
     # order, so a burst of short prompts joins the running batch in one step (a single long
     # prompt alone still gets one cap per step); per_step gives one cap to the whole step
     prefill_cap_scope: str = "per_request"
-    # per_request's pool: a step holds at most this many tokens (decodes included) while any
-    # sequence decodes; unset: the rows of the largest CUDA graph (1024, or 256 under a memory
-    # budget: engine/graph_limits.py), so such steps replay as graphs (a larger mixed step of many
-    # short prompts ran eagerly at ~0.6 s on the H200)
-    max_prefill_tokens_while_decoding: int | None = None
+    # per_request's pool, tokens per step while any sequence decodes, decodes included; unset:
+    # the rows of the largest CUDA graph, 1024, or 256 under a memory budget, so such steps
+    # replay as graphs (engine/graph_limits.py; a larger mixed step of many short prompts ran
+    # eagerly at ~0.6 s on the H200)
+    max_prefill_tokens_while_decoding: int | None = None  # tokens a step holds while any sequence decodes, decodes included, per_request's pool; unset: the largest CUDA graph's rows, 1024, or 256 under a memory budget
 
     def __post_init__(self) -> None:
         for name in ("max_num_batched_tokens", "max_num_seqs", "max_step_tokens_while_decoding", "max_prefill_tokens_while_decoding"):
