@@ -33,7 +33,7 @@ class CacheConfig:
             raise ConfigError(f"kv_cache_tokens must hold at least one block, got {self.kv_cache_tokens}")
 
 
-PREFILL_CAP_SCOPES = ("per_request", "per_step")
+PREFILL_CAP_SCOPES = ("per_request", "per_step", "each_request")
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,9 @@ class SchedulerConfig:
     # cap to each request in prefill (running mid-prompt, or waiting with a free sequence slot),
     # pooled: the step's prefill takes up to (requests in prefill) x the cap, requests served in
     # order, so a burst of short prompts joins the running batch in one step (a single long
-    # prompt alone still gets one cap per step); per_step gives one cap to the whole step
+    # prompt alone still gets one cap per step); per_step gives one cap to the whole step;
+    # each_request pools like per_request but no request's chunk takes more than one cap, so
+    # short questions get past a long prompt's prefill (opt-in: not measured on a GPU yet)
     prefill_cap_scope: str = "per_request"
     # per_request's pool, tokens per step while any sequence decodes, decodes included; unset:
     # the rows of the largest CUDA graph, 1024, or 256 under a memory budget, so such steps

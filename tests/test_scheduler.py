@@ -195,3 +195,20 @@ def test_prefill_caps_add_up_to_at_most_the_ceiling_while_decoding():
         sched.add(make_request(8, rid=f"w{i}"))
     out = sched.schedule()
     assert [(x.request.request_id, x.num_tokens) for x in out.chunks] == [("a", 1), ("w0", 8), ("w1", 8), ("w2", 8)]
+
+
+def test_each_request_limits_every_chunk_to_one_cap():
+    """per_request pools the caps and serves in order: a long prompt ahead of short ones takes
+    the whole pool (found by a review); each_request gives it one cap and the short ones theirs."""
+    def step(scope):
+        sched = Scheduler(SchedulerConfig(max_num_batched_tokens=200, max_step_tokens_while_decoding=30, prefill_cap_scope=scope),
+                          BlockManager(256, 4))
+        sched.add(make_request(3, max_new=50, rid="dec"))
+        advance(sched, sched.schedule())
+        sched.add(make_request(400, rid="long"))
+        for i in range(3):
+            sched.add(make_request(8, rid=f"q{i}"))
+        return [(x.request.request_id, x.num_tokens) for x in sched.schedule().chunks]
+
+    assert step("per_request") == [("dec", 1), ("long", 119)]  # four caps of 30, minus the decode row
+    assert step("each_request") == [("dec", 1), ("long", 30), ("q0", 8), ("q1", 8), ("q2", 8)]

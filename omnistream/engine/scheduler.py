@@ -72,6 +72,7 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self._prefill_left = cfg.max_num_batched_tokens  # prefill tokens left in the step being built
+        self._chunk_cap: int | None = None  # most prefill tokens one request takes in this step (each_request)
 
     MAX_BYPASS = 32  # later requests admitted ahead of a waiting one before it blocks the queue
 
@@ -116,8 +117,10 @@ class Scheduler:
             cap = self.cfg.max_step_tokens_while_decoding * self._prefill_shares(len(self.running) - decoding)
             cap = min(cap, self.step_ceiling)
             self._prefill_left = min(budget, max(MIN_PREFILL_TOKENS, cap - decoding))
+            # each_request: no request's chunk takes more than one cap of the pool
+            self._chunk_cap = self.cfg.max_step_tokens_while_decoding if self.cfg.prefill_cap_scope == "each_request" else None
         else:
-            self._prefill_left = budget
+            self._prefill_left, self._chunk_cap = budget, None
         chunks: list[ScheduledChunk] = []
         preempted: list[Request] = []
         for req in list(self.running):
@@ -148,7 +151,7 @@ class Scheduler:
         per_request, one per request in prefill (running mid-prompt, or waiting with a free
         sequence slot); per_step, one."""
         if self.cfg.prefill_cap_scope == "per_step":
-            return 1
+            return 1  # (each_request pools like per_request, and limits each chunk to one cap)
         room = max(0, self.cfg.max_num_seqs - len(self.running))
         return max(1, prefilling + min(len(self.waiting), room))
 
@@ -222,7 +225,7 @@ class Scheduler:
     def _chunk_size(self, req: Request, budget: int) -> int:
         remaining = req.num_tokens - req.num_computed_tokens
         if req.num_computed_tokens < req.prompt_len:  # a prompt chunk: the prefill cap applies
-            budget = min(budget, self._prefill_left)
+            budget = min(budget, self._prefill_left, self._chunk_cap or budget)
             if req.media_ready_until is not None:  # media still being encoded (encode_ahead.py)
                 budget = min(budget, max(0, req.media_ready_until - req.num_computed_tokens))
         if remaining <= budget:
