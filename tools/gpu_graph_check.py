@@ -1,6 +1,9 @@
 """GPU check of the CUDA-graph row path (3B, bf16): a video prompt whose whole prefill fits one
 graph bucket (media rows inside the graph), and follow-ups of 60-250 new tokens, against the same
-engine with CUDA graphs off. Prints first-token logit differences and TTFTs."""
+engine with CUDA graphs off. Prints first-token logit differences and TTFTs.
+Usage: python3 tools/gpu_graph_check.py [NEW_TOKENS ...]"""
+import sys
+
 import numpy as np
 import torch
 
@@ -9,6 +12,9 @@ from omnistream.bench.models import make_engine
 from omnistream.engine.sampling import SamplingParams
 
 sp = SamplingParams(max_new_tokens=4, ignore_eos=True)
+# new text tokens after the video prompt (argv: e.g. 0 69 200 600 1000: the longer ones are
+# chunks the row path takes only since graphs go to 1024 rows)
+EXTRA = [int(a) for a in sys.argv[1:]] or [0, 69, 200]
 rng = np.random.default_rng(0)
 frames = [rng.integers(0, 255, (224, 224, 3), dtype=np.uint8) for _ in range(4)]
 video = {"type": "video", "video": {"frames": frames, "timestamps": [0, 0.5, 1, 1.5]}, "max_pixels": 224 * 224}
@@ -22,7 +28,7 @@ for graphs in (True, False):
     rows = []
     # the same token sequences on both engines (no generated history): A, then A + 69 / 200 text
     # tokens served from A's cached prefix, each with a few greedy decode steps
-    for extra in (0, 69, 200):
+    for extra in EXTRA:
         ids = base + tok.encode(" colour" * extra)[:extra]
         [r] = eng.run([EngineRequest(ids, media, sp, return_logits=True)])
         rows.append((torch.stack(r.logits).float(), r.metrics.prompt_tokens - r.metrics.cached_tokens, r.metrics.ttft_s, r.token_ids))
