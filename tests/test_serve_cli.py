@@ -379,7 +379,7 @@ def test_bad_flag_value_is_one_line(argv, expected, capsys):
     (["serve", "--model", "demo", "--block-size", "3"], "--block-size must be a power of two, got 3"),
     (["serve", "--model", "demo", "--top-p", "0"], "--top-p must be a number in (0, 1], got 0.0"),
     (["serve", "--model", "demo", "--allowed-media-path", "/no/such/dir"], "--allowed-media-path /no/such/dir: not a directory"),
-    (["ask", "x.mp4", "q", "--prefill-cap-scope", "bogus"], "--prefill-cap-scope must be one of per_request, per_step, got 'bogus'"),
+    (["ask", "x.mp4", "q", "--prefill-cap-scope", "bogus"], "--prefill-cap-scope must be one of per_request, per_step, each_request, got 'bogus'"),
     (["ask", "x.mp4", "q", "--max-prefill-tokens-while-decoding", "0"], "--max-prefill-tokens-while-decoding must be positive, got 0"),
     (["ask", "x.mp4", "q", "--kv-cache-tokens", "10"], "--kv-cache-tokens must hold at least one block"),
     (["serve"], "give --model DIR"),
