@@ -53,10 +53,8 @@ class SchedulerConfig:
     # each_request pools like per_request but no request's chunk takes more than one cap, so
     # short questions get past a long prompt's prefill (opt-in: not measured on a GPU yet)
     prefill_cap_scope: str = "per_request"
-    # per_request's pool, tokens per step while any sequence decodes, decodes included; unset:
-    # the rows of the largest CUDA graph, 1024, or 256 under a memory budget, so such steps
-    # replay as graphs (engine/graph_limits.py; a larger mixed step of many short prompts ran
-    # eagerly at ~0.6 s on the H200)
+    # unset follows engine/graph_limits.py so such steps replay as graphs (a larger mixed step of
+    # many short prompts ran eagerly at ~0.6 s on the H200)
     max_prefill_tokens_while_decoding: int | None = None  # tokens a step holds while any sequence decodes, decodes included, per_request's pool; unset: the largest CUDA graph's rows, 1024, or 256 under a memory budget
 
     def __post_init__(self) -> None:

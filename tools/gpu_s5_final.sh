@@ -3,12 +3,7 @@
 # a tar, made with `git archive HEAD -o scratch/head/head.tar`): issue 8's bursts (text 32/64 with
 # the engine in its own process and in-thread, video8 x32 in its own process), the encoder
 # interference, bench latency / multiturn / stream, and issue 9's bench serve.
-set -uo pipefail
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-mkdir -p /tmp/head && tar -xf scratch/head/head.tar -C /tmp/head && cd /tmp/head || exit 1
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-OUT=${OUT:-/tmp/out}; mkdir -p $OUT
-run() { echo "### $*" | tee -a $OUT/log.txt; local t0=$SECONDS; timeout -k 10 ${STEP_S:-150} python3 -m omnistream.entrypoints.cli "$@" 2>&1 | grep -v -i "warn" | tee -a $OUT/log.txt; echo "### took $((SECONDS - t0)) s" | tee -a $OUT/log.txt; }
+source tools/gpu_setup.sh
 LOAD="bench concurrency --model-config 3b --size 448 --new-tokens 64 --baseline-requests 0 --interference-clients 0"
 run $LOAD --mix text --clients 32,64 --context-tokens 1024 --engine-process --json $OUT/concurrency_text_process.json
 run $LOAD --mix text --clients 32,64 --context-tokens 1024 --json $OUT/concurrency_text.json

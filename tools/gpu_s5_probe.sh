@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
 # Session-5 probe on the H200 (carry .whl and scratch/head: the committed tree as a tar): the
 # prefill cap per request in prefill (prefill_cap_scope) against one cap per step, and CUDA
-# graphs for steps of up to 1024 rows (cuda_graphs.MAX_ROWS) against 256, on the text bursts
+# graphs for steps of up to 1024 rows (engine/graph_limits.FULL.rows) against 256, on the text bursts
 # (32, 64 clients), 32 video8 clients and the encoder interference; then a step timeline.
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 mkdir -p /tmp/head && tar -xf scratch/head/head.tar -C /tmp/head && cd /tmp/head || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 OUT=${OUT:-/tmp/out}; mkdir -p $OUT
-# ROWS=N: graphs up to N rows (a module constant: in-thread engine only)
+# ROWS=N: graphs up to N rows (graph_limits.FULL patched: in-thread engine only)
 run() { echo "### ROWS=${ROWS:-default} $*" | tee -a $OUT/log.txt; local t0=$SECONDS
-  timeout -k 10 ${STEP_S:-150} python3 -c "import sys, omnistream.engine.cuda_graphs as g; g.MAX_ROWS = int('${ROWS:-0}') or g.MAX_ROWS; from omnistream.entrypoints.cli import main; sys.exit(main())" "$@" 2>&1 \
+  timeout -k 10 ${STEP_S:-150} python3 -c "import sys, dataclasses, omnistream.engine.graph_limits as g; g.FULL = dataclasses.replace(g.FULL, rows=int('${ROWS:-0}') or g.FULL.rows); from omnistream.entrypoints.cli import main; sys.exit(main())" "$@" 2>&1 \
     | grep -v -i "warn" | grep -E "^\[|TTFT ms|target|interference|ITL|took|rror|raceback" | tee -a $OUT/log.txt
   echo "### took $((SECONDS - t0)) s" | tee -a $OUT/log.txt; }
 LOAD="bench concurrency --model-config 3b --size 448 --new-tokens 64 --baseline-requests 0 --interference-clients 0"

@@ -19,12 +19,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from omnistream.engine.graph_limits import FULL
 from omnistream.engine.scheduler import SchedulerOutput
 from omnistream.layers.attention import AttentionMetadata, row_tiles
 from omnistream.layers.fused import compiled_kernels
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
-MAX_ROWS = 1024  # larger steps run eagerly: their GPU time hides the launch cost (engine/graph_limits.py sets the size)
+MAX_ROWS = FULL.rows  # the default size; larger steps run eagerly: their GPU time hides the launch cost
 LOGITS_ROWS = 64  # buckets up to this size compute every row's logits inside the graph
 TILE_ROWS = 8  # rows of one chunk per tile of the row kernel (layers/triton_decode.TILE_ROWS)
 

@@ -19,7 +19,9 @@ from collections import OrderedDict
 
 import torch
 
-MAX_PATCHES = 4096  # larger inputs run eagerly: their GPU time hides the launch cost
+from omnistream.engine.graph_limits import FULL
+
+MAX_PATCHES = FULL.vision_patches  # the default size; larger inputs run eagerly: their GPU time hides the launch cost
 MAX_GRAPHS = 2  # each keeps its activations (~50 MB for one 448x448 2-frame patch, ~200 MB at MAX_PATCHES)
 
 
