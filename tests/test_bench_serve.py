@@ -47,6 +47,10 @@ def test_report_fields_and_zero_errors(report):
         assert len(rows) == 6 and all(r["error"] is None and r["ttft_s"] > 0 and r["output_tokens"] == 6 for r in rows)
         assert all(r["engine"].get("ttft_s") for r in rows) and all(r["sent_s"] >= 0 for r in rows)
     assert all("server_receive_s" in r["engine"] for r in report["samples"]["http"] if r["kind"] == "text")
+    # the connection's two ways, from the server's stamps on this host's clock: each a part of
+    # every request's time outside the engine, so their medians are at most its median
+    h = report["http"]
+    assert 0 <= h["to_server_p50_s"] <= h["outside_p50_s"] and 0 <= h["to_client_p50_s"] <= h["outside_p50_s"]
 
 
 def test_same_greedy_answers_over_http_and_in_process(report):

@@ -21,7 +21,7 @@ served in-process, in one run.
    turns ask for exactly --new-tokens tokens (greedy, ignore_eos); live answers at most that many
    (greedy: the realtime API has no ignore_eos).
 2. HTTP: `omnistream serve` in a subprocess on 127.0.0.1 (port 0; the URL comes from its startup
-   line) on the same model and engine options; chat completions through httpx as OpenAI
+   line) on the same model and engine options; chat completions through aiohttp as OpenAI
    streaming chat completions (SSE, stream_options.include_usage), media as data URLs; live
    streams through the `websockets` client.
 3. In-process: the server exits, then the same model is built here (same seeded weights) and
@@ -279,13 +279,14 @@ def print_report(r: dict, out=None) -> None:
           f"{both('ttft_p50_s'):>18}{both('ttft_p99_s'):>18}{both('itl_p50_s', digits=2):>16}{both('e2e_p50_s'):>18}{both('mean_cached_tokens', 1, 0):>14}{eq:>15}")
     p("")
     p(f"  {'TTFT p50 split (HTTP / in-process)':<36}{'in engine ms':>18}{'media ms':>18}{'queued ms':>18}{'outside ms':>18}"
-      f"{'server receive':>16}{'server send':>13}")
+      f"{'to server':>11}{'server receive':>16}{'server send':>13}{'to client':>11}")
     rows = [("all", r["http"], r["in_process"])]
     rows += [(kind, k, r["in_process"]["by_kind"].get(kind, {})) for kind, k in r["http"]["by_kind"].items()]
     for name, h, lk in rows:
         both = lambda key: f"{fmt_num(h.get(key), 1000, 1)} / {fmt_num(lk.get(key), 1000, 1)}"  # noqa: E731
         p(f"  {name:<36}{both('engine_ttft_p50_s'):>18}{both('media_p50_s'):>18}{both('queue_p50_s'):>18}{both('outside_p50_s'):>18}"
-          f"{fmt_num(h.get('receive_p50_s'), 1000, 1):>16}{fmt_num(h.get('send_p50_s'), 1000, 1):>13}")
+          f"{fmt_num(h.get('to_server_p50_s'), 1000, 1):>11}{fmt_num(h.get('receive_p50_s'), 1000, 1):>16}"
+          f"{fmt_num(h.get('send_p50_s'), 1000, 1):>13}{fmt_num(h.get('to_client_p50_s'), 1000, 1):>11}")
     o, a = r["overhead"], r["answers"]
     p(f"HTTP overhead: TTFT p50 {fmt_num(o['ttft_p50_delta_s'], 1000, 2)} ms, p99 {fmt_num(o['ttft_p99_ratio'], digits=3)}x; "
       f"ITL p50 {fmt_num(o['itl_p50_delta_s'], 1000, 2)} ms, p99 {fmt_num(o['itl_p99_ratio'], digits=3)}x; "

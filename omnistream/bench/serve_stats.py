@@ -42,7 +42,13 @@ def _engine_split(samples: list[Sample]) -> dict[str, float | None]:
             # HTTP only: the server's parts of "outside" (reading + parsing the request; handing
             # the first token to the socket); the rest is the connection and the client
             "receive_p50_s": pct([s.server["server_receive_s"] for s in timed if "server_receive_s" in s.server], 50),
-            "send_p50_s": pct([s.server["server_send_s"] for s in timed if "server_send_s" in s.server], 50)}
+            "send_p50_s": pct([s.server["server_send_s"] for s in timed if "server_send_s" in s.server], 50),
+            # the connection's two ways (same host: the server's stamps are on this clock): the
+            # client's send to the server's handler starting, the server's first chunk to its arrival
+            "to_server_p50_s": pct([s.server["server_received_at"] - s.sent for s in timed
+                                    if s.server.get("server_received_at") is not None], 50),
+            "to_client_p50_s": pct([s.chunk_times[0] - s.server["server_first_sent_at"] for s in timed
+                                    if s.server.get("server_first_sent_at") is not None and s.chunk_times], 50)}
 
 
 def summarize(samples: list[Sample], start: float, end: float) -> dict[str, Any]:

@@ -185,6 +185,9 @@ class ChatJob:
             m["server_receive_s"] = self.arrival - self.received
         if out is not None and out.metrics.first_token_at is not None and self.first_sent is not None:
             m["server_send_s"] = self.first_sent - out.metrics.first_token_at
+        # the same two moments on the server's clock (time.perf_counter(): CLOCK_MONOTONIC, so a
+        # client on the same host can split its own wait into the way in and the way back)
+        m["server_received_at"], m["server_first_sent_at"] = self.received, self.first_sent
         return m
 
     def logprobs_of(self, pairs: list[tuple[int, tuple]]) -> ChoiceLogprobs | None:
