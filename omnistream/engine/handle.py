@@ -215,8 +215,7 @@ class _DeltaReader:
 class PreparedRequest:
     """A request built and checked (a BudgetError or UserInputError is raised by then) but not
     queued yet: a core's prepare(), then send(). The build is CPU work that callers do one at a
-    time (api.Engine.submit_lock); the queueing (a socket write to an engine process) need not
-    hold that lock."""
+    time, each request queued as soon as it is built (api.Engine.build_and_send)."""
 
     request: "Request"
     handle: RequestHandle

@@ -22,11 +22,12 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import torch
 
 from omnistream.config import EngineConfig
+from omnistream.engine.build_queue import BuildQueue
 from omnistream.engine.build import MAX_VISION_PATCHES, ModelRecipe, build_llm, build_model, checkpoint_model  # noqa: F401 - MAX_VISION_PATCHES, build_model: re-exported
 from omnistream.engine.core import EngineCore
 from omnistream.engine.handle import PreparedRequest, RequestHandle
@@ -43,6 +44,7 @@ from omnistream.models.tokenizer import Tokenizer
 from omnistream.sessions.session import Session
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 LIVE_ENCODER_CACHE_BYTES = 256 << 20  # per vision forward; longer videos are encoded in slices (lossless)
 
@@ -74,11 +76,13 @@ class Engine:
         self.session_id_prefix = "s-"
         self._sessions: dict[str, Session] = {}
         self._sessions_lock = threading.Lock()
-        # held while a caller builds a request (prepare(); sessions hold it over their prompt's
-        # rendering too), not while it is queued (send()). Under the interpreter lock, concurrent builds advance round-robin: a
-        # burst of 64 questions all finished building at ~56 ms (H200 host, 3B), the engine
-        # idle until then; one at a time, the first is queued after one build and runs at once
+        # held while a request is built and queued (submit(), build_and_send(); sessions hold it
+        # over their prompt's rendering too). Under the interpreter lock, concurrent builds advance
+        # round-robin: a burst of 64 questions all finished building at ~56 ms (H200 host, 3B),
+        # the engine idle until then; one at a time, the first is queued after one build and runs
+        # at once, and the holder runs the builds queued behind it (BuildQueue)
         self.submit_lock = threading.RLock()
+        self.builds = BuildQueue(self.submit_lock)  # a burst's builds run back to back (engine/build_queue.py)
         self.block_size = cfg.cache.block_size
         self.max_context = model.max_context  # tokens of prompt + answer the model takes
         if cfg.engine_process:
@@ -119,18 +123,28 @@ class Engine:
         """Queues one request on the engine loop; the handle streams its output (iterate it, or
         `async for`), `result()` waits for the end. Raises BudgetError at once for a request
         that can never fit."""
-        return self.send(self.prepare(request))
+        return self.build_and_send(lambda: (None, self.core.prepare(request)))[1]
+
+    def build_and_send(self, build: Callable[[], tuple[T, PreparedRequest]]) -> tuple[T, RequestHandle]:
+        """Runs `build` (-> anything, a prepared request) ordered with every other caller's
+        build, possibly in another caller's thread, and sends the request at once -> (anything,
+        its handle). Raises what `build` raised. Sessions build their prompts this way."""
+        def job() -> tuple[T, RequestHandle]:
+            extra, prepared = build()
+            return extra, self.send(prepared)
+
+        return self.builds.run(job)
 
     def prepare(self, request: EngineRequest) -> PreparedRequest:
         """submit()'s build and checks (raises as submit does), under submit_lock; send()
-        queues what it returns. For callers whose own work before the build should be ordered
-        with it (sessions: their prompt's rendering), holding submit_lock over both."""
+        queues what it returns. Callers whose own work before the build should be ordered with
+        it (sessions: their prompt's rendering) pass both to build_and_send()."""
         with self.submit_lock:
             return self.core.prepare(request)
 
     def send(self, prepared: PreparedRequest) -> RequestHandle:
-        """Queues a prepared request (outside submit_lock: a socket write to an engine process
-        need not hold up the next caller's build) -> its handle."""
+        """Queues a prepared request -> its handle (cheap: an engine process's socket write is
+        its sender thread's)."""
         return self.core.send(prepared)
 
     def abort(self, request_id: str) -> None:

@@ -155,10 +155,8 @@ class Session:
         `answer.finish()` (the turn joins the conversation) or `answer.abort()` (nothing kept).
         ask() and ask_stream() are this; a server uses it to stream without a thread."""
         self._turn.acquire()
-        try:
-            with self.engine.submit_lock:  # builds one at a time: the first queued soonest (api.Engine)
-                turn, prepared = self._prepare(question, sampling, return_logits, logprobs)
-            handle = self.engine.send(prepared)
+        try:  # built in order with every other caller's (a burst's back to back: engine/build_queue.py)
+            turn, handle = self.engine.build_and_send(lambda: self._prepare(question, sampling, return_logits, logprobs))
         except BaseException:
             self._turn.release()
             raise
