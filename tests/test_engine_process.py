@@ -122,6 +122,17 @@ def test_streamed_deltas_concatenate_to_the_text(remote):
     assert [t for d in deltas for t in d.token_ids] == out.token_ids and len(out.token_ids) == 24
 
 
+def test_a_prepared_request_never_sent_leaves_nothing_behind(remote):
+    """Engine.prepare() without send(): the engine process's core keeps no handle for it (it
+    was registered at prepare and stayed there for good); one sent is answered and let go."""
+    spec = remote.request_for([{"role": "user", "content": "never sent"}], GREEDY)
+    for _ in range(5):
+        remote.prepare(spec)
+    assert remote.core._handles == {}  # noqa: SLF001
+    sent = remote.send(remote.prepare(spec))
+    assert sent.result().token_ids and remote.core._handles == {}  # noqa: SLF001
+
+
 def test_submit_refuses_at_once_what_can_never_run(remote):
     with pytest.raises(BudgetError):
         remote.submit(EngineRequest([1, 2, 3], sampling=SamplingParams(max_new_tokens=100_000)))

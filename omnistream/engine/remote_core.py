@@ -128,11 +128,8 @@ class RemoteCore:
         """submit()'s build and checks, without sending (send() sends)."""
         self._check_alive()
         req = self.factory.make_request(spec)
-        handle = RequestHandle(req.request_id, self._decode, self.abort)
-        with self._lock:
-            self._check_alive()
-            self._handles[req.request_id] = handle
-        return PreparedRequest(req, handle)
+        # registered when sent: a prepared request that is never sent leaves nothing behind
+        return PreparedRequest(req, RequestHandle(req.request_id, self._decode, self.abort))
 
     def send(self, prepared: PreparedRequest) -> RequestHandle:
         req, handle = prepared.request, prepared.handle
@@ -148,6 +145,8 @@ class RemoteCore:
         # media rows go through shared memory: copied there by the sender thread, not the caller
         heavy = sum(item.pixel_values.nbytes for _, item in req.media) >= SHM_MIN_BYTES
         with self._lock:
+            self._check_alive()  # a dead or closed engine: raised here, nothing registered or sent
+            self._handles[req.request_id] = handle
             self._adds_sent += 1
         self._out.post(("add", req), heavy=heavy, on_error=unsent)
         return handle
