@@ -50,3 +50,124 @@ def test_burst_runs_each_build_once_in_order_and_combines():
 def test_reentrant_build_runs_at_once():
     q = BuildQueue(threading.RLock())
     assert q.run(lambda: q.run(lambda: 1) + 1) == 2
+
+
+def test_a_nested_build_runs_in_place_not_others_first():
+    """A build that queues another (re-entrant) runs it at once: builds other callers queued
+    meanwhile are not run in the middle of it, ahead of builds queued before them."""
+    lock = threading.RLock()
+    q = BuildQueue(lock)
+    order = []
+    with lock:
+        t = threading.Thread(target=lambda: q.run(lambda: order.append("other")))
+        t.start()
+        while not q._pending:  # noqa: SLF001
+            threading.Event().wait(0.0005)
+        assert q.run(lambda: order.append("outer") or q.run(lambda: order.append("inner")) or 7) == 7
+    t.join()
+    assert order == ["other", "outer", "inner"]
+
+
+def test_an_interrupt_in_another_callers_build_stays_in_the_thread_that_ran_it():
+    """KeyboardInterrupt inside a build run for another caller: that caller gets
+    BuildInterrupted, the holder gets the interrupt; builds behind stay queued, not lost."""
+    lock = threading.RLock()
+    q = BuildQueue(lock)
+    got = {}
+
+    def other(name, fn):
+        try:
+            got[name] = q.run(fn)
+        except BaseException as e:  # noqa: BLE001
+            got[name] = type(e).__name__
+
+    def interrupt():
+        raise KeyboardInterrupt
+
+    threads = []
+    with lock:
+        threads.append(threading.Thread(target=other, args=("first", interrupt)))
+        threads[-1].start()
+        while len(q._pending) < 1:  # noqa: SLF001
+            threading.Event().wait(0.0005)
+        threads.append(threading.Thread(target=other, args=("second", lambda: "ok")))
+        threads[-1].start()
+        while len(q._pending) < 2:  # noqa: SLF001
+            threading.Event().wait(0.0005)
+        mine = []
+
+        def holder():
+            try:
+                mine.append(q.run(lambda: "mine"))
+            except KeyboardInterrupt:
+                mine.append("interrupted")
+
+        # this thread runs "first" (queued ahead of its own) and is interrupted there
+        h = threading.Thread(target=holder)
+        h.start()
+        while len(q._pending) < 3:  # noqa: SLF001
+            threading.Event().wait(0.0005)
+    for t in [*threads, h]:
+        t.join(10)
+        assert not t.is_alive()
+    # whichever thread took the lock first ran "first" and got the interrupt; nobody spins, every
+    # other build still ran, in its own or another thread
+    assert got["first"] in ("KeyboardInterrupt", "BuildInterrupted")
+    assert got["second"] == "ok" and mine[0] in ("mine", "interrupted")
+    assert not q._pending  # noqa: SLF001
+
+
+def test_a_caller_interrupted_while_waiting_is_never_built():
+    lock = threading.RLock()
+    q = BuildQueue(lock)
+    ran = []
+    import ctypes
+
+    def caller():
+        try:
+            q.run(lambda: ran.append("built"))
+        except KeyboardInterrupt:
+            ran.append("interrupted")
+
+    with lock:
+        t = threading.Thread(target=caller)
+        t.start()
+        while not q._pending:  # noqa: SLF001
+            threading.Event().wait(0.0005)
+        # an interrupt delivered to the waiting thread (as a signal would be to the main thread)
+        ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(t.ident), ctypes.py_object(KeyboardInterrupt))
+        threading.Event().wait(0.05)
+    t.join(10)
+    assert ran == ["interrupted"] and not q._pending  # noqa: SLF001
+    assert q.run(lambda: "after") == "after"
+
+
+@pytest.mark.parametrize("on_loop", [False, True])
+def test_an_event_loop_runs_builds_only_up_to_its_own(on_loop):
+    """A build queued behind the holder's: run by the holder in a plain thread (combined), by its
+    own caller when the holder is an event loop's thread (the loop does not wait for it)."""
+    import asyncio
+
+    q = BuildQueue(threading.RLock())
+    ran_in, holder = {}, []
+    behind = threading.Thread(target=lambda: q.run(lambda: ran_in.setdefault("behind", threading.get_ident())))
+
+    def first():
+        ran_in["first"] = threading.get_ident()
+        behind.start()
+        while not q._pending:  # noqa: SLF001 - queued behind this build, while it runs
+            threading.Event().wait(0.0005)
+
+    def hold():
+        holder.append(threading.get_ident())
+        q.run(first)
+
+    async def hold_on_loop():
+        hold()
+
+    t = threading.Thread(target=(lambda: asyncio.run(hold_on_loop())) if on_loop else hold)
+    t.start()
+    t.join(10)
+    behind.join(10)
+    assert ran_in["first"] == holder[0]
+    assert (ran_in["behind"] == behind.ident) if on_loop else (ran_in["behind"] == holder[0])

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # bench serve on one GPU with the server's engine core in its own process (serve's default) and,
-# for comparison, in a thread of the server's process (--no-engine-process), both against the same
-# in-process reference (issue 9's HTTP-overhead targets: TTFT p50 within 3 ms, p99 within 1.2x,
-# tokens/s >= 0.9x). Carry .whl as for tools/gpu_serve_and_load.sh. Logs: $OUT/log.txt, JSON under $OUT.
+# for comparison, in a thread of the server's process (--no-engine-process; the in-process
+# reference then runs its engine in a thread too: both phases take the same engine options)
+# (issue 9's HTTP-overhead targets: TTFT p50 within 3 ms, p99 within 1.2x, tokens/s >= 0.9x). Carry .whl as for tools/gpu_serve_and_load.sh. Logs: $OUT/log.txt, JSON under $OUT.
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1

@@ -193,7 +193,7 @@ def _add_serve_bench(bsub, add_model_args) -> None:
     sv.add_argument("--seed", type=int, default=0, help="seed of the weights and the workload (default: 0)")
     sv.add_argument("--json", default=None, help="write the summaries, targets, environment and every request's record to this file")
     sv.add_argument("--serve-args", default="", help="more flags for the server it starts, e.g. '--replicas 2 --replica-gpus 0.5'")
-    add_engine_args(sv)
+    add_engine_args(sv, shown={"engine_process": "on, as serve runs it, in both phases"})
     sv.set_defaults(func=_serve)
 
 

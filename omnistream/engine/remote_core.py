@@ -6,8 +6,9 @@
     core.load().waiting                      # counters of the last message, no round trip
     core.close()
 
-The client interface of EngineCore: requests are built in the caller's thread by the same
-make_request (engine/request_factory.py) and sent whole; a reader thread feeds the handles
+The client interface of EngineCore: requests are built in this process (by the caller, or by
+another caller's thread: engine/build_queue.py) with the same make_request
+(engine/request_factory.py) and sent whole; a reader thread feeds the handles
 with the child's token batches and ends. If the child dies (killed, out of memory), every
 request and operation in flight fails with an EngineError saying so, and everything after
 fails at once: nothing waits for an answer that cannot come. As with the in-thread core, an
@@ -142,13 +143,20 @@ class RemoteCore:
                 err = EngineError(f"request {req.request_id} could not be sent to the engine process: {type(e).__name__}: {e}")
                 h._end(RequestOutput(req.request_id, [], None, "error", RequestMetrics(), error=err))
 
-        # media rows go through shared memory: copied there by the sender thread, not the caller
-        heavy = sum(item.pixel_values.nbytes for _, item in req.media) >= SHM_MIN_BYTES
+        # media rows (and a long conversation's (3, N) positions) go through shared memory:
+        # copied there by the sender thread, not the caller, who may be building for others
+        tensors = sum(item.pixel_values.nbytes for _, item in req.media) + req.positions.nbytes
         with self._lock:
             self._check_alive()  # a dead or closed engine: raised here, nothing registered or sent
             self._handles[req.request_id] = handle
             self._adds_sent += 1
-        self._out.post(("add", req), heavy=heavy, on_error=unsent)
+        try:
+            self._out.post(("add", req), heavy=tensors >= SHM_MIN_BYTES, on_error=unsent)
+        except BaseException:  # an interrupt mid-write: not registered, not counted as on its way
+            with self._lock:
+                self._handles.pop(req.request_id, None)
+                self._adds_sent -= 1
+            raise
         return handle
 
     def abort(self, request_id: str) -> None:
@@ -223,8 +231,8 @@ class RemoteCore:
 
     # ------------------------------------------------------------------ internals
     def _check_alive(self) -> None:
-        if self._dead is not None:
-            raise self._dead
+        if self._dead is not None:  # without the last raise's frames: each raise would add its own
+            raise self._dead.with_traceback(None)
         if self._closing:
             raise EngineUnavailable("the engine is closed")
 

@@ -133,7 +133,8 @@ class Engine:
             extra, prepared = build()
             return extra, self.send(prepared)
 
-        return self.builds.run(job)
+        # a caller interrupted after its request was sent (by another caller's thread): aborted
+        return self.builds.run(job, abandoned=lambda done: done[1].abort())
 
     def prepare(self, request: EngineRequest) -> PreparedRequest:
         """submit()'s build and checks (raises as submit does), under submit_lock; send()
@@ -143,8 +144,8 @@ class Engine:
             return self.core.prepare(request)
 
     def send(self, prepared: PreparedRequest) -> RequestHandle:
-        """Queues a prepared request -> its handle (cheap: an engine process's socket write is
-        its sender thread's)."""
+        """Queues a prepared request -> its handle (an engine process's request: pickled here
+        when small, by its sender thread when it carries large tensors)."""
         return self.core.send(prepared)
 
     def abort(self, request_id: str) -> None:

@@ -67,6 +67,7 @@ def install(app: FastAPI) -> None:
 # a worker thread and back took 11-32 ms (median "server receive" of image requests, H200 bench
 # serve, 32 clients)
 INLINE_PARSE_BYTES = 1 << 20
+INLINE_PARSE_OBJECTS = 256  # and of at most this many JSON objects: validation costs per object, not per byte
 INLINE_PREPARE_CHARS = 16 << 10  # text-only prompts up to this many characters are tokenised there too
 
 
@@ -77,7 +78,8 @@ async def create_chat_completion(request: Request) -> Response:
     # parsed here (under a millisecond), since the hop to a thread and back waits for the
     # interpreter twice behind the engine loop and the media threads (tens of ms under load)
     raw = await request.body()
-    body = _parse(raw) if len(raw) <= INLINE_PARSE_BYTES else await run_in_threadpool(_parse, raw)
+    inline = len(raw) <= INLINE_PARSE_BYTES and raw.count(b"{") <= INLINE_PARSE_OBJECTS
+    body = _parse(raw) if inline else await run_in_threadpool(_parse, raw)
     state = get_state(request)
     if body.model != state.model_name:
         raise NotFound(f"model {body.model!r} does not exist (this server serves {state.model_name!r})",
