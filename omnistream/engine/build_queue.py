@@ -1,16 +1,17 @@
-"""Callers' request builds, run one at a time in arrival order by whichever caller holds the lock
+"""Callers' request builds, run one at a time in arrival order by one caller at a time, the lead
 (flat combining).
 
 Under the interpreter lock, a burst of callers that each took the build lock in turn paid a
 thread hand-off per request: the lock's next owner had to be woken and then win the
 interpreter back from the threads already running (32 sessions asking at once, demo on CPU,
 engine process: the last question queued 32-41 ms after the release for ~0.2 ms of building
-each). Here a caller queues its build and takes the lock; the holder runs the builds queued
-ahead of its own and, for up to FOR_OTHERS_S, those behind it, each sent to the engine as soon
-as it is built, so the requests of
-a burst reach the engine back to back; a caller whose build another ran finds it done when it
-gets the lock. An event loop's thread runs builds only up to its own (the loop's other work
-must not wait for other callers' builds), and a build that queues another runs it at once.
+each). Here a caller queues its build; if no caller leads, it leads: under the lock it runs the
+builds queued ahead of its own, its own and, for up to FOR_OTHERS_S, those behind it, each sent
+to the engine as soon as it is built, so the requests of a burst reach the engine back to back.
+A caller whose build the lead ran is woken with its result and returns without the lock; when
+the lead stops, it hands the lead to the first build still queued. An event loop's thread,
+leading, runs builds only up to its own (the loop's other work must not wait for other callers'
+builds); a build that queues another runs it at once.
 
     builds = BuildQueue(threading.RLock())
     result = builds.run(lambda: build_and_send())   # raises what the build raised, in this thread
@@ -27,8 +28,8 @@ from typing import Callable, Generic, TypeVar
 from omnistream.errors import EngineError
 
 T = TypeVar("T")
-# how long a caller whose request is sent goes on building others' (~50 builds of a text
-# follow-up on the CPU); the rest wait for the lock as before
+# how long a lead whose own request is sent goes on building the ones behind it (~50 builds of a
+# text follow-up on the CPU) before it hands the lead on
 FOR_OTHERS_S = 0.010
 
 
@@ -38,12 +39,13 @@ class BuildInterrupted(EngineError):
 
 
 class _Job(Generic[T]):
-    __slots__ = ("fn", "done", "value", "error")
+    __slots__ = ("fn", "done", "value", "error", "wake")
 
     def __init__(self, fn: Callable[[], T]) -> None:
         self.fn, self.done = fn, False
         self.value: T | None = None
         self.error: BaseException | None = None
+        self.wake = threading.Event()  # set when it has run, or when its caller is handed the lead
 
     def execute(self, own: bool) -> None:
         try:
@@ -56,31 +58,36 @@ class _Job(Generic[T]):
         finally:
             self.done = True
             self.fn = None  # the closure (a session, its prompt) is not kept alive by the queue
+            self.wake.set()
 
 
 class BuildQueue:
     def __init__(self, lock: threading.RLock) -> None:
-        self.lock = lock  # also held by callers that build without queueing (Engine.prepare)
+        self.lock = lock  # held by the lead; also by callers that build without queueing (Engine.prepare)
         self._pending: collections.deque[_Job] = collections.deque()
-        self._pending_lock = threading.Lock()
+        self._state = threading.Lock()  # _pending and _lead
+        self._lead: _Job | None = None  # the job whose caller leads (runs builds) now
         self._running = threading.local()  # this thread is inside a build
 
     def run(self, fn: Callable[[], T], abandoned: Callable[[T], None] | None = None) -> T:
         """Runs `fn` after every build queued before it, under the lock -> its value (or raises
         its exception here). `abandoned(value)`: called when this caller is interrupted after
         its build ran (another thread may have run it), so what it made can be let go."""
-        if getattr(self._running, "on", False):  # a build that queues another: at once, in place
-            return fn()
+        if getattr(self._running, "on", False) or self.lock._is_owned():  # noqa: SLF001
+            return fn()  # a build that queues another, or a caller holding the lock: at once, in place
         job = _Job(fn)
-        with self._pending_lock:
+        with self._state:
             self._pending.append(job)
+            leading = self._lead is None
+            if leading:
+                self._lead = job
         try:
-            with self.lock:
-                self._drain(job, greedy=not _on_event_loop())
+            if not leading:
+                job.wake.wait()  # until it has run, or its caller is handed the lead
+            if not job.done:
+                self._lead_builds(job)
         except BaseException:
-            with self._pending_lock:
-                if job in self._pending:  # interrupted before it ran: never run, never sent
-                    self._pending.remove(job)
+            self._give_up(job)
             if job.done and job.error is None and abandoned is not None:
                 abandoned(job.value)
             raise
@@ -88,23 +95,41 @@ class BuildQueue:
             raise job.error
         return job.value
 
-    def _drain(self, job: _Job, greedy: bool) -> None:
-        """Under the lock: the queued builds in order up to `job`, then (greedy) those behind
-        it for at most FOR_OTHERS_S (a steady stream of callers never keeps this caller from
-        reading its own answer for longer)."""
+    def _lead_builds(self, job: _Job) -> None:
+        """As the lead, under the lock: the queued builds in order up to `job`, then (unless on
+        an event loop) those behind it for up to FOR_OTHERS_S; then the lead passes on."""
+        greedy, done_at = not _on_event_loop(), None
         self._running.on = True
-        done_at = None
         try:
-            while True:
-                with self._pending_lock:
-                    if job.done:
-                        done_at = time.perf_counter() if done_at is None else done_at
-                        if not greedy or not self._pending or time.perf_counter() - done_at > FOR_OTHERS_S:
-                            return
-                    nxt = self._pending.popleft()  # ours is queued until it has run: never empty here
-                nxt.execute(own=nxt is job)
+            with self.lock:
+                while True:
+                    with self._state:
+                        if job.done:
+                            done_at = time.perf_counter() if done_at is None else done_at
+                            if not greedy or not self._pending or time.perf_counter() - done_at > FOR_OTHERS_S:
+                                return
+                        nxt = self._pending.popleft()  # ours is queued until it has run: never empty here
+                    nxt.execute(own=nxt is job)
         finally:
             self._running.on = False
+            self._pass_lead(job)
+
+    def _pass_lead(self, job: _Job) -> None:
+        with self._state:
+            if self._lead is not job:
+                return
+            self._lead = self._pending[0] if self._pending else None
+            nxt = self._lead
+        if nxt is not None:
+            nxt.wake.set()  # not done: its caller leads now
+
+    def _give_up(self, job: _Job) -> None:
+        """An interrupted caller: its build, if still queued, is never run; a lead handed to it
+        goes to the next build."""
+        with self._state:
+            if job in self._pending:
+                self._pending.remove(job)
+        self._pass_lead(job)
 
 
 def _on_event_loop() -> bool:
