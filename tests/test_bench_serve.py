@@ -38,7 +38,10 @@ def test_report_fields_and_zero_errors(report):
         assert 0 < r["ttft_p50_s"] <= r["ttft_p90_s"] <= r["ttft_p99_s"] <= r["e2e_p99_s"]
         assert set(r["by_kind"]) == set(report["workload"]["kinds"])
     assert sum(report["workload"]["kinds"].values()) == 6
-    assert set(report["overhead"]) >= {"ttft_p50_delta_s", "ttft_p99_ratio", "tokens_per_s_ratio", "itl_p50_delta_s", "e2e_p99_ratio"}
+    assert set(report["overhead"]) >= {"ttft_p50_delta_s", "ttft_p99_ratio", "tokens_per_s_ratio", "itl_p50_delta_s", "e2e_p99_ratio",
+                                       "outside_p50_delta_s"}
+    o = report["overhead"]
+    assert abs(o["outside_p50_delta_s"] - (report["http"]["outside_p50_s"] - report["in_process"]["outside_p50_s"])) < 1e-9
     assert [t["metric"] for t in report["targets"]] == ["ttft_p50_delta_s", "ttft_p99_ratio", "tokens_per_s_ratio"]
     assert report["server"]["exit_code"] in (0, 130) and "Traceback" not in report["server"]["stderr_tail"]
     assert report["server"]["startup_line"].startswith("omnistream serve: listening on http://127.0.0.1:")

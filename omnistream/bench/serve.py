@@ -296,6 +296,7 @@ def print_report(r: dict, out=None) -> None:
     p(f"HTTP overhead: TTFT p50 {fmt_num(o['ttft_p50_delta_s'], 1000, 2)} ms, p99 {fmt_num(o['ttft_p99_ratio'], digits=3)}x; "
       f"ITL p50 {fmt_num(o['itl_p50_delta_s'], 1000, 2)} ms, p99 {fmt_num(o['itl_p99_ratio'], digits=3)}x; "
       f"E2E p50 {fmt_num(o['e2e_p50_delta_s'], 1000, 2)} ms, p99 {fmt_num(o['e2e_p99_ratio'], digits=3)}x; tokens/s {fmt_num(o['tokens_per_s_ratio'], digits=3)}x")
+    p(f"HTTP's own share of TTFT (time outside the engine, p50, HTTP minus in-process): {fmt_num(o.get('outside_p50_delta_s'), 1000, 2)} ms")
     extra = f" ({a['not_compared']} live `fast` answers not compared: timing-dependent)" if a.get("not_compared") else ""
     p(f"greedy answers equal over HTTP and in-process: {a['equal']}/{a['compared']}{extra}")
     note = "" if (str(w["model"]) == "3b" and env["gpu"]) else f" (set for 3B on an H200, 32 clients; this run: {w['model']} on {env['gpu'] or 'CPU'}, indicative only)"

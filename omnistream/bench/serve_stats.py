@@ -86,6 +86,10 @@ def overhead(http: dict, local: dict) -> dict[str, Any]:
         "itl_p50_delta_s": delta("itl_p50_s"), "itl_p99_ratio": _ratio(http["itl_p99_s"], local["itl_p99_s"]),
         "e2e_p50_delta_s": delta("e2e_p50_s"), "e2e_p99_ratio": _ratio(http["e2e_p99_s"], local["e2e_p99_s"]),
         "tokens_per_s_ratio": _ratio(http["tokens_per_s"], local["tokens_per_s"]),
+        # the time outside the engine (client TTFT minus the engine's own), HTTP's median minus
+        # in-process's: what the wire and the server add, whatever the engine's queueing did in
+        # each phase (the TTFT p50 delta swings with the mix's order of arrival)
+        "outside_p50_delta_s": delta("outside_p50_s"),
     }
 
 
