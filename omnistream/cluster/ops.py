@@ -68,12 +68,21 @@ class Fanout:
         return {name: await self.call(name, method, *args) for name in await self.replicas()}
 
     async def call(self, name: str, method: str, *args: Any) -> Any:
-        call = self.handle().options(method_name=method, session_id=target_key(name)).remote(name, *args)
-        try:
-            return await asyncio.wait_for(_awaited(call), CALL_TIMEOUT_S)
-        except Exception as e:  # noqa: BLE001 - a dead or stuck replica is reported, not raised
-            log.warning("replica %s did not answer %s: %r", name, method, e)
-            return None
+        """`name`'s answer, or None. A call that reached another replica (it answers None: not
+        the one expected) is made again, within CALL_TIMEOUT_S in all."""
+        deadline = time.monotonic() + CALL_TIMEOUT_S
+        while True:
+            call = self.handle().options(method_name=method, session_id=target_key(name)).remote(name, *args)
+            try:
+                answer = await asyncio.wait_for(_awaited(call), max(0.05, deadline - time.monotonic()))
+            except Exception as e:  # noqa: BLE001 - a dead or stuck replica is reported, not raised
+                log.warning("replica %s did not answer %s: %r", name, method, e)
+                return None
+            if answer is not None or time.monotonic() >= deadline:
+                if answer is None:
+                    log.warning("replica %s: every %s call reached another replica", name, method)
+                return answer
+            await asyncio.sleep(0.05)
 
 
 async def _awaited(response):
