@@ -9,7 +9,7 @@ import sys
 import threading
 import time
 
-from omnistream.bench.concurrency import SYSTEM, context_prompt, text_question
+from omnistream.bench.text_prompts import SYSTEM, context_prompt, text_question
 from omnistream.bench.models import make_engine
 from omnistream.engine.sampling import SamplingParams
 

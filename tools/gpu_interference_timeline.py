@@ -6,7 +6,7 @@ import time
 
 import numpy as np
 
-from omnistream.bench.concurrency import run_interference_once
+from omnistream.bench.interference import run_interference_once
 from omnistream.bench.models import make_engine
 
 eng = make_engine("3b", "cuda", "auto", 0, kv_cache_tokens=60_000, max_num_seqs=64)

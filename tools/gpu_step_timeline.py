@@ -18,7 +18,7 @@ import time
 import numpy as np
 import torch
 
-from omnistream.bench.concurrency import SYSTEM, context_prompt, text_question
+from omnistream.bench.text_prompts import SYSTEM, context_prompt, text_question
 from omnistream.bench.models import make_engine
 from omnistream.bench.multiturn import add_clip, question
 from omnistream.engine.sampling import SamplingParams

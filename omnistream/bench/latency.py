@@ -27,6 +27,7 @@ import torch
 
 from omnistream.bench.flops import encoder_flops, matmul_peak_flops, prefill_flops
 from omnistream.bench.models import make_pair, resolve_dtype
+from omnistream.bench.stats import ratio
 from omnistream.bench.workload import video_question, video_tokens
 from omnistream.engine.sampling import SamplingParams
 from omnistream.media.patchify import normalize_rows
@@ -358,8 +359,8 @@ def run_latency(model_config: str, device: str, dtype: str, frames: int, size: i
             "engine_kv_cache_tokens": kv_tokens,
         },
         "systems": systems,
-        "ratios": {k: _ratio(base.get(k), ours.get(k)) for k in ROWS},
-        "ratios_tuned": {k: _ratio(systems["transformers_tuned"].get(k), ours.get(k)) for k in ROWS},
+        "ratios": {k: ratio(base.get(k), ours.get(k)) for k in ROWS},
+        "ratios_tuned": {k: ratio(systems["transformers_tuned"].get(k), ours.get(k)) for k in ROWS},
         "floor": floor,
         "work": work,
         "rates": {name: stage_rates(systems[name], work, floor) for name in systems if systems[name].get("status") == "ok"},
@@ -390,10 +391,6 @@ def stage_rates(system: dict, work: dict, floor: dict) -> dict:
             "decode_of_bandwidth": floor["decode_ms_per_token_with_kv"] / decode if decode else None}
 
 
-def _ratio(a: float | None, b: float | None) -> float | None:
-    return a / b if a is not None and b else None
-
-
 # ---------------------------------------------------------------------------------- output
 def _fmt(x: float | None, digits: int = 3) -> str:
     return "n/a" if x is None else f"{x:.{digits}f}"
@@ -409,9 +406,9 @@ def print_report(r: dict, out=None) -> None:
     print(f"{'':<18}{'transformers':>13}{'tf tuned':>10}{'omnistream':>12}{'ratio':>8}{'floor':>8}", file=out)
     for key, label in zip(ROWS, ("vision encode s", "TTFT s", "decode ms/token", "peak GiB")):
         vals = "".join(f"{_fmt(s[c].get(key)):>{wd}}" for c, wd in zip(cols, (13, 10, 12)))
-        ratio = r["ratios"][key]
+        x = r["ratios"][key]
         fl = _fmt(floor["decode_ms_per_token"]) if key == "decode_ms_per_token" else ""
-        print(f"{label:<18}{vals}{(_fmt(ratio, 2) + 'x') if ratio else 'n/a':>8}{fl:>8}", file=out)
+        print(f"{label:<18}{vals}{(_fmt(x, 2) + 'x') if x else 'n/a':>8}{fl:>8}", file=out)
     if s["transformers_tuned"]["status"] != "ok":
         print(f"transformers tuned: n/a ({s['transformers_tuned']['reason']})", file=out)
     o = s["omnistream"]

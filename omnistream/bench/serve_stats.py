@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
-from omnistream.bench.concurrency import mean, pct
+from omnistream.bench.stats import mean, pct, ratio
 from omnistream.bench.serve_workload import FOLLOWUP, KINDS, Sample
 
 # for 3B on an H200 with 32 streaming clients (issue 9)
@@ -74,18 +74,14 @@ def summarize(samples: list[Sample], start: float, end: float) -> dict[str, Any]
     }
 
 
-def _ratio(a, b):
-    return a / b if a is not None and b else None
-
-
 def overhead(http: dict, local: dict) -> dict[str, Any]:
     """HTTP against in-process: differences of medians, ratios of tails and of throughput."""
     delta = lambda k: None if http[k] is None or local[k] is None else http[k] - local[k]  # noqa: E731
     return {
-        "ttft_p50_delta_s": delta("ttft_p50_s"), "ttft_p99_ratio": _ratio(http["ttft_p99_s"], local["ttft_p99_s"]),
-        "itl_p50_delta_s": delta("itl_p50_s"), "itl_p99_ratio": _ratio(http["itl_p99_s"], local["itl_p99_s"]),
-        "e2e_p50_delta_s": delta("e2e_p50_s"), "e2e_p99_ratio": _ratio(http["e2e_p99_s"], local["e2e_p99_s"]),
-        "tokens_per_s_ratio": _ratio(http["tokens_per_s"], local["tokens_per_s"]),
+        "ttft_p50_delta_s": delta("ttft_p50_s"), "ttft_p99_ratio": ratio(http["ttft_p99_s"], local["ttft_p99_s"]),
+        "itl_p50_delta_s": delta("itl_p50_s"), "itl_p99_ratio": ratio(http["itl_p99_s"], local["itl_p99_s"]),
+        "e2e_p50_delta_s": delta("e2e_p50_s"), "e2e_p99_ratio": ratio(http["e2e_p99_s"], local["e2e_p99_s"]),
+        "tokens_per_s_ratio": ratio(http["tokens_per_s"], local["tokens_per_s"]),
         # the time outside the engine (client TTFT minus the engine's own), HTTP's median minus
         # in-process's: what the wire and the server add, whatever the engine's queueing did in
         # each phase (the TTFT p50 delta swings with the mix's order of arrival)

@@ -16,7 +16,7 @@ from typing import Awaitable, Callable
 
 import numpy as np
 
-from omnistream.bench.concurrency import context_words
+from omnistream.bench.text_prompts import context_words
 from omnistream.bench.workload import synthetic_video_frames
 
 
