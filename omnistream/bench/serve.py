@@ -66,10 +66,10 @@ from typing import Any
 
 from omnistream.bench.concurrency import fmt_num, target_mark
 from omnistream.bench.serve_http import http_phase
-from omnistream.entrypoints.serve_cli import SERVER_ENGINE_DEFAULTS
 from omnistream.bench.serve_local import engine_phase
 from omnistream.bench.serve_stats import check_targets, equal_answers, kind_order, overhead, summarize
 from omnistream.bench.serve_workload import Sample, make_workload, parse_mix
+from omnistream.entrypoints.serve_cli import SERVER_ENGINE_DEFAULTS
 
 
 SERVER_START_TIMEOUT_S = 900.0  # a 7B random model on a GPU, CUDA graphs captured

@@ -9,9 +9,10 @@ each). Here a caller queues its build; if no caller leads, it leads: under the l
 builds queued ahead of its own, its own and, for up to FOR_OTHERS_S, those behind it, each sent
 to the engine as soon as it is built, so the requests of a burst reach the engine back to back.
 A caller whose build the lead ran is woken with its result and returns without the lock; when
-the lead stops, it hands the lead to the first build still queued. An event loop's thread,
-leading, runs builds only up to its own (the loop's other work must not wait for other callers'
-builds); a build that queues another runs it at once.
+the lead stops, it hands the lead to the first build still queued. An event loop's thread or
+the main thread, leading, runs builds only up to its own (the loop's other work must not wait
+for other callers' builds, nor an interrupt meant for the main thread land in them); a build
+that queues another, or a caller already holding the lock, runs it at once.
 
     builds = BuildQueue(threading.RLock())
     result = builds.run(lambda: build_and_send())   # raises what the build raised, in this thread

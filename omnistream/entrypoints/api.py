@@ -80,7 +80,7 @@ class Engine:
         # over their prompt's rendering too). Under the interpreter lock, concurrent builds advance
         # round-robin: a burst of 64 questions all finished building at ~56 ms (H200 host, 3B),
         # the engine idle until then; one at a time, the first is queued after one build and runs
-        # at once, and the holder runs the builds queued behind it (BuildQueue)
+        # at once, and the caller that leads the BuildQueue runs the builds queued behind it
         self.submit_lock = threading.RLock()
         self.builds = BuildQueue(self.submit_lock)  # a burst's builds run back to back (engine/build_queue.py)
         self.block_size = cfg.cache.block_size
