@@ -103,12 +103,21 @@ class EngineConfig:
     # (lossless; engine/encode_ahead.py). Off by default: on the H200 it made both of its target
     # workloads worse (see the module's note), until vision launches stop blocking the host
     encode_ahead: bool = False
+    # while answers decode, encode media ahead of their steps on the engine's own stream, a few
+    # vision blocks per decode step: about this many pixel rows x blocks per step (16384: one
+    # block of a 16-patch group, 16 blocks of one image's 1024 rows); unset: off
+    # (engine/encode_ahead.py, "Sliced"; lossless)
+    vision_slice_rows: int | None = None  # pixel rows x vision blocks encoded per decode step while answers decode (media encoded ahead, on the engine's stream); unset: off
     weight_quant: str | None = None  # lossy small-GPU mode: int8 or fp8 weights for the LLM's linear layers, LM head and embedding (media encoders stay in dtype); unset: off
 
     def __post_init__(self) -> None:
         if self.dtype != "auto" and self.dtype not in _DTYPES:
             raise ConfigError(f"dtype must be one of {sorted(_DTYPES)} or auto, got {self.dtype!r}")
         _check_weight_quant(self.weight_quant)
+        if self.vision_slice_rows is not None and self.vision_slice_rows < 1:
+            raise ConfigError(f"vision_slice_rows must be positive (or unset: off), got {self.vision_slice_rows}")
+        if self.vision_slice_rows is not None and self.encode_ahead:
+            raise ConfigError("vision_slice_rows and encode_ahead are two ways to encode ahead: set one")
         _check_device(self.device)
 
     @property

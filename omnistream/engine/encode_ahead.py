@@ -33,6 +33,18 @@ before turning it on. What would make it pay: pinned, preallocated inputs and in
 in CUDA graphs per group size, and a policy that encodes ahead only while the main stream has
 room (decodes), launching at most a few blocks per step.
 
+Sliced (EngineConfig.vision_slice_rows): the same selection, but no side stream: the group's
+forward runs on the engine's stream a few encoder blocks at a time (ModelRunner.vision_steps, a
+generator that yields after every block), just before each decode step is launched, about
+`vision_slice_rows` pixel rows x blocks per step. A 64-frame clip's tower then adds a bounded
+slice to every running answer's token instead of a 9 ms one-patch forward (H200, 3B, in-step
+path) or a host-blocking launch of the whole clip. A step that carries more than
+SLICE_MAX_PREFILL prompt tokens runs no blocks (both costs in one step would add up in every
+running answer's inter-token time); while nothing decodes, the group in flight finishes at
+once and the steps encode what they reach in one forward, as without encode-ahead. Lossless:
+the same blocks over the same rows, in the same order; the group's hidden state (rows x width)
+waits between steps. Its embeddings are ready for the step after its last block (same stream).
+
 Safety: every vision forward of an engine with this on runs on the side stream (the in-step
 path too, followed by a wait of the main stream), so encoder-cache hits and evictions are
 ordered after the forwards that made them; embeddings made there and read on the main stream
@@ -44,12 +56,22 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Generator, Iterable
 
 import torch
 
 from omnistream.cache.encoder_cache import temporal_slice
 from omnistream.engine.vision_timing import VisionTiming
+from omnistream.stepwise import run_steps
+
+# sliced (see the module's note): a step with more prompt tokens than this runs no encoder
+# blocks (the two together would add both costs to every running answer's token), unless it
+# held the encode back this many steps in a row already
+SLICE_MAX_PREFILL = 64
+SLICE_MAX_SKIPS = 16
+# a block of fewer rows than this costs about as much as one of this many (small forwards do
+# not fill the GPU), when a step's share of blocks is counted
+SLICE_MIN_ROWS = 4096
 
 
 @dataclass
@@ -61,36 +83,90 @@ class _Group:
     timing: VisionTiming
     keys: set[tuple[int, int, int]] = field(default_factory=set)  # (id(request), item, patch)
     recorded: bool = False  # its embeddings are recorded on the main stream
+    # sliced: the forward's remaining blocks (ModelRunner.vision_steps; None once finished) and
+    # its pixel rows (what a block costs)
+    job: Generator | None = None
+    rows: int = 0
 
     def done(self) -> bool:
-        return self.event is None or self.event.query()
+        return self.job is None and (self.event is None or self.event.query())
 
 
 class EncodeAhead:
-    def __init__(self, runner, stream: torch.cuda.Stream | None, max_tokens: int) -> None:
+    def __init__(self, runner, stream: torch.cuda.Stream | None, max_tokens: int, slice_rows: int | None = None) -> None:
         self.runner = runner  # its max_vision_patches: pixel rows per forward launched ahead
         # media tokens encoded ahead and not yet computed, over all requests, at most (a long
         # video is encoded as its prompt advances, not all at once: its embeddings are held
         # until its chunks reach them)
         self.max_tokens = max_tokens
-        self.stream = stream  # the side stream; None on the CPU (encodes synchronously)
+        self.stream = stream  # the side stream; None on the CPU or when sliced (the engine's stream)
+        # sliced (see "Sliced" above): pixel rows x encoder blocks per decode step; None: off
+        self.slice_rows = slice_rows
         self.inflight: list[_Group] = []
         self.pending: set[tuple[int, int, int]] = set()  # patches of groups in flight
         self.groups_launched = 0
+        self.slices = 0  # steps that ran a piece of a sliced encode
+        self._skipped = 0  # steps in a row that held back the sliced encode for their prefill
 
     # ------------------------------------------------------------------ per step (engine loop)
-    def step(self, requests: Iterable, start_of) -> None:
+    def step(self, requests: Iterable, start_of, decoding: bool = True) -> None:
         """Retires the groups that finished, launches the next one if none is in flight, and
         sets each request's media_ready_until. requests: running prompts then waiting ones, in
         the order they will be served; start_of(req): the token its next chunk starts at (for a
-        waiting request, past the prefix the cache already holds)."""
+        waiting request, past the prefix the cache already holds). decoding: some answer is
+        being decoded (sliced: otherwise nothing is held back, the steps encode what they reach)."""
         # each start once: a waiting request's is a prefix-cache lookup
         served = [(r, start_of(r)) for r in requests if r.media and not r.finished]
         self.poll()
-        if not self.inflight:
+        if self.slice_rows is not None and not decoding:
+            self.advance(None)  # nobody waits for tokens: the encode in flight ends now, whole
+            for r, _ in served:
+                r.media_ready_until = None  # the steps encode in one forward what they reach
+            return
+        busy = self.inflight if self.slice_rows is None else [g for g in self.inflight if g.job is not None]
+        if not busy:  # one forward at a time (sliced: one whose blocks still run)
             self._launch(served)
         for r, start in served:
             r.media_ready_until = self.ready_until(r, start)
+
+    def advance(self, prefill_tokens: int | None) -> None:
+        """Sliced: runs the next blocks of the encode in flight on the engine's stream, just
+        before a step is launched. prefill_tokens: the step's prompt tokens (a step with more
+        than SLICE_MAX_PREFILL of them is left alone, at most SLICE_MAX_SKIPS steps in a row);
+        None: the encode runs to its end now (nothing decodes)."""
+        g = next((g for g in self.inflight if g.job is not None), None)
+        if g is None:
+            return
+        blocks = 1 << 30
+        if prefill_tokens is not None:
+            if prefill_tokens > SLICE_MAX_PREFILL and self._skipped < SLICE_MAX_SKIPS:
+                self._skipped += 1
+                return
+            # a block of a small group costs about what one of SLICE_MIN_ROWS rows does
+            blocks = max(1, self.slice_rows // max(g.rows, SLICE_MIN_ROWS))
+        self._skipped = 0
+        self.slices += 1
+        if g.timing is None:
+            g.timing = VisionTiming.start(self.runner.device)
+        else:
+            g.timing.resume()
+        with torch.inference_mode():
+            finished, value = run_steps(g.job, blocks)
+        if not finished:
+            g.timing.pause()
+            return
+        g.job = None
+        encoded, tokens = value
+        g.timing.stop([(req, n) for (req, *_), n in zip(g.runs, tokens)])
+        for (req, j, k0, k1), patches in zip(g.runs, encoded):
+            if not req.finished and req.mm_embeds[j] is not None:  # else: ended or preempted meanwhile
+                req.mm_embeds[j][k0:k1] = patches
+        # ready now: every later step runs on the same stream, after these blocks
+        self.pending -= g.keys
+        if self.runner.device.type == "cuda":
+            g.event = torch.cuda.Event()
+            g.event.record()  # retired (its timing read) once the GPU is past it
+        self.poll()
 
     def poll(self) -> None:
         while self.inflight and self.inflight[0].done():
@@ -98,6 +174,8 @@ class EncodeAhead:
 
     def wait(self) -> None:
         """Blocks until the oldest group in flight is done (the loop has nothing else to run)."""
+        if self.inflight and self.inflight[0].job is not None:
+            self.advance(None)
         if self.inflight and self.inflight[0].event is not None:
             self.inflight[0].event.synchronize()
         self.poll()
@@ -174,6 +252,13 @@ class EncodeAhead:
                 req.mm_embeds[j] = [None] * req.media[j][1].grid_thw[0]
                 runner._hold(req, req.media[j][1])
         subs = [temporal_slice(req.media[j][1], k0, k1) for req, j, k0, k1 in runs]
+        if self.slice_rows is not None:  # its blocks run in the next steps (advance)
+            group = _Group(runs, None, None, job=runner.vision_steps(subs), rows=sum(x.pixel_values.shape[0] for x in subs))
+            group.keys = {(id(req), j, k) for req, j, k0, k1 in runs for k in range(k0, k1)}
+            self.pending |= group.keys
+            self.inflight.append(group)
+            self.groups_launched += 1
+            return
         with self.on_side_stream():
             timing = VisionTiming.start(runner.device)
             encoded = runner.run_vision_patches(subs)
@@ -194,7 +279,8 @@ class EncodeAhead:
 
     def _retire(self, g: _Group) -> None:
         self.pending -= g.keys
-        g.timing.resolve()  # each request's vision_encode_s
+        if g.timing is not None:
+            g.timing.resolve()  # each request's vision_encode_s
         self._record(g)
 
     def _record(self, g: _Group) -> None:

@@ -80,7 +80,9 @@ class LLMEngine:
         self.overlap = cfg.overlap_decode  # see step(); needs the row-batch path (runner.graphs)
         self._inflight: _InFlight | None = None  # a decode step launched, its tokens not yet read
         # media encoded ahead of their steps (engine/encode_ahead.py), two steps' worth at most
-        self.ahead = self.runner.enable_encode_ahead(2 * cfg.scheduler.max_num_batched_tokens) if cfg.encode_ahead else None
+        self.ahead = None
+        if cfg.encode_ahead or cfg.vision_slice_rows:
+            self.ahead = self.runner.enable_encode_ahead(2 * cfg.scheduler.max_num_batched_tokens, cfg.vision_slice_rows)
 
     # ------------------------------------------------------------------ submitting thread
     def make_request(self, spec: EngineRequest) -> Request:
@@ -154,6 +156,7 @@ class LLMEngine:
             if self.ahead is not None and self.ahead.inflight:
                 self.ahead.wait()  # nothing runs until media encoded ahead are ready
             return result
+        self._advance_sliced(out)
         t0 = time.perf_counter()
         try:
             launched = self.runner.launch(out)
@@ -195,6 +198,7 @@ class LLMEngine:
         out = SchedulerOutput(chunks, len(chunks), [])
         if not self.runner.graphs.can_run(out):  # checked with the grown tables (a new block may cross the graphs' width)
             return None
+        self._advance_sliced(out)
         t0 = time.perf_counter()
         try:
             launched = self.runner.launch(out, prev.launched)
@@ -254,7 +258,17 @@ class LLMEngine:
         waiting = [r for r in self.scheduler.waiting if r.media]
         running = [r for r in self.scheduler.running if r.media and r.num_computed_tokens < r.prompt_len]
         if waiting or running or self.ahead.inflight:
-            self.ahead.step(running + waiting, self._next_start)
+            decoding = any(r.num_computed_tokens >= r.prompt_len for r in self.scheduler.running)
+            self.ahead.step(running + waiting, self._next_start, decoding)
+
+    def _advance_sliced(self, out: SchedulerOutput) -> None:
+        """Sliced encode-ahead: the next encoder blocks run before this step (all of them when
+        the step decodes nothing)."""
+        if self.ahead is None or self.ahead.slice_rows is None:
+            return
+        decodes = any(c.start >= c.request.prompt_len or c.pending for c in out.chunks)
+        prefill = sum(c.num_tokens for c in out.chunks if c.start < c.request.prompt_len and not c.pending)
+        self.ahead.advance(prefill if decodes else None)
 
     def _next_start(self, req: Request) -> int:
         """The token the request's next chunk starts at (a waiting one: past its cached prefix)."""

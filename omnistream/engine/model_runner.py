@@ -16,6 +16,7 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass
+from typing import Generator
 
 import torch
 
@@ -27,6 +28,7 @@ from omnistream.engine.encode_ahead import EncodeAhead
 from omnistream.engine.vision_timing import VisionTiming
 from omnistream.layers.attention import AttentionMetadata, row_layout, row_tiles
 from omnistream.models.interface import MultimodalLM
+from omnistream.stepwise import drain
 
 log = logging.getLogger(__name__)
 
@@ -160,16 +162,17 @@ class ModelRunner:
             d, f = dst[s : s + chunk].to(self.device), src[s : s + chunk].to(self.device)
             flat[:, :, d] = flat[:, :, f]
 
-    def enable_encode_ahead(self, max_tokens: int) -> EncodeAhead:
+    def enable_encode_ahead(self, max_tokens: int, slice_rows: int | None = None) -> EncodeAhead:
         """Media encoded before their steps (engine/encode_ahead.py). On CUDA the vision tower
         gets a low-priority stream of its own and the engine loop a high-priority one (the loop
-        thread makes it current: enter_loop_thread)."""
+        thread makes it current: enter_loop_thread); sliced (slice_rows), a few blocks per step
+        on the engine's stream."""
         side = None
-        if self.device.type == "cuda":
+        if self.device.type == "cuda" and slice_rows is None:
             # out-of-range priorities map to the nearest valid one: the lowest, the highest
             side = torch.cuda.Stream(self.device, priority=100)
             self.main_stream = torch.cuda.Stream(self.device, priority=-100)
-        self.ahead = EncodeAhead(self, side, max_tokens)
+        self.ahead = EncodeAhead(self, side, max_tokens, slice_rows)
         return self.ahead
 
     def enter_loop_thread(self) -> None:
@@ -275,7 +278,16 @@ class ModelRunner:
             return self._run_vision(items)
 
     def _run_vision(self, items) -> list[list[torch.Tensor]]:
-        """Items are grouped up to max_vision_patches patches per forward (lossless: attention
+        patches, self.last_encoded_tokens = drain(self.vision_steps(items, sliced=False))
+        return patches
+
+    def vision_steps(self, items, sliced: bool = True) -> Generator[None, None, tuple[list[list[torch.Tensor]], list[int]]]:
+        """run_vision_patches as a generator: with `sliced`, it yields after every encoder block
+        (engine/encode_ahead.py spreads a clip over decode steps; eager, no vision graphs) ->
+        (per item, per temporal patch embeddings; tokens encoded per item). The caller runs it
+        under inference mode, with the tower on the device (no vision offload).
+
+        Items are grouped up to max_vision_patches patches per forward (lossless: attention
         never crosses items or temporal slices). With an encoder cache, only the temporal
         patches it misses are encoded (runs of consecutive missing patches become sub-items)
         and the new ones are inserted."""
@@ -292,31 +304,34 @@ class ModelRunner:
             for i in indices:
                 n = todo[i].pixel_values.shape[0]
                 if group and count + n > self.max_vision_patches:
-                    self._encode_group(todo, group, out)
+                    yield from self._encode_group(todo, group, out, sliced)
                     group, count = [], 0
                 group.append(i)
                 count += n
-            self._encode_group(todo, group, out)
-        self.last_encoded_tokens = plan.encoded_tokens if plan is not None else [it.num_tokens for it in items]
-        self.vision_tokens_encoded += sum(self.last_encoded_tokens)
+            yield from self._encode_group(todo, group, out, sliced)
+        encoded = plan.encoded_tokens if plan is not None else [it.num_tokens for it in items]
+        self.vision_tokens_encoded += sum(encoded)
         if plan is not None:
-            return plan.finish_patches(out)
-        return [list(e.split(it.tokens_per_temporal_patch)) for e, it in zip(out, items)]
+            return plan.finish_patches(out), encoded
+        return [list(e.split(it.tokens_per_temporal_patch)) for e, it in zip(out, items)], encoded
 
-    def _encode_group(self, todo: list, indices: list[int], out: list) -> None:
+    def _encode_group(self, todo: list, indices: list[int], out: list, sliced: bool) -> Generator[None, None, None]:
         """Items todo[i] (i in indices, one encoder) in one forward -> out[i]."""
-        for i, emb in zip(indices, self._vision_group([todo[i] for i in indices])):
+        for i, emb in zip(indices, (yield from self._vision_group([todo[i] for i in indices], sliced))):
             out[i] = emb
 
-    def _vision_group(self, items) -> list[torch.Tensor]:
+    def _vision_group(self, items, sliced: bool) -> Generator[None, None, list[torch.Tensor]]:
         pixels = self._device_pixels([it.pixel_values for it in items])
         grids, kind = [it.grid_thw for it in items], items[0].kind
         emb = None
-        graphed = self.vision_graphs is not None and self.vision_graphs.visual is self.model.media_encoder(kind)
-        if graphed and self.vision_offload is None:  # offload moves the weights
-            emb = self.vision_graphs.run(pixels, grids)
-        if emb is None:
-            emb = self.model.encode_media(pixels, grids, kind)
+        if sliced:
+            emb = yield from self.model.encode_media_steps(pixels, grids, kind)
+        else:
+            graphed = self.vision_graphs is not None and self.vision_graphs.visual is self.model.media_encoder(kind)
+            if graphed and self.vision_offload is None:  # offload moves the weights
+                emb = self.vision_graphs.run(pixels, grids)
+            if emb is None:
+                emb = self.model.encode_media(pixels, grids, kind)
         return list(emb.split([it.num_tokens for it in items]))
 
     def _device_pixels(self, rows: list[torch.Tensor]) -> torch.Tensor:

@@ -20,37 +20,50 @@ import torch
 class VisionTiming:
     shares: list[tuple[Any, int]] = field(default_factory=list)  # (request, tokens encoded for it)
     seconds: float = 0.0  # known once resolved
-    _start: Any = None  # torch.cuda.Event, or the perf_counter start on the CPU
-    _end: Any = None
+    cuda: bool = False
+    # (start, end) of each piece: CUDA events, or perf_counter values on the CPU; an encode
+    # spread over several steps (engine/encode_ahead.py, sliced) has one piece per step, so the
+    # steps between its pieces do not count
+    _pieces: list[list[Any]] = field(default_factory=list)
     _resolved: bool = False
 
     @classmethod
     def start(cls, device: torch.device) -> "VisionTiming":
-        t = cls()
-        if device.type == "cuda":
-            t._start = torch.cuda.Event(enable_timing=True)
-            t._start.record()
-        else:
-            t._start = time.perf_counter()
+        t = cls(cuda=device.type == "cuda")
+        t.resume()
         return t
+
+    def _mark(self) -> Any:
+        if not self.cuda:
+            return time.perf_counter()
+        e = torch.cuda.Event(enable_timing=True)
+        e.record()
+        return e
+
+    def resume(self) -> None:
+        """Starts a piece (start() starts the first)."""
+        self._pieces.append([self._mark(), None])
+
+    def pause(self) -> None:
+        """Ends the current piece: the encode goes on in a later step (resume)."""
+        self._pieces[-1][1] = self._mark()
 
     def stop(self, shares: list[tuple[Any, int]]) -> None:
         """After the encode was launched: shares = tokens encoded per request (cache hits are
         not encoding). On the CPU the time is known now and charged at once."""
         self.shares = [(r, n) for r, n in shares if n]
-        if isinstance(self._start, float):
-            self.seconds = time.perf_counter() - self._start
+        if self._pieces[-1][1] is None:
+            self.pause()
+        if not self.cuda:
+            self.seconds = sum(b - a for a, b in self._pieces)
             self._charge()
-        else:
-            self._end = torch.cuda.Event(enable_timing=True)
-            self._end.record()
 
     def resolve(self) -> float:
-        """The encode's seconds (waits for its end event: call it once the step is read);
+        """The encode's seconds (waits for its last event: call it once the step is read);
         charges each request its share of them, once."""
-        if not self._resolved and self._end is not None:
-            self._end.synchronize()
-            self.seconds = self._start.elapsed_time(self._end) / 1000.0
+        if not self._resolved and self.cuda and self._pieces and self._pieces[-1][1] is not None:
+            self._pieces[-1][1].synchronize()
+            self.seconds = sum(a.elapsed_time(b) for a, b in self._pieces) / 1000.0
             self._charge()
         return self.seconds
 

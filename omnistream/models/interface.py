@@ -9,7 +9,7 @@ not a branch in generic code.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, Sequence, runtime_checkable
+from typing import Generator, Protocol, Sequence, runtime_checkable
 
 import torch
 from torch import nn
@@ -74,6 +74,11 @@ class MultimodalLM(Protocol):
     def encode_media(self, pixels: torch.Tensor, grids: list[tuple[int, int, int]], kind: str = "video") -> torch.Tensor:
         """Prepared rows of several items of one encoder (media_encoder(kind), the same for all
         of them) -> (sum of their tokens, hidden)."""
+
+    def encode_media_steps(self, pixels: torch.Tensor, grids: list[tuple[int, int, int]], kind: str = "video") -> Generator[None, None, torch.Tensor]:
+        """encode_media as a generator that yields between the encoder's blocks and returns the
+        same embeddings (stepwise.py); an encoder that cannot be split runs whole at its first
+        next()."""
 
     def memory_estimate(self, itemsize: int, max_batched_tokens: int, max_encoder_rows: int) -> MemoryEstimate:
         """Weights and peak activations, from the config alone (a CPU budget cannot measure

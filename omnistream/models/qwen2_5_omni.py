@@ -11,7 +11,7 @@ qkv), and ``audio_tower.*``.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Generator, Sequence
 
 import torch
 from torch import nn
@@ -84,6 +84,12 @@ class Qwen2_5OmniThinker(Qwen2_5_VLModel):
         if kind == "audio":
             return self.audio_tower(rows, grids)
         return self.visual(rows, grids)
+
+    def encode_media_steps(self, rows: torch.Tensor, grids: list[tuple[int, int, int]], kind: str = "video") -> Generator[None, None, torch.Tensor]:
+        """Vision one block per yield; the audio tower (short mel windows) whole."""
+        if kind == "audio":
+            return self.audio_tower(rows, grids)
+        return (yield from self.visual.forward_steps(rows, grids))
 
     def memory_estimate(self, itemsize: int, max_batched_tokens: int, max_encoder_rows: int) -> MemoryEstimate:
         """The VL estimate with the audio tower's weights (the talker and token2wav are not

@@ -10,6 +10,7 @@ vision-tower outputs before the first layer. Parameter names follow the hub chec
 from __future__ import annotations
 
 import math
+from typing import Generator
 
 import torch
 from torch import nn
@@ -160,6 +161,10 @@ class Qwen2_5_VLModel(nn.Module):
     def encode_media(self, pixel_values: torch.Tensor, grids: list[tuple[int, int, int]], kind: str = "video") -> torch.Tensor:
         """Prepared patch rows of several images / videos -> (their tokens, hidden)."""
         return self.visual(pixel_values, grids)
+
+    def encode_media_steps(self, pixel_values: torch.Tensor, grids: list[tuple[int, int, int]], kind: str = "video") -> Generator[None, None, torch.Tensor]:
+        """encode_media one vision block per yield."""
+        return (yield from self.visual.forward_steps(pixel_values, grids))
 
 
 def prefill_activation_bytes(t: TextConfig, tokens: int, itemsize: int) -> int:

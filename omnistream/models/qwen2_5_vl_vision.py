@@ -16,6 +16,7 @@ encoding it whole; the encoder cache relies on this.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Generator
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +27,7 @@ from omnistream.layers.norm import RMSNorm
 from omnistream.layers.rotary import VisionRotaryEmbedding
 from omnistream.layers.segment_attention import SegmentLayout, segment_attention
 from omnistream.layers.linear import SwiGLU
+from omnistream.stepwise import drain
 from omnistream.models.hf_config import VisionConfig
 
 
@@ -159,6 +161,13 @@ class VisionTransformer(nn.Module):
     def forward(self, pixel_values: torch.Tensor, grids: list[tuple[int, int, int]], layout: VisionLayout | None = None) -> torch.Tensor:
         """pixel_values: (P, 1176) for all items concatenated -> (P/4, out_hidden) embeddings.
         layout: self.layout(grids) made beforehand (CUDA-graph capture cannot copy to the GPU)."""
+        return drain(self.forward_steps(pixel_values, grids, layout))
+
+    def forward_steps(self, pixel_values: torch.Tensor, grids: list[tuple[int, int, int]],
+                      layout: VisionLayout | None = None) -> Generator[None, None, torch.Tensor]:
+        """forward() one block at a time: the generator yields after each block (the engine
+        spreads a long clip's encode over its decode steps: engine/encode_ahead.py) and returns
+        the (P/4, out_hidden) embeddings. The same operations in the same order as forward()."""
         layout = layout or build_layout(grids, self.cfg, pixel_values.device)
         unit = self.cfg.spatial_merge_size**2
         x = self.patch_embed(pixel_values)
@@ -167,4 +176,10 @@ class VisionTransformer(nn.Module):
         for i, blk in enumerate(self.blocks):
             seg = layout.full_segments if i in self.full_blocks else layout.window_segments
             x = blk(x, cos, sin, seg)
+            yield
         return self.merger(x)[layout.reverse_index]
+
+    @property
+    def num_steps(self) -> int:
+        """How many times forward_steps yields: once per block."""
+        return len(self.blocks)

@@ -1,0 +1,157 @@
+"""Sliced encode-ahead (EngineConfig.vision_slice_rows, engine/encode_ahead.py "Sliced"): while
+answers decode, a clip's vision forward runs a few encoder blocks per decode step, so every
+running answer keeps getting tokens while it is encoded; the clip's and the streams' tokens and
+logits equal each one alone (in-step path, nothing sliced), every patch is encoded once, an
+abort mid-encode leaves nothing behind, and with nothing decoding the encode finishes whole."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from omnistream.engine.sampling import SamplingParams
+from omnistream.errors import ConfigError
+from omnistream.stepwise import drain, run_steps
+from tests.test_encoder_cache import _frames, _same, _user, _video
+from tests.test_vision_chunks import _engine
+
+STREAM = SamplingParams(max_new_tokens=48, ignore_eos=True)
+CLIP = SamplingParams(max_new_tokens=4, ignore_eos=True)
+TEXTS = [[_user(f"Tell a long story about the number {i}.")] for i in range(3)]
+CLIP_CONV = [_user(_video(_frames(12, seed=21)), "What moves here?")]  # 6 temporal patches
+
+
+def _sliced(tiny_model_dir, **options):
+    # 1 pixel row x block per step: one block per step (a group counts as SLICE_MIN_ROWS rows)
+    return _engine(tiny_model_dir, vision_slice_rows=1, **options)
+
+
+class SliceLog:
+    """Wraps the encode-ahead's advance (on the engine loop): per call, whether the step it ran
+    before decodes anything and how many blocks ran (0: held back or nothing in flight)."""
+
+    def __init__(self, eng) -> None:
+        self.llm, self.calls = eng.llm, []
+        self._advance = self.llm.ahead.advance
+        self.llm.ahead.advance = self
+
+    def __call__(self, prefill_tokens):
+        before = self.llm.ahead.slices
+        self._advance(prefill_tokens)
+        self.calls.append((prefill_tokens, self.llm.ahead.slices - before))
+
+
+def _streams_then_clip(eng, clip_conv=CLIP_CONV, abort_clip_after_slices: int | None = None):
+    """The text streams start; once each has a token, the clip is asked (it arrives while they
+    decode) -> (stream results, clip result or None when aborted)."""
+    handles = [eng.submit(eng.request_for(c, STREAM, return_logits=True)) for c in TEXTS]
+    firsts = [threading.Event() for _ in handles]
+    outs: list = [None] * len(handles)
+
+    def read(i):
+        for _ in handles[i]:
+            firsts[i].set()
+        outs[i] = handles[i].result()
+        firsts[i].set()
+
+    readers = [threading.Thread(target=read, args=(i,), daemon=True) for i in range(len(handles))]
+    for t in readers:
+        t.start()
+    for e in firsts:
+        assert e.wait(60)
+    clip = eng.submit(eng.request_for(clip_conv, CLIP, return_logits=True))
+    clip_out = None
+    if abort_clip_after_slices is not None:
+        ahead = eng.llm.ahead
+        for _ in range(6000):
+            if ahead.slices >= abort_clip_after_slices:
+                break
+            threading.Event().wait(0.005)
+        clip.abort()
+        clip_out = clip.result()
+    else:
+        clip_out = clip.result()
+    for t in readers:
+        t.join(60)
+    return outs, clip_out
+
+
+def test_forward_steps_yields_once_per_block_and_equals_forward(tiny_model_dir):
+    import torch
+
+    eng = _engine(tiny_model_dir)
+    visual = eng.llm.model.visual
+    [item] = eng.load_media(CLIP_CONV)
+    pixels = eng.llm.model.prepare_pixels(item.pixel_values, torch.float32)
+    with torch.inference_mode():
+        whole = visual(pixels, [item.grid_thw])
+        gen = visual.forward_steps(pixels, [item.grid_thw])
+        finished, _ = run_steps(gen, visual.num_steps)
+        assert not finished  # one yield per block: the merger is still to run
+        rest = drain(gen)
+    # the same operations; within 1e-4 (relative, per row): once, a first forward on this CPU
+    # differed from later ones in the 4th digit, with the same code
+    assert ((rest - whole).norm(dim=-1) / whole.norm(dim=-1)).max().item() < 1e-4
+
+
+def test_a_clip_encoded_in_slices_beside_decoding_streams_is_exact(tiny_model_dir):
+    alone = [_engine(tiny_model_dir).generate([c], STREAM, return_logits=True)[0] for c in TEXTS]
+    [clip_alone] = _engine(tiny_model_dir).generate([CLIP_CONV], CLIP, return_logits=True)
+    eng = _sliced(tiny_model_dir)
+    log = SliceLog(eng)
+    depth = eng.llm.model.visual.num_steps
+    before = eng.vision_tokens_encoded
+    outs, clip = _streams_then_clip(eng)
+    for got, want in zip(outs, alone):
+        _same(got, want, tol=1e-4)
+    _same(clip, clip_alone, tol=1e-4)
+    ran = [(p, n) for p, n in log.calls if n]
+    # the clip's forward ran one block per decode step: depth + 1 pieces (the last: the merger)
+    assert len(ran) >= depth, log.calls
+    assert all(p is not None for p, _ in ran), "an encode slice ran in a step without decodes"
+    assert eng.vision_tokens_encoded - before == sum(m.num_tokens for m in eng.load_media(CLIP_CONV))  # each patch once
+    assert clip.metrics.vision_encode_s > 0
+    # only the slices count as vision time, not the decode steps between them
+    assert clip.metrics.vision_encode_s < clip.metrics.first_token_at - clip.metrics.arrival
+    assert not eng.llm.ahead.pending and not eng.llm.ahead.inflight and not eng.llm.runner._cache_holds
+
+
+def test_a_step_with_a_large_prefill_runs_no_blocks(tiny_model_dir):
+    from omnistream.engine.encode_ahead import SLICE_MAX_PREFILL
+
+    eng = _sliced(tiny_model_dir)
+    log = SliceLog(eng)
+    _streams_then_clip(eng)
+    assert all(p is None or p <= SLICE_MAX_PREFILL for p, n in log.calls if n), log.calls
+
+
+def test_abort_mid_encode_leaves_nothing_behind(tiny_model_dir):
+    eng = _sliced(tiny_model_dir)
+    free = eng.llm.blocks.num_free
+    alone = [_engine(tiny_model_dir).generate([c], STREAM, return_logits=True)[0] for c in TEXTS]
+    outs, clip = _streams_then_clip(eng, abort_clip_after_slices=2)
+    assert clip.finish_reason == "abort"
+    for got, want in zip(outs, alone):
+        _same(got, want, tol=1e-4)
+    # the engine goes on: the same clip again is answered, exactly
+    [clip_alone] = _engine(tiny_model_dir).generate([CLIP_CONV], CLIP, return_logits=True)
+    [again] = eng.generate([CLIP_CONV], CLIP, return_logits=True)
+    _same(again, clip_alone, tol=1e-4)
+    assert not eng.llm.ahead.pending and not eng.llm.ahead.inflight and not eng.llm.runner._cache_holds
+    assert eng.llm.blocks.num_free == free
+
+
+def test_with_nothing_decoding_media_are_encoded_whole_in_their_step(tiny_model_dir):
+    eng = _sliced(tiny_model_dir)
+    log = SliceLog(eng)
+    [res] = eng.generate([CLIP_CONV], CLIP, return_logits=True)
+    [want] = _engine(tiny_model_dir).generate([CLIP_CONV], CLIP, return_logits=True)
+    _same(res, want, tol=1e-4)
+    assert eng.llm.ahead.groups_launched == 0 and not any(n for _, n in log.calls)
+
+
+@pytest.mark.parametrize("options", [{"vision_slice_rows": 0}, {"vision_slice_rows": 1024, "encode_ahead": True}])
+def test_bad_slice_settings_are_refused(tiny_model_dir, options):
+    with pytest.raises(ConfigError, match="vision_slice_rows"):
+        _engine(tiny_model_dir, **options)
