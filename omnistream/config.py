@@ -104,10 +104,11 @@ class EngineConfig:
     # workloads worse (see the module's note), until vision launches stop blocking the host
     encode_ahead: bool = False
     # while answers decode, encode media ahead of their steps on the engine's own stream, a few
-    # vision blocks per decode step: about this many pixel rows x blocks per step (16384: one
-    # block of a 16-patch group, 16 blocks of one image's 1024 rows); unset: off
+    # vision blocks per decode step: about this many pixel rows x blocks per step for each
+    # request the group encodes for (16384, one clip: one block of its 16-patch group; a group
+    # under 4096 rows counts as 4096: 4 blocks of one image); unset: off
     # (engine/encode_ahead.py, "Sliced"; lossless)
-    vision_slice_rows: int | None = None  # pixel rows x vision blocks encoded per decode step while answers decode (media encoded ahead, on the engine's stream); unset: off
+    vision_slice_rows: int | None = None  # pixel rows x vision blocks encoded per decode step and waiting request while answers decode (media encoded ahead, on the engine's stream); unset: off
     weight_quant: str | None = None  # lossy small-GPU mode: int8 or fp8 weights for the LLM's linear layers, LM head and embedding (media encoders stay in dtype); unset: off
 
     def __post_init__(self) -> None:

@@ -36,8 +36,9 @@ room (decodes), launching at most a few blocks per step.
 Sliced (EngineConfig.vision_slice_rows): the same selection, but no side stream: the group's
 forward runs on the engine's stream a few encoder blocks at a time (ModelRunner.vision_steps, a
 generator that yields after every block), just before each decode step is launched, about
-`vision_slice_rows` pixel rows x blocks per step. A 64-frame clip's tower then adds a bounded
-slice to every running answer's token instead of a 9 ms one-patch forward (H200, 3B, in-step
+`vision_slice_rows` pixel rows x blocks per step for each request the group encodes for (the
+pixels go up UPLOAD_ROWS rows per piece, the patch embedding is a piece of its own). A 64-frame
+clip's tower then adds a bounded slice to every running answer's token instead of a 9 ms one-patch forward (H200, 3B, in-step
 path) or a host-blocking launch of the whole clip. A step that carries more than
 SLICE_MAX_PREFILL prompt tokens runs no blocks (both costs in one step would add up in every
 running answer's inter-token time); while nothing decodes, the group in flight finishes at
@@ -87,6 +88,7 @@ class _Group:
     # its pixel rows (what a block costs)
     job: Generator | None = None
     rows: int = 0
+    requests: int = 1  # distinct requests it encodes for
 
     def done(self) -> bool:
         return self.job is None and (self.event is None or self.event.query())
@@ -142,8 +144,10 @@ class EncodeAhead:
             if prefill_tokens > SLICE_MAX_PREFILL and self._skipped < SLICE_MAX_SKIPS:
                 self._skipped += 1
                 return
+            # one share per request the group encodes for (each waits for its media as each
+            # decode waits for its token: a burst of clips gets through as fast as one clip);
             # a block of a small group costs about what one of SLICE_MIN_ROWS rows does
-            blocks = max(1, self.slice_rows // max(g.rows, SLICE_MIN_ROWS))
+            blocks = max(1, self.slice_rows * g.requests // max(g.rows, SLICE_MIN_ROWS))
         self._skipped = 0
         self.slices += 1
         if g.timing is None:
@@ -253,7 +257,8 @@ class EncodeAhead:
                 runner._hold(req, req.media[j][1])
         subs = [temporal_slice(req.media[j][1], k0, k1) for req, j, k0, k1 in runs]
         if self.slice_rows is not None:  # its blocks run in the next steps (advance)
-            group = _Group(runs, None, None, job=runner.vision_steps(subs), rows=sum(x.pixel_values.shape[0] for x in subs))
+            group = _Group(runs, None, None, job=runner.vision_steps(subs), rows=sum(x.pixel_values.shape[0] for x in subs),
+                           requests=len({id(req) for req, *_ in runs}))
             group.keys = {(id(req), j, k) for req, j, k0, k1 in runs for k in range(k0, k1)}
             self.pending |= group.keys
             self.inflight.append(group)

@@ -165,7 +165,8 @@ class VisionTransformer(nn.Module):
 
     def forward_steps(self, pixel_values: torch.Tensor, grids: list[tuple[int, int, int]],
                       layout: VisionLayout | None = None) -> Generator[None, None, torch.Tensor]:
-        """forward() one block at a time: the generator yields after each block (the engine
+        """forward() one block at a time: the generator yields after the patch embedding and
+        after each block (the engine
         spreads a long clip's encode over its decode steps: engine/encode_ahead.py) and returns
         the (P/4, out_hidden) embeddings. The same operations in the same order as forward()."""
         layout = layout or build_layout(grids, self.cfg, pixel_values.device)
@@ -173,6 +174,7 @@ class VisionTransformer(nn.Module):
         x = self.patch_embed(pixel_values)
         x = x.view(-1, unit, x.shape[-1])[layout.window_index].flatten(0, 1)
         cos, sin = self.rotary(layout.hw_positions)
+        yield  # the layout's tables (host work, small copies) and the patch embedding
         for i, blk in enumerate(self.blocks):
             seg = layout.full_segments if i in self.full_blocks else layout.window_segments
             x = blk(x, cos, sin, seg)
@@ -181,5 +183,5 @@ class VisionTransformer(nn.Module):
 
     @property
     def num_steps(self) -> int:
-        """How many times forward_steps yields: once per block."""
-        return len(self.blocks)
+        """How many times forward_steps yields: after the embedding, then after each block."""
+        return len(self.blocks) + 1
