@@ -151,7 +151,22 @@ def test_with_nothing_decoding_media_are_encoded_whole_in_their_step(tiny_model_
     assert eng.llm.ahead.groups_launched == 0 and not any(n for _, n in log.calls)
 
 
-@pytest.mark.parametrize("options", [{"vision_slice_rows": 0}, {"vision_slice_rows": 1024, "encode_ahead": True}])
+@pytest.mark.parametrize("options", [{"vision_slice_rows": -1}, {"vision_slice_rows": 1024, "encode_ahead": True}])
 def test_bad_slice_settings_are_refused(tiny_model_dir, options):
     with pytest.raises(ConfigError, match="vision_slice_rows"):
         _engine(tiny_model_dir, **options)
+
+
+def test_slices_default_on_a_gpu_only():
+    from omnistream.config import DEFAULT_VISION_SLICE_ROWS, EngineConfig
+
+    assert EngineConfig("demo").vision_slices is None  # the CPU: the exactness tests' in-step path
+    assert EngineConfig("demo", vision_slice_rows=0).vision_slices is None
+    assert EngineConfig("demo", vision_slice_rows=512).vision_slices == 512
+    gpu = EngineConfig.__new__(EngineConfig)  # a CUDA config without a GPU here (skips the device check)
+    object.__setattr__(gpu, "device", "cuda")
+    for name in ("vision_slice_rows", "encode_ahead"):
+        object.__setattr__(gpu, name, None if name == "vision_slice_rows" else False)
+    assert gpu.vision_slices == DEFAULT_VISION_SLICE_ROWS
+    object.__setattr__(gpu, "encode_ahead", True)
+    assert gpu.vision_slices is None  # the side-stream encode-ahead asked for instead

@@ -81,8 +81,8 @@ class LLMEngine:
         self._inflight: _InFlight | None = None  # a decode step launched, its tokens not yet read
         # media encoded ahead of their steps (engine/encode_ahead.py), two steps' worth at most
         self.ahead = None
-        if cfg.encode_ahead or cfg.vision_slice_rows:
-            self.ahead = self.runner.enable_encode_ahead(2 * cfg.scheduler.max_num_batched_tokens, cfg.vision_slice_rows)
+        if cfg.encode_ahead or cfg.vision_slices:
+            self.ahead = self.runner.enable_encode_ahead(2 * cfg.scheduler.max_num_batched_tokens, cfg.vision_slices)
 
     # ------------------------------------------------------------------ submitting thread
     def make_request(self, spec: EngineRequest) -> Request:
