@@ -31,7 +31,7 @@ TEST_INIT_STD = 0.3
 @pytest.fixture(scope="session")
 def tiny_config():
     """The "tiny" preset config."""
-    from omnistream.models.hf_config import preset_config
+    from omnistream.models.qwen2_5_vl_presets import preset_config
 
     return preset_config("tiny")
 

@@ -20,7 +20,8 @@ from omnistream.models.demo import (
     weight_specs,
     write_model_dir,
 )
-from omnistream.models.hf_config import QwenVLConfig, TextConfig, preset_config
+from omnistream.models.hf_config import QwenVLConfig, TextConfig
+from omnistream.models.qwen2_5_vl_presets import preset_config
 
 transformers = pytest.importorskip("transformers")
 

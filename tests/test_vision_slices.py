@@ -2,7 +2,9 @@
 answers decode, a clip's vision forward runs a few encoder blocks per decode step, so every
 running answer keeps getting tokens while it is encoded; the clip's and the streams' tokens and
 logits equal each one alone (in-step path, nothing sliced), every patch is encoded once, an
-abort mid-encode leaves nothing behind, and with nothing decoding the encode finishes whole."""
+abort mid-encode leaves nothing behind, with nothing decoding the encode finishes whole, and a
+forward encoded ahead that fails leaves the media to the steps (a request whose media cannot be
+encoded fails alone)."""
 
 from __future__ import annotations
 
@@ -42,9 +44,9 @@ class SliceLog:
         self.calls.append((prefill_tokens, self.llm.ahead.slices - before))
 
 
-def _streams_then_clip(eng, clip_conv=CLIP_CONV, abort_clip_after_slices: int | None = None):
+def _streams_then_clip(eng, clip_conv=CLIP_CONV, abort_clip_after_slices: int | None = None, expect_error: bool = False):
     """The text streams start; once each has a token, the clip is asked (it arrives while they
-    decode) -> (stream results, clip result or None when aborted)."""
+    decode) -> (stream results, the clip's result, or the error it raised with expect_error)."""
     handles = [eng.submit(eng.request_for(c, STREAM, return_logits=True)) for c in TEXTS]
     firsts = [threading.Event() for _ in handles]
     outs: list = [None] * len(handles)
@@ -70,6 +72,10 @@ def _streams_then_clip(eng, clip_conv=CLIP_CONV, abort_clip_after_slices: int | 
             threading.Event().wait(0.005)
         clip.abort()
         clip_out = clip.result()
+    elif expect_error:
+        with pytest.raises(Exception) as failed:
+            clip.result()
+        clip_out = failed.value
     else:
         clip_out = clip.result()
     for t in readers:
@@ -170,3 +176,48 @@ def test_slices_default_on_a_gpu_only():
     assert gpu.vision_slices == DEFAULT_VISION_SLICE_ROWS
     object.__setattr__(gpu, "encode_ahead", True)
     assert gpu.vision_slices is None  # the side-stream encode-ahead asked for instead
+
+
+def test_a_failing_sliced_encode_leaves_it_to_the_steps(tiny_model_dir, monkeypatch):
+    """The forward encoded ahead fails once (a transient fault): its request is answered,
+    exactly, by the steps' own encode; the streams are untouched."""
+    alone = [_engine(tiny_model_dir).generate([c], STREAM, return_logits=True)[0] for c in TEXTS]
+    [clip_alone] = _engine(tiny_model_dir).generate([CLIP_CONV], CLIP, return_logits=True)
+    eng = _sliced(tiny_model_dir)
+    runner, calls = eng.llm.runner, []
+    real = runner.vision_steps
+
+    def failing_once(items, sliced=True):
+        calls.append(len(items))
+        if len(calls) == 1:
+            raise RuntimeError("injected encoder fault")
+        return real(items, sliced)
+
+    monkeypatch.setattr(runner, "vision_steps", failing_once)
+    outs, clip = _streams_then_clip(eng)
+    assert calls and eng.llm.ahead.failures == 1
+    for got, want in zip(outs, alone):
+        _same(got, want, tol=1e-4)
+    _same(clip, clip_alone, tol=1e-4)
+    assert not eng.llm.ahead.pending and not eng.llm.ahead.inflight and not eng.llm.runner._cache_holds
+
+
+@pytest.mark.parametrize("options", [{"vision_slice_rows": 1}, {"encode_ahead": True}])  # sliced, side stream
+def test_media_that_cannot_be_encoded_fail_their_request_alone(tiny_model_dir, monkeypatch, options):
+    alone = [_engine(tiny_model_dir).generate([c], STREAM, return_logits=True)[0] for c in TEXTS]
+    eng = _engine(tiny_model_dir, **options)
+    free = eng.llm.blocks.num_free
+    model = eng.llm.model
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("injected: this clip cannot be encoded")
+        yield  # a generator, as encode_media_steps is
+
+    monkeypatch.setattr(model, "encode_media_steps", broken)
+    monkeypatch.setattr(model, "encode_media", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("injected: this clip cannot be encoded")))
+    outs, err = _streams_then_clip(eng, expect_error=True)
+    assert "cannot be encoded" in str(err)
+    for got, want in zip(outs, alone):
+        _same(got, want, tol=1e-4)
+    assert eng.llm.blocks.num_free == free and eng.llm.ahead.failures >= 1
+    assert not eng.llm.ahead.pending and not eng.llm.ahead.inflight and not eng.llm.runner._cache_holds

@@ -8,7 +8,7 @@ import argparse
 import importlib
 
 from omnistream.entrypoints.options import at_least
-from omnistream.models.hf_config import PRESETS
+from omnistream.models.qwen2_5_vl_presets import PRESETS
 
 SESSION_BENCHES = ("multiturn", "repeat", "shared")
 

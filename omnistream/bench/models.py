@@ -21,10 +21,11 @@ import torch
 from omnistream.entrypoints.api import Engine, build_model
 from omnistream.config import EngineConfig
 from omnistream.engine.build import ModelRecipe
-from omnistream.models.hf_config import PRESETS, QwenVLConfig, preset_config
+from omnistream.models.hf_config import QwenVLConfig
 from omnistream.models.loader import load_state
 from omnistream.models.qwen2_5_omni_config import OMNI_PRESETS, THINKER_MODEL_TYPE, OmniConfig, omni_preset_config
 from omnistream.models.qwen2_5_vl import Qwen2_5_VLModel
+from omnistream.models.qwen2_5_vl_presets import PRESETS, preset_config
 from omnistream.models.tokenizer import Tokenizer
 
 # every preset a benchmark's --model-config takes

@@ -31,8 +31,9 @@ from omnistream.bench.models import is_preset, make_engine, make_pair, resolve_d
 from omnistream.bench.profile import StageClock
 from omnistream.bench.workload import video_question, video_tokens
 from omnistream.engine.sampling import SamplingParams
-from omnistream.models.hf_config import QwenVLConfig, preset_config
+from omnistream.models.hf_config import QwenVLConfig
 from omnistream.models.mrope import mrope_positions
+from omnistream.models.qwen2_5_vl_presets import preset_config
 
 QUESTIONS = (
     "Describe what happens in this video, step by step.",

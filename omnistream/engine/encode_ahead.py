@@ -51,6 +51,10 @@ exactly (tools/gpu_slices_check.py); 16 text streams beside a 64-frame clip: int
 context, 6 -> 9.7 ms steps; with 128-token chunks p99 8.0 ms), the clip's TTFT 634 -> 720 ms;
 32 concurrent 8-frame questions: TTFT p99 1,665 -> 1,446 ms (1,605 in a second run).
 
+Failures: a forward launched ahead that raises (a bad item, out of memory) is dropped and its
+requests' media are left to the steps that reach them (EncodeAhead.in_step), where the engine's
+isolation fails only a request whose media cannot be encoded; the loop goes on.
+
 Safety: every vision forward of an engine with this on runs on the side stream (the in-step
 path too, followed by a wait of the main stream), so encoder-cache hits and evictions are
 ordered after the forwards that made them; embeddings made there and read on the main stream
@@ -61,6 +65,7 @@ a patch in flight waits for its group on the device.
 from __future__ import annotations
 
 import contextlib
+import logging
 from dataclasses import dataclass, field
 from typing import Generator, Iterable
 
@@ -69,6 +74,8 @@ import torch
 from omnistream.cache.encoder_cache import temporal_slice
 from omnistream.engine.vision_timing import VisionTiming
 from omnistream.stepwise import run_steps
+
+log = logging.getLogger(__name__)
 
 # sliced (see the module's note): a step with more prompt tokens than this runs no encoder
 # blocks (the two together would add both costs to every running answer's token), unless it
@@ -80,7 +87,7 @@ SLICE_MAX_SKIPS = 16
 SLICE_MIN_ROWS = 4096
 
 
-@dataclass
+@dataclass(eq=False)
 class _Group:
     """One vision forward launched ahead: its patches and the event that marks them done."""
 
@@ -114,6 +121,10 @@ class EncodeAhead:
         self.groups_launched = 0
         self.slices = 0  # steps that ran a piece of a sliced encode
         self._skipped = 0  # steps in a row that held back the sliced encode for their prefill
+        # requests whose encode ahead failed: their steps encode their media themselves, where a
+        # failing request fails alone (llm_engine's isolation), id -> request
+        self.in_step: dict[int, object] = {}
+        self.failures = 0
 
     # ------------------------------------------------------------------ per step (engine loop)
     def step(self, requests: Iterable, start_of, decoding: bool = True) -> None:
@@ -123,7 +134,12 @@ class EncodeAhead:
         waiting request, past the prefix the cache already holds). decoding: some answer is
         being decoded (sliced: otherwise nothing is held back, the steps encode what they reach)."""
         # each start once: a waiting request's is a prefix-cache lookup
+        self.in_step = {i: r for i, r in self.in_step.items() if not r.finished}
         served = [(r, start_of(r)) for r in requests if r.media and not r.finished]
+        for r, _ in served:
+            if id(r) in self.in_step:
+                r.media_ready_until = None
+        served = [(r, start) for r, start in served if id(r) not in self.in_step]
         self.poll()
         if self.slice_rows is not None and not decoding:
             self.advance(None)  # nobody waits for tokens: the encode in flight ends now, whole
@@ -159,8 +175,12 @@ class EncodeAhead:
             g.timing = VisionTiming.start(self.runner.device)
         else:
             g.timing.resume()
-        with torch.inference_mode():
-            finished, value = run_steps(g.job, blocks)
+        try:
+            with torch.inference_mode():
+                finished, value = run_steps(g.job, blocks)
+        except Exception as e:  # noqa: BLE001 - the loop goes on; the steps encode them instead
+            self._abandon(g, e)
+            return
         if not finished:
             g.timing.pause()
             return
@@ -262,8 +282,12 @@ class EncodeAhead:
                 runner._hold(req, req.media[j][1])
         subs = [temporal_slice(req.media[j][1], k0, k1) for req, j, k0, k1 in runs]
         if self.slice_rows is not None:  # its blocks run in the next steps (advance)
-            group = _Group(runs, None, None, job=runner.vision_steps(subs), rows=sum(x.pixel_values.shape[0] for x in subs),
-                           requests=len({id(req) for req, *_ in runs}))
+            group = _Group(runs, None, None, rows=sum(x.pixel_values.shape[0] for x in subs), requests=len({id(req) for req, *_ in runs}))
+            try:
+                group.job = runner.vision_steps(subs)
+            except Exception as e:  # noqa: BLE001 - as in advance
+                self._abandon(group, e)
+                return
             group.keys = {(id(req), j, k) for req, j, k0, k1 in runs for k in range(k0, k1)}
             self.pending |= group.keys
             self.inflight.append(group)
@@ -271,7 +295,11 @@ class EncodeAhead:
             return
         with self.on_side_stream():
             timing = VisionTiming.start(runner.device)
-            encoded = runner.run_vision_patches(subs)
+            try:
+                encoded = runner.run_vision_patches(subs)
+            except Exception as e:  # noqa: BLE001 - the loop goes on; the steps encode them instead
+                self._abandon(_Group(runs, None, timing), e)
+                return
             timing.stop([(req, n) for (req, *_), n in zip(runs, runner.last_encoded_tokens)])
             event = None
             if self.stream is not None:
@@ -286,6 +314,20 @@ class EncodeAhead:
         self.groups_launched += 1
         if event is None:
             self.poll()
+
+    def _abandon(self, g: _Group, err: Exception) -> None:
+        """A forward launched ahead failed (a bad item, out of memory): its requests' media are
+        left to the steps that reach them, where a request whose media cannot be encoded fails
+        alone and the others are answered."""
+        self.failures += 1
+        log.warning("media encoded ahead for %d request(s) failed (%s: %s); their steps encode them",
+                    len({id(r) for r, *_ in g.runs}), type(err).__name__, err)
+        self.inflight = [x for x in self.inflight if x is not g]
+        self.pending -= g.keys
+        g.job = None
+        for req, *_ in g.runs:
+            self.in_step[id(req)] = req
+            req.media_ready_until = None
 
     def _retire(self, g: _Group) -> None:
         self.pending -= g.keys

@@ -257,7 +257,7 @@ def cmd_serve(args) -> int:
 
 
 def add_serve_command(sub, add_run_args) -> None:
-    from omnistream.models.hf_config import PRESETS
+    from omnistream.models.qwen2_5_vl_presets import PRESETS
 
     p = sub.add_parser("serve", help="serve the engine over HTTP: OpenAI chat completions, sessions, live WebSocket, web page",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -27,7 +27,8 @@ from typing import Any, Callable, Iterator
 import torch
 
 from omnistream.errors import ConfigError
-from omnistream.models.hf_config import QwenVLConfig, preset_config
+from omnistream.models.hf_config import QwenVLConfig
+from omnistream.models.qwen2_5_vl_presets import preset_config
 from omnistream.models.tokenizer import QWEN2_5_VL_CHAT_TEMPLATE
 
 __all__ = [

@@ -39,8 +39,9 @@ from omnistream.models.demo import (
     qwen_tokenizer_files_dir,
     weight_specs,
 )
-from omnistream.models.hf_config import TextConfig, VisionConfig, preset_config
+from omnistream.models.hf_config import TextConfig, VisionConfig
 from omnistream.models.qwen2_5_omni_config import FULL_MODEL_TYPE, AudioEncoderConfig, OmniConfig
+from omnistream.models.qwen2_5_vl_presets import preset_config
 
 __all__ = ["OMNI_CHAT_TEMPLATE", "OMNI_TOKEN_NAMES", "omni_weight_specs", "write_omni_model_dir",
            "omni_demo_config", "ensure_omni_demo_model"]
