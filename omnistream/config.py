@@ -113,7 +113,8 @@ class EngineConfig:
     # request the group encodes for (16384, one clip: one block of its 16-patch group; a group
     # under 4096 rows counts as 4096: 4 blocks of one image). Unset: 16384 on a GPU (H200, 3B:
     # 16 streams' inter-token p99 beside a 64-frame clip 21.5 -> 12.9 ms, 32 concurrent 8-frame
-    # questions' TTFT p99 1,665 -> 1,446 ms), off on the CPU and with encode_ahead; 0: off
+    # questions' TTFT p99 1,665 -> 1,446 ms), off on the CPU, with encode_ahead and with
+    # offload_vision (the tower would move every step); 0: off
     # (engine/encode_ahead.py, "Sliced"; lossless)
     vision_slice_rows: int | None = None  # pixel rows x vision blocks encoded per decode step and waiting request while answers decode (media encoded ahead, on the engine's stream); unset: 16384 on a GPU, off on the CPU; 0: off
     weight_quant: str | None = None  # lossy small-GPU mode: int8 or fp8 weights for the LLM's linear layers, LM head and embedding (media encoders stay in dtype); unset: off
@@ -126,13 +127,15 @@ class EngineConfig:
             raise ConfigError(f"vision_slice_rows must be >= 0 (0: off; unset: the device's default), got {self.vision_slice_rows}")
         if self.vision_slice_rows and self.encode_ahead:
             raise ConfigError("vision_slice_rows and encode_ahead are two ways to encode ahead: set one")
+        if self.vision_slice_rows and self.offload_vision:
+            raise ConfigError("vision_slice_rows needs the vision tower on the device between steps; offload_vision moves it to the host")
         _check_device(self.device)
 
     @property
     def vision_slices(self) -> int | None:
         """vision_slice_rows in effect: None when off."""
         if self.vision_slice_rows is None:
-            on_gpu = self.device.startswith("cuda") and not self.encode_ahead
+            on_gpu = self.device.startswith("cuda") and not (self.encode_ahead or self.offload_vision)
             return DEFAULT_VISION_SLICE_ROWS if on_gpu else None
         return self.vision_slice_rows or None
 

@@ -62,7 +62,9 @@ class VisionProbe:
     """Counts forward calls of a vision tower and the merged tokens they returned; times them
     with profile.StageClock (CUDA events on the GPU). `take()` returns the counts since the
     previous take. Works on transformers' tower (returns an output with pooler_output) and on
-    ours (returns a tensor)."""
+    ours (returns a tensor). A sliced encode (engine/encode_ahead.py: only while other answers
+    decode, which these one-at-a-time benchmarks never have) runs the blocks without forward(),
+    so no hook sees it; the engine's own vision_tokens_encoded and metrics do."""
 
     def __init__(self, visual: torch.nn.Module, device: torch.device) -> None:
         self.calls = self.tokens = 0

@@ -51,9 +51,10 @@ exactly (tools/gpu_slices_check.py); 16 text streams beside a 64-frame clip: int
 context, 6 -> 9.7 ms steps; with 128-token chunks p99 8.0 ms), the clip's TTFT 634 -> 720 ms;
 32 concurrent 8-frame questions: TTFT p99 1,665 -> 1,446 ms (1,605 in a second run).
 
-Failures: a forward launched ahead that raises (a bad item, out of memory) is dropped and its
-requests' media are left to the steps that reach them (EncodeAhead.in_step), where the engine's
-isolation fails only a request whose media cannot be encoded; the loop goes on.
+Failures: a forward launched ahead that raises (a bad item, out of memory) is dropped and tried
+once more; after a second failure its requests' media are left to the steps that reach them
+(EncodeAhead.in_step), where the engine's isolation fails only a request whose media cannot be
+encoded; the loop goes on. A sliced encode whose requests have all ended stops (ended()).
 
 Safety: every vision forward of an engine with this on runs on the side stream (the in-step
 path too, followed by a wait of the main stream), so encoder-cache hits and evictions are
@@ -121,9 +122,10 @@ class EncodeAhead:
         self.groups_launched = 0
         self.slices = 0  # steps that ran a piece of a sliced encode
         self._skipped = 0  # steps in a row that held back the sliced encode for their prefill
-        # requests whose encode ahead failed: their steps encode their media themselves, where a
-        # failing request fails alone (llm_engine's isolation), id -> request
+        # requests whose encode ahead failed twice: their steps encode their media themselves,
+        # where a failing request fails alone (llm_engine's isolation), id -> request
         self.in_step: dict[int, object] = {}
+        self._failed_once: dict[int, object] = {}  # requests whose encode ahead failed once (retried)
         self.failures = 0
 
     # ------------------------------------------------------------------ per step (engine loop)
@@ -151,6 +153,18 @@ class EncodeAhead:
             self._launch(served)
         for r, start in served:
             r.media_ready_until = self.ready_until(r, start)
+
+    def ended(self, req) -> None:
+        """The request ended (finished, aborted, failed): a sliced encode that served only ended
+        requests stops here (its blocks would hold a share of every step, and keep its pixels and
+        hidden state, for nobody); nothing is kept for it."""
+        self.in_step.pop(id(req), None)
+        self._failed_once.pop(id(req), None)
+        for g in [g for g in self.inflight if g.job is not None and all(r.finished for r, *_ in g.runs)]:
+            g.job.close()
+            g.job = None
+            self.inflight = [x for x in self.inflight if x is not g]
+            self.pending -= g.keys
 
     def advance(self, prefill_tokens: int | None) -> None:
         """Sliced: runs the next blocks of the encode in flight on the engine's stream, just
@@ -320,14 +334,17 @@ class EncodeAhead:
         left to the steps that reach them, where a request whose media cannot be encoded fails
         alone and the others are answered."""
         self.failures += 1
-        log.warning("media encoded ahead for %d request(s) failed (%s: %s); their steps encode them",
+        log.warning("media encoded ahead for %d request(s) failed (%s: %s); tried once more, then left to their steps",
                     len({id(r) for r, *_ in g.runs}), type(err).__name__, err)
         self.inflight = [x for x in self.inflight if x is not g]
         self.pending -= g.keys
         g.job = None
         for req, *_ in g.runs:
-            self.in_step[id(req)] = req
-            req.media_ready_until = None
+            if id(req) in self._failed_once:  # a second failure: not a transient one
+                self.in_step[id(req)] = req
+                req.media_ready_until = None
+            else:
+                self._failed_once[id(req)] = req
 
     def _retire(self, g: _Group) -> None:
         self.pending -= g.keys

@@ -314,6 +314,8 @@ class LLMEngine:
     def _ended(self, req: Request) -> None:
         req.metrics.finished_at = time.perf_counter()
         req.mm_embeds = [None] * len(req.media)
+        if self.ahead is not None:
+            self.ahead.ended(req)
         if self.device.type == "cuda":
             req.metrics.peak_memory_bytes = torch.cuda.max_memory_allocated(self.device)
         else:
