@@ -11,9 +11,8 @@ decoded samples) and, for a model without an audio encoder, at once with `audio_
 An audio part is 1 or 2 items (media/audio_items.py), a video with its track several; they fill
 one placeholder together (one block).
 
-Sources: `data:<mime>;base64,...` URLs, local files (`file://...` or a plain path, relative
-paths from the root) only under `ServerConfig.allowed_media_path` (symlinks resolved: anything
-that lands outside is refused), http(s) only with `allow_remote_media`.
+Sources (server/media_sources.py): data: URLs, local files only under
+`ServerConfig.allowed_media_path`, http(s) only with `allow_remote_media`.
 
 Hostile media is refused as cheaply as possible: an image's size is read from its header (PIL
 opens lazily) before any pixel is decoded; a video's duration, frame size and the number of
@@ -25,8 +24,8 @@ With `media_decode_processes` (opt-in), images and videos
 are decoded in worker processes instead (server/media_workers.py), the thread waiting for them:
 the server's interpreter lock stays with its event loop.
 
-Re-sent media: items are cached by the sha256 of their bytes (with the tenant and the options in
-the key), so a stateless client that re-sends the same video each turn pays the decode,
+Re-sent media (server/media_cache.py): items are cached by the sha256 of their bytes (with the
+tenant and the options in the key), so a stateless client that re-sends the same video each turn pays the decode,
 preprocess and hashing once; the engine then finds the item's KV in the prefix cache (or its
 embeddings in the encoder cache) by the item's content hash, so it is not encoded again either.
 """
@@ -34,26 +33,18 @@ embeddings in the encoder cache) by the item's content hash, so it is not encode
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import contextlib
 import dataclasses
-import hashlib
 import io
 import logging
-import os
 import tempfile
-import threading
 import time
-import urllib.request
 import uuid
 import warnings
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import unquote, urlparse
 
 from PIL import Image, UnidentifiedImageError
 
@@ -67,6 +58,8 @@ from omnistream.media.video import smart_nframes
 from omnistream.models.prompt import block_kind
 from omnistream.server.config import ServerConfig
 from omnistream.server.errors import APIError, BadRequest, TooLarge, as_api_error
+from omnistream.server.media_cache import MEDIA_CACHE_BYTES, MediaCache
+from omnistream.server.media_sources import Source, input_audio_source, read_source
 from omnistream.server.media_workers import MediaWorkers, auto_processes
 from omnistream.server.openai_protocol import (
     AudioURLPart,
@@ -80,14 +73,8 @@ from omnistream.server.openai_protocol import (
 
 log = logging.getLogger(__name__)
 
-MEDIA_CACHE_BYTES = 1 << 30  # preprocessed pixels kept for re-sent media (LRU)
 LOW_DETAIL_MAX_PIXELS = 448 * 448  # image_url.detail == "low": 256 visual tokens at most
 IMAGE_FORMATS = ["PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF"]  # never PIL's EPS (Ghostscript) & co.
-_READ_CHUNK = 1 << 20
-
-
-class Forbidden(APIError):
-    status, type, code = 403, "permission_error", "media_path_forbidden"
 
 
 @dataclass(frozen=True)
@@ -111,57 +98,6 @@ class PreparedMessages:
     items: list[MediaItem]  # in message order (an audio part, or a video with its audio, is a block of several)
     decode_s: float = 0.0  # decode + preprocess + hash paid by this request (0: all reused)
     reused: int = 0  # items served from the media cache
-
-
-@dataclass
-class _Source:
-    """The bytes of one media part: in memory (data URL, remote) or a verified local file."""
-
-    digest: str  # sha256 of the bytes
-    data: bytes | None = None
-    path: Path | None = None
-    label: str = "media"  # how errors name it (never a server-side temp path)
-
-
-class MediaCache:
-    """LRU from (tenant, kind, bytes sha256, options) to the processed MediaItems of one part,
-    bounded in bytes of pixel_values. Items are shared read-only (the engine never mutates them)."""
-
-    def __init__(self, max_bytes: int) -> None:
-        self.max_bytes, self.bytes = max_bytes, 0
-        self._items: OrderedDict[tuple, list[MediaItem]] = OrderedDict()
-        self._lock = threading.Lock()
-        self.hits = self.misses = 0
-
-    def get(self, key: tuple) -> list[MediaItem] | None:
-        with self._lock:
-            item = self._items.get(key)
-            if item is None:
-                self.misses += 1
-                return None
-            self._items.move_to_end(key)
-            self.hits += 1
-            return item
-
-    def put(self, key: tuple, item: list[MediaItem]) -> None:
-        size = _nbytes(item)
-        if size > self.max_bytes:
-            return
-        with self._lock:
-            if key in self._items:
-                return
-            self._items[key] = item
-            self.bytes += size
-            while self.bytes > self.max_bytes:
-                _, old = self._items.popitem(last=False)
-                self.bytes -= _nbytes(old)
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-
-def _nbytes(items: list[MediaItem]) -> int:
-    return sum(m.pixel_values.numel() * m.pixel_values.element_size() for m in items)
 
 
 def _fresh_block(items: list[MediaItem]) -> list[MediaItem]:
@@ -244,7 +180,7 @@ class MediaResolver:
 
     # ---------------------------------------------------------------- worker thread
     def _load(self, kind: str, url: str | InputAudioPart, opts: MediaOptions, tenant: str | None) -> tuple[list[MediaItem], float, bool]:
-        src = _input_audio_bytes(url) if isinstance(url, InputAudioPart) else self._read(url, kind)
+        src = input_audio_source(url) if isinstance(url, InputAudioPart) else read_source(url, kind, self.config)
         key = (tenant, kind, src.digest, opts.fps, opts.nframes, opts.min_pixels, opts.max_pixels,
                bool(opts.use_audio_in_video) and kind == "video")
         items = self.cache.get(key)
@@ -262,45 +198,7 @@ class MediaResolver:
         self.cache.put(key, items)
         return items, time.perf_counter() - t0, False
 
-    def _read(self, url: str, kind: str) -> _Source:
-        if not url.strip():  # it read as a local path: "local media files are disabled", a 403
-            raise BadRequest(f"the {kind}_url is empty (a data: URL, a file path or an http(s) URL)", code="invalid_url")
-        scheme = urlparse(url).scheme.lower() if "://" in url or url.startswith("data:") else ""
-        if scheme == "data":
-            data = _data_url_bytes(url)
-            return _Source(hashlib.sha256(data).hexdigest(), data=data, label=f"the {kind}_url data")
-        if scheme in ("http", "https"):
-            if not self.config.allow_remote_media:
-                raise BadRequest("remote media URLs are disabled on this server (send a data: URL)",
-                                 code="remote_media_disabled")
-            data = _fetch(url, self.config.max_body_bytes)
-            return _Source(hashlib.sha256(data).hexdigest(), data=data, label=url)
-        if scheme not in ("", "file"):
-            raise BadRequest(f"unsupported media URL scheme {scheme!r} (data:, file:// or a path)")
-        return self._local(url, kind)
-
-    def _local(self, url: str, kind: str) -> _Source:
-        root = self.config.allowed_media_path
-        if root is None:
-            raise Forbidden("local media files are disabled on this server (start it with --allowed-media-path)")
-        raw = unquote(urlparse(url).path) if url.lower().startswith("file://") else url
-        path = _inside(Path(root), raw)
-        try:
-            if kind in ("image", "audio"):  # small: read once, decoded from memory
-                size = path.stat().st_size
-                if size > self.config.max_body_bytes:
-                    raise TooLarge(f"{kind} file of {size} bytes exceeds the limit of {self.config.max_body_bytes}")
-                data = path.read_bytes()
-                return _Source(hashlib.sha256(data).hexdigest(), data=data, label=raw)
-            digest = hashlib.sha256()  # a video may be long: hashed as it is read, decoded from the file
-            with open(path, "rb") as f:
-                while chunk := f.read(_READ_CHUNK):
-                    digest.update(chunk)
-        except OSError as e:
-            raise MediaError(f"cannot read {raw!r}: {e.strerror}") from None
-        return _Source(digest.hexdigest(), path=path, label=raw)
-
-    def _image(self, src: _Source, opts: MediaOptions) -> MediaItem:
+    def _image(self, src: Source, opts: MediaOptions) -> MediaItem:
         data = src.data
         try:
             with warnings.catch_warnings():
@@ -320,7 +218,7 @@ class MediaResolver:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             return self.processor.process_image(image, min_pixels=opts.min_pixels, max_pixels=opts.max_pixels)
 
-    def _video(self, src: _Source, opts: MediaOptions) -> list[MediaItem]:
+    def _video(self, src: Source, opts: MediaOptions) -> list[MediaItem]:
         with _as_file(src, "video") as path:
             return self._video_file(path, src.label, opts)
 
@@ -337,7 +235,7 @@ class MediaResolver:
         hearing = self._hearing()
         return hearing.interleave(item, self._audio_file(path, label), uuid.uuid4().hex)
 
-    def _audio(self, src: _Source) -> list[MediaItem]:
+    def _audio(self, src: Source) -> list[MediaItem]:
         with _as_file(src, "audio") as path:
             return self._audio_file(path, src.label)
 
@@ -383,7 +281,7 @@ def _hostile(label: str):
 
 
 @contextlib.contextmanager
-def _as_file(src: _Source, kind: str):
+def _as_file(src: Source, kind: str):
     """The source as a file PyAV can open: its verified path, or its bytes in a temp file."""
     if src.path is not None:
         yield src.path
@@ -406,18 +304,6 @@ def _labelled(path: Path, label: str):
         raise type(e)(str(e).replace(str(path), label)) from None
 
 
-def _input_audio_bytes(part: InputAudioPart) -> _Source:
-    """OpenAI's input_audio: base64 of the file (its `format` names the container; FFmpeg
-    reads the header anyway)."""
-    try:
-        data = base64.b64decode("".join(part.input_audio.data.split()), validate=True)
-    except (binascii.Error, ValueError) as e:
-        raise BadRequest(f"invalid base64 in input_audio.data: {e}", code="invalid_base64") from None
-    if not data:
-        raise MediaError("input_audio.data holds no bytes")
-    return _Source(hashlib.sha256(data).hexdigest(), data=data, label=f"the input_audio data ({part.input_audio.format})")
-
-
 def _audio_seconds(path: Path) -> float | None:
     """The first audio stream's duration from the container header; None when it has none
     (the decoded samples are checked then). No audio stream: the decoder's error says so."""
@@ -437,51 +323,6 @@ def _located(e: Exception, where: str) -> APIError:
     """The error of one content part, naming the part."""
     err = as_api_error(e)
     return err.placed(f"{where}: {err.message}", where)
-
-
-def _data_url_bytes(url: str) -> bytes:
-    header, sep, payload = url.partition(",")
-    if not sep or not header.endswith(";base64"):
-        raise BadRequest("a data URL must be 'data:<mime type>;base64,<data>'", code="invalid_data_url")
-    try:
-        data = base64.b64decode("".join(payload.split()), validate=True)
-    except (binascii.Error, ValueError) as e:
-        raise BadRequest(f"invalid base64 in the data URL: {e}", code="invalid_base64") from None
-    if not data:
-        raise MediaError("the data URL holds no bytes")
-    return data
-
-
-def _inside(root: Path, raw: str) -> Path:
-    """`raw` (absolute, or relative to root) resolved with its symlinks; refused unless the
-    result is a regular file under root's resolved path. The message never says whether a
-    refused path exists."""
-    if not raw or "\x00" in raw:
-        raise BadRequest("empty media path, or a NUL byte in it")
-    try:
-        root = root.resolve()
-        candidate = Path(raw) if os.path.isabs(raw) else root / raw
-        real = candidate.resolve()
-        inside = real.is_relative_to(root)
-        found = inside and real.is_file()
-    except (OSError, RuntimeError) as e:  # name too long, symlink loop
-        raise MediaError(f"cannot open media path {raw!r}: {one_line(e)}") from None
-    if not inside:
-        raise Forbidden(f"{raw!r} is outside the allowed media path")
-    if not found:
-        raise MediaError(f"media file not found: {raw!r}")
-    return real
-
-
-def _fetch(url: str, max_bytes: int, timeout_s: float = 20.0) -> bytes:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout_s) as r:  # noqa: S310 - scheme checked by the caller
-            data = r.read(max_bytes + 1)
-    except OSError as e:
-        raise MediaError(f"cannot fetch {url}: {one_line(e)}") from None
-    if len(data) > max_bytes:
-        raise TooLarge(f"{url} is larger than {max_bytes} bytes")
-    return data
 
 
 def _probe(path: Path) -> tuple[float, int, float, int, int]:
