@@ -60,10 +60,17 @@ class SchedulerConfig:
     prefill_cap_scope: str = "per_request"
     # unset follows engine/graph_limits.py so such steps replay as graphs (a larger mixed step of
     # many short prompts ran eagerly at ~0.6 s on the H200)
+    # a prompt chunk's queries each read its whole context: past this many context tokens, a
+    # chunk while any sequence decodes gets max_step_tokens_while_decoding x this / its context
+    # (at least 16), so its attention costs a running answer's step what a chunk at this context
+    # does (a 64-frame clip's 256-token chunks went from 6.1 to 9.7 ms steps as its context
+    # reached 8k: H200, 3B); unset: off (opt-in: not measured yet)
+    prefill_context_tokens_while_decoding: int | None = None  # past this many context tokens, a prompt chunk while others decode shrinks in proportion (its attention cost per step stays that of this context); unset: off
     max_prefill_tokens_while_decoding: int | None = None  # tokens a step holds while any sequence decodes, decodes included, per_request's pool; unset: the largest CUDA graph's rows, 1024, or 256 under a memory budget
 
     def __post_init__(self) -> None:
-        for name in ("max_num_batched_tokens", "max_num_seqs", "max_step_tokens_while_decoding", "max_prefill_tokens_while_decoding"):
+        for name in ("max_num_batched_tokens", "max_num_seqs", "max_step_tokens_while_decoding", "max_prefill_tokens_while_decoding",
+                     "prefill_context_tokens_while_decoding"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"{name} must be positive, got {value}")

@@ -212,3 +212,40 @@ def test_each_request_limits_every_chunk_to_one_cap():
 
     assert step("per_request") == [("dec", 1), ("long", 119)]  # four caps of 30, minus the decode row
     assert step("each_request") == [("dec", 1), ("long", 30), ("q0", 8), ("q1", 8), ("q2", 8)]
+
+
+def test_a_long_prompt_chunk_shrinks_with_its_context_while_others_decode():
+    """prefill_context_tokens_while_decoding: past that context a chunk gets the cap in
+    proportion (its attention, which reads the whole context per query, stays bounded)."""
+    cfg = SchedulerConfig(max_num_batched_tokens=1000, max_step_tokens_while_decoding=64, prefill_context_tokens_while_decoding=128)
+    sched = Scheduler(cfg, BlockManager(1024, 4))
+    long = make_request(800, rid="long")
+    sched.add(long)
+    out = sched.schedule()  # nobody decodes: the whole budget, no context limit
+    assert [(x.request.request_id, x.num_tokens) for x in out.chunks] == [("long", 800)]
+    sched = Scheduler(cfg, BlockManager(1024, 4))
+    sched.add(make_request(3, max_new=200, rid="dec"))
+    advance(sched, sched.schedule())
+    long = make_request(800, rid="long")
+    sched.add(long)
+    sizes = []
+    for _ in range(40):
+        out = sched.schedule()
+        sizes.append(sum(x.num_tokens for x in out.chunks if x.request is long))
+        advance(sched, out)
+        if long.num_computed_tokens >= long.prompt_len:
+            break
+    # one cap (64, less the decode row) up to 128 tokens of context, then 64 * 128 / context
+    assert sizes[:4] == [63, 63, 63, 64 * 128 // 189]  # 43 at context 189
+    for i in range(3, len(sizes) - 1):
+        assert sizes[i] == max(16, 64 * 128 // sum(sizes[:i])), (i, sizes)
+    assert long.num_computed_tokens == 800 and sizes[-2] == 16  # the floor at long contexts
+    off = Scheduler(SchedulerConfig(max_num_batched_tokens=1000, max_step_tokens_while_decoding=64), BlockManager(1024, 4))
+    off.add(make_request(3, max_new=200, rid="dec"))
+    advance(off, off.schedule())
+    other = make_request(800, rid="long")
+    off.add(other)
+    for _ in range(5):
+        out = off.schedule()
+        advance(off, out)
+    assert other.num_computed_tokens == 5 * 63  # unset: one cap per step whatever the context

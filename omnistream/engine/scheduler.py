@@ -73,6 +73,7 @@ class Scheduler:
         self.running: list[Request] = []
         self._prefill_left = cfg.max_num_batched_tokens  # prefill tokens left in the step being built
         self._chunk_cap: int | None = None  # most prefill tokens one request takes in this step (each_request)
+        self._decoding = False  # some sequence decodes in the step being built (its prefill is capped)
 
     MAX_BYPASS = 32  # later requests admitted ahead of a waiting one before it blocks the queue
 
@@ -113,7 +114,8 @@ class Scheduler:
         budget = self.cfg.max_num_batched_tokens
         # prefill tokens of this step: capped while someone decodes (see SchedulerConfig)
         decoding = sum(1 for r in self.running if r.num_computed_tokens >= r.prompt_len)
-        if decoding and self.cfg.enable_chunked_prefill:
+        self._decoding = bool(decoding) and self.cfg.enable_chunked_prefill
+        if self._decoding:
             cap = self.cfg.max_step_tokens_while_decoding * self._prefill_shares(len(self.running) - decoding)
             cap = min(cap, self.step_ceiling)
             self._prefill_left = min(budget, max(MIN_PREFILL_TOKENS, cap - decoding))
@@ -225,12 +227,20 @@ class Scheduler:
     def _chunk_size(self, req: Request, budget: int) -> int:
         remaining = req.num_tokens - req.num_computed_tokens
         if req.num_computed_tokens < req.prompt_len:  # a prompt chunk: the prefill cap applies
-            budget = min(budget, self._prefill_left, self._chunk_cap or budget)
+            budget = min(budget, self._prefill_left, self._chunk_cap or budget, self._context_cap(req))
             if req.media_ready_until is not None:  # media still being encoded (encode_ahead.py)
                 budget = min(budget, max(0, req.media_ready_until - req.num_computed_tokens))
         if remaining <= budget:
             return remaining
         return budget if self.cfg.enable_chunked_prefill and budget > 0 else 0
+
+    def _context_cap(self, req: Request) -> int:
+        """prefill_context_tokens_while_decoding: a chunk past that much context gets the cap in
+        proportion (at least MIN_PREFILL_TOKENS); no limit otherwise."""
+        ref, ctx = self.cfg.prefill_context_tokens_while_decoding, req.num_computed_tokens
+        if not self._decoding or ref is None or ctx <= ref:
+            return self.cfg.max_num_batched_tokens
+        return max(MIN_PREFILL_TOKENS, self.cfg.max_step_tokens_while_decoding * ref // ctx)
 
     def _charge(self, req: Request, n: int) -> None:
         if req.num_computed_tokens < req.prompt_len:
