@@ -117,10 +117,11 @@ class EngineConfig:
     encode_ahead: bool = False
     # while answers decode, encode media ahead of their steps on the engine's own stream, a few
     # vision blocks per decode step: about this many pixel rows x blocks per step for each
-    # request the group encodes for (16384, one clip: one block of its 16-patch group; a group
-    # under 4096 rows counts as 4096: 4 blocks of one image). Unset: 16384 on a GPU (H200, 3B:
+    # request the group encodes for (16384, one clip: one block per step of its group of 16k
+    # rows or more; a group under 4096 rows counts as 4096: 4 blocks of one image, at least one
+    # block always). Unset: 16384 on a GPU (H200, 3B:
     # 16 streams' inter-token p99 beside a 64-frame clip 21.5 -> 12.9 ms, 32 concurrent 8-frame
-    # questions' TTFT p99 1,665 -> 1,446 ms), off on the CPU, with encode_ahead and with
+    # questions' TTFT p99 1,665 -> 1,446 ms, 1,605 in a second run), off on the CPU, with encode_ahead and with
     # offload_vision (the tower would move every step); 0: off
     # (engine/encode_ahead.py, "Sliced"; lossless)
     vision_slice_rows: int | None = None  # pixel rows x vision blocks encoded per decode step and waiting request while answers decode (media encoded ahead, on the engine's stream); unset: 16384 on a GPU, off on the CPU; 0: off
