@@ -93,6 +93,7 @@ def test_startup_line_says_where_and_which_model(served):
     assert served.line.startswith(STARTUP_PREFIX + "http://127.0.0.1:")  # loopback by default
     assert int(served.url.rsplit(":", 1)[1]) > 0  # --port 0: the real port, not 0
     assert "model 'demo-model'" in served.line and "RANDOM weights" in served.line and "cpu float32" in served.line
+    assert "uvicorn on uvloop + httptools" in served.line  # both are dependencies: the fast pair
 
 
 def test_health_and_a_chat_completion(served):

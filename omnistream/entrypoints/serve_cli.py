@@ -41,7 +41,18 @@ def startup_line(url: str, model_name: str, engine, source: str | None = None, a
     where = source or f"from {engine.model_dir}"
     dtype = str(engine.cfg.torch_dtype).replace("torch.", "")
     auth = f"; {api_keys} API key{'s' if api_keys > 1 else ''}" if api_keys else "; no API key: open to whoever reaches it"
-    return f"{STARTUP_PREFIX}{url} (model {model_name!r} {where}; {engine.cfg.device} {dtype}{weights}{auth})"
+    return f"{STARTUP_PREFIX}{url} (model {model_name!r} {where}; {engine.cfg.device} {dtype}{weights}{auth}; {http_stack()})"
+
+
+def http_stack() -> str:
+    """The event loop and HTTP parser uvicorn picks (its "auto": uvloop and httptools when they
+    are installed, else asyncio and h11: several times slower per request), so that a report
+    made on another machine says which pair served it."""
+    import importlib.util
+
+    loop = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
+    parser = "httptools" if importlib.util.find_spec("httptools") else "h11"
+    return f"uvicorn on {loop} + {parser}"
 
 
 def parse_startup_line(line: str) -> str | None:
