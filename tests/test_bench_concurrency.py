@@ -30,11 +30,13 @@ def test_concurrency_smoke(tmp_path, capsys):
     rows = {(line.split()[0], line.split()[1]) for line in table[2:] if line.strip() and not line.startswith(" ")}
     assert {("text", "1"), ("text", "4"), ("video8", "1"), ("video8", "4"), ("interference", "2")} <= rows
     for text in ("decode floor:", "TTFT ms p50/p90/p99", "ITL ms p50/p99", "mean running batch", "transformers one request at a time",
-                 "computed: 4 x the measured per-request time", "[encoder interference]", "targets"):
+                 "computed: 4 x the measured per-request time", "[encoder interference]", "targets",
+                 "scheduling while decoding: prefill tokens per request 128", "vision slice rows off"):  # the CPU default
         assert text in out, text
 
     r = json.loads(path.read_text())
     assert set(r) >= {"env", "workload", "floor", "configs", "baseline", "interference", "targets", "engine_stats"}
+    assert r["workload"]["scheduling"]["vision slice rows"] == "off" and r["workload"]["scheduling"]["cap scope"] == "per_request"
     configs = {(c["mix"], c["clients"]): c for c in r["configs"]}
     assert set(configs) == {("text", 1), ("text", 4), ("video8", 1), ("video8", 4)}
     for (mix, n), c in configs.items():

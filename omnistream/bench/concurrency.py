@@ -262,6 +262,15 @@ def baseline_summary(rows: list[dict]) -> dict:
 
 
 # ---------------------------------------------------------------------------------- driver
+def scheduling_in_effect(cfg) -> dict:
+    """The settings that decide what a step carries while answers decode, as the engine resolved
+    them (defaults that depend on the device included), for the report."""
+    sc = cfg.scheduler
+    return {"prefill tokens per request": sc.max_step_tokens_while_decoding, "cap scope": sc.prefill_cap_scope,
+            "context cap from": sc.prefill_context_tokens_while_decoding or "off",
+            "vision slice rows": cfg.vision_slices or "off", "encode ahead on a side stream": cfg.encode_ahead}
+
+
 def workload_engine_options(clients: list[int], mixes: list[tuple[str, ...]], size: int, context_tokens: int, new_tokens: int,
                    interference: int, interference_tokens: int, interference_frames: int, given: dict | None = None) -> dict:
     """KV pool for the largest configuration (sessions close between configurations) or the
@@ -338,7 +347,8 @@ def run_concurrency(model, device: str, dtype: str, clients: list[int], mixes: l
                          "context_tokens": context_tokens, "new_tokens": new_tokens, "arrival": arrival, "rate": rate,
                          "baseline_requests": baseline_requests, "interference_clients": interference_clients,
                          "interference_tokens": interference_tokens, "interference_frames": interference_frames,
-                         "warmup_clients": warmup_clients, "seed": seed, "engine_options": options},
+                         "warmup_clients": warmup_clients, "seed": seed, "engine_options": options,
+                         "scheduling": scheduling_in_effect(engine.cfg)},
             "floor": floor,
             "configs": configs,
             "baseline": baselines,
@@ -398,6 +408,8 @@ def print_report(r: dict, out=None) -> None:
       f"text context ~{w['context_tokens']} tokens; clips {w['size']}x{w['size']}; {w['new_tokens']} new tokens per answer (greedy, no EOS)")
     if w.get("engine_options", {}).get("engine_process"):
         p("engine: its core in its own process (--engine-process); the clients' threads in this one")
+    if w.get("scheduling"):
+        p("scheduling while decoding: " + ", ".join(f"{k} {v}" for k, v in w["scheduling"].items()))
     p(f"decode floor: {floor['decoder_weight_bytes'] / 1e9:.3f} GB decoder+lm_head weights per step / {floor['bandwidth_bytes_per_s'] / 1e12:.3f} TB/s "
       f"measured copy bandwidth = {floor['decode_ms_per_token']:.3f} ms per step: N rows -> N / that tokens/s")
     for row in r["configs"]:
