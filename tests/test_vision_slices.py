@@ -229,3 +229,24 @@ def test_media_that_cannot_be_encoded_fail_their_request_alone(tiny_model_dir, m
     assert eng.llm.blocks.num_free == free and eng.llm.ahead.failures >= 1
     assert not eng.llm.ahead.in_step  # forgotten once the request ended
     assert not eng.llm.ahead.pending and not eng.llm.ahead.inflight and not eng.llm.runner._cache_holds
+
+
+def test_a_sliced_forward_keeps_no_pixels_after_its_patch_embedding(tiny_model_dir):
+    """Between steps the generator holds the hidden state, not the (P, 1176) pixels (the largest
+    input of a long clip)."""
+    import gc
+    import weakref
+
+    import torch
+
+    eng = _engine(tiny_model_dir)
+    [item] = eng.load_media(CLIP_CONV)
+    with torch.inference_mode():
+        pixels = eng.llm.model.prepare_pixels(item.pixel_values, torch.float32)
+        ref = weakref.ref(pixels)
+        gen = eng.llm.model.encode_media_steps(pixels, [item.grid_thw], "video")
+        del pixels
+        run_steps(gen, 2)  # the embedding and one block
+        gc.collect()
+        assert ref() is None
+        drain(gen)

@@ -326,7 +326,9 @@ class ModelRunner:
         emb = None
         if sliced:
             pixels = yield from self._device_pixels_steps([it.pixel_values for it in items])
-            emb = yield from self.model.encode_media_steps(pixels, grids, kind)
+            steps = self.model.encode_media_steps(pixels, grids, kind)
+            del pixels  # held by the tower's generator until its patch embedding, not for its life
+            emb = yield from steps
         else:
             pixels = self._device_pixels([it.pixel_values for it in items])
             graphed = self.vision_graphs is not None and self.vision_graphs.visual is self.model.media_encoder(kind)

@@ -89,7 +89,9 @@ class Qwen2_5OmniThinker(Qwen2_5_VLModel):
         """Vision one block per yield; the audio tower (short mel windows) whole."""
         if kind == "audio":
             return self.audio_tower(rows, grids)
-        return (yield from self.visual.forward_steps(rows, grids))
+        steps = self.visual.forward_steps(rows, grids)
+        del rows  # the tower's generator drops them after its patch embedding
+        return (yield from steps)
 
     def memory_estimate(self, itemsize: int, max_batched_tokens: int, max_encoder_rows: int) -> MemoryEstimate:
         """The VL estimate with the audio tower's weights (the talker and token2wav are not

@@ -164,7 +164,9 @@ class Qwen2_5_VLModel(nn.Module):
 
     def encode_media_steps(self, pixel_values: torch.Tensor, grids: list[tuple[int, int, int]], kind: str = "video") -> Generator[None, None, torch.Tensor]:
         """encode_media one vision block per yield."""
-        return (yield from self.visual.forward_steps(pixel_values, grids))
+        steps = self.visual.forward_steps(pixel_values, grids)
+        del pixel_values  # the tower's generator drops them after its patch embedding
+        return (yield from steps)
 
 
 def prefill_activation_bytes(t: TextConfig, tokens: int, itemsize: int) -> int:

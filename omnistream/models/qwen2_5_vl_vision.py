@@ -166,12 +166,13 @@ class VisionTransformer(nn.Module):
     def forward_steps(self, pixel_values: torch.Tensor, grids: list[tuple[int, int, int]],
                       layout: VisionLayout | None = None) -> Generator[None, None, torch.Tensor]:
         """forward() one block at a time: the generator yields after the patch embedding and
-        after each block (the engine
-        spreads a long clip's encode over its decode steps: engine/encode_ahead.py) and returns
-        the (P/4, out_hidden) embeddings. The same operations in the same order as forward()."""
+        after each block (the engine spreads a long clip's encode over its decode steps:
+        engine/encode_ahead.py) and returns the (P/4, out_hidden) embeddings. The same
+        operations in the same order as forward()."""
         layout = layout or build_layout(grids, self.cfg, pixel_values.device)
         unit = self.cfg.spatial_merge_size**2
         x = self.patch_embed(pixel_values)
+        del pixel_values  # (P, 1176) prepared pixels: not kept while the blocks run over steps
         x = x.view(-1, unit, x.shape[-1])[layout.window_index].flatten(0, 1)
         cos, sin = self.rotary(layout.hw_positions)
         yield  # the layout's tables (host work, small copies) and the patch embedding
