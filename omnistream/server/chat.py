@@ -35,7 +35,8 @@ from omnistream.models.prompt import build_prompt
 from omnistream.server.auth import tenant_for
 from omnistream.server.common import SSEResponse, max_tokens_for, sampling_for, sse
 from omnistream.server.errors import NotFound, Overloaded, ShuttingDown, as_api_error
-from omnistream.server.media_parts import Hearing, MediaResolver, PreparedMessages
+from omnistream.server.media_decode import Hearing
+from omnistream.server.media_parts import MediaResolver, PreparedMessages
 from omnistream.server.openai_protocol import (
     AssistantMessage,
     ChatCompletion,

@@ -14,52 +14,39 @@ one placeholder together (one block).
 Sources (server/media_sources.py): data: URLs, local files only under
 `ServerConfig.allowed_media_path`, http(s) only with `allow_remote_media`.
 
-Hostile media is refused as cheaply as possible: an image's size is read from its header (PIL
-opens lazily) before any pixel is decoded; a video's duration, frame size and the number of
-frames the request would sample come from the container header; the decoded clip is checked
-again (headers lie). Decoding runs on a small thread pool, never on the event loop, and a
-request waits at most `media_decode_timeout_s` per item (the worker thread cannot be killed: it
-finishes in the background and its result is dropped; the pool's size bounds how many do).
-With `media_decode_processes` (opt-in), images and videos
-are decoded in worker processes instead (server/media_workers.py), the thread waiting for them:
-the server's interpreter lock stays with its event loop.
+Decoding (server/media_decode.py: hostile media refused from headers first, the decoded clip
+checked again) runs on a small thread pool, never on the event loop, and a request waits at most
+`media_decode_timeout_s` per item (the worker thread cannot be killed: it finishes in the
+background and its result is dropped; the pool's size bounds how many do). With
+`media_decode_processes` (opt-in), images and videos are decoded in worker processes instead
+(server/media_workers.py), the thread waiting for them: the server's interpreter lock stays
+with its event loop.
 
 Re-sent media (server/media_cache.py): items are cached by the sha256 of their bytes (with the
-tenant and the options in the key), so a stateless client that re-sends the same video each turn pays the decode,
-preprocess and hashing once; the engine then finds the item's KV in the prefix cache (or its
-embeddings in the encoder cache) by the item's content hash, so it is not encoded again either.
+tenant and the options in the key), so a stateless client that re-sends the same video each
+turn pays the decode, preprocess and hashing once; the engine then finds the item's KV in the
+prefix cache (or its embeddings in the encoder cache) by the item's content hash, so it is not
+encoded again either.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
-import io
-import logging
-import tempfile
 import time
 import uuid
-import warnings
-from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
-
-from omnistream.errors import MediaError, UserInputError, one_line
-from omnistream.media.audio import AudioConfig
-from omnistream.media.audio_items import load_audio_source
+from omnistream.errors import UserInputError
 from omnistream.media.item import MediaItem
 from omnistream.media.processor import MediaProcessor
-from omnistream.media.pyav import av
-from omnistream.media.video import smart_nframes
 from omnistream.models.prompt import block_kind
 from omnistream.server.config import ServerConfig
-from omnistream.server.errors import APIError, BadRequest, TooLarge, as_api_error
+from omnistream.server.errors import APIError, BadRequest, as_api_error
 from omnistream.server.media_cache import MEDIA_CACHE_BYTES, MediaCache
-from omnistream.server.media_sources import Source, input_audio_source, read_source
+from omnistream.server.media_decode import Hearing, MediaDecoder
+from omnistream.server.media_sources import input_audio_source, read_source
 from omnistream.server.media_workers import MediaWorkers, auto_processes
 from omnistream.server.openai_protocol import (
     AudioURLPart,
@@ -71,25 +58,7 @@ from omnistream.server.openai_protocol import (
     TextPart,
 )
 
-log = logging.getLogger(__name__)
-
 LOW_DETAIL_MAX_PIXELS = 448 * 448  # image_url.detail == "low": 256 visual tokens at most
-IMAGE_FORMATS = ["PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF"]  # never PIL's EPS (Ghostscript) & co.
-
-
-@dataclass(frozen=True)
-class Hearing:
-    """What a model that hears needs from ingestion: its audio features' settings, and how it
-    interleaves a video with its audio track (Qwen2.5-Omni: per 2 s)."""
-
-    config: AudioConfig
-    interleave: Callable[[MediaItem, Sequence[MediaItem], str], list[MediaItem]]
-
-    @classmethod
-    def of(cls, model) -> "Hearing | None":
-        """None for a model without an audio encoder (it has no `audio_config`)."""
-        config = getattr(model, "audio_config", None)
-        return None if config is None else cls(config, model.interleave_media)
 
 
 @dataclass
@@ -112,6 +81,7 @@ class MediaResolver:
     def __init__(self, processor: MediaProcessor, config: ServerConfig, *, cache_bytes: int = MEDIA_CACHE_BYTES,
                  threads: int | None = None, hearing: Hearing | None = None, processes: int | None = None) -> None:
         self.processor, self.config, self.hearing = processor, config, hearing
+        self.decoder = MediaDecoder(processor, config, hearing)  # in this process's threads
         self.cache = MediaCache(cache_bytes)
         # 4 threads queued 32 clients' images and videos behind each other: +400 ms TTFT over HTTP (H200 bench serve)
         self.pool = ThreadPoolExecutor(threads or config.media_decode_threads, thread_name_prefix="media-decode")
@@ -173,10 +143,7 @@ class MediaResolver:
                              code="media_decode_timeout") from None
 
     def _hearing(self) -> Hearing:
-        if self.hearing is None:
-            raise BadRequest("this model does not take audio (input_audio, audio_url, use_audio_in_video): "
-                             "serve a Qwen2.5-Omni checkpoint", code="audio_not_supported")
-        return self.hearing
+        return self.decoder.hearing_or_refuse()
 
     # ---------------------------------------------------------------- worker thread
     def _load(self, kind: str, url: str | InputAudioPart, opts: MediaOptions, tenant: str | None) -> tuple[list[MediaItem], float, bool]:
@@ -190,162 +157,16 @@ class MediaResolver:
         if self.workers is not None and kind in ("image", "video") and not opts.use_audio_in_video:
             items = self.workers.decode(kind, src, opts)  # this thread waits; the decoding holds no lock here
         elif kind == "image":
-            items = [self._image(src, opts)]
+            items = [self.decoder.image(src, opts)]
         elif kind == "audio":
-            items = self._audio(src)
+            items = self.decoder.audio(src)
         else:
-            items = self._video(src, opts)
+            items = self.decoder.video(src, opts)
         self.cache.put(key, items)
         return items, time.perf_counter() - t0, False
-
-    def _image(self, src: Source, opts: MediaOptions) -> MediaItem:
-        data = src.data
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)  # header only, no pixels
-        except Image.DecompressionBombError as e:
-            raise TooLarge(f"image too large: {e}") from None
-        except UnidentifiedImageError:  # PIL's own text names an in-memory file: nothing to add
-            raise MediaError(f"{src.label} is not an image in a supported format ({', '.join(IMAGE_FORMATS)})") from None
-        except (OSError, ValueError, SyntaxError) as e:
-            raise MediaError(f"{src.label} is not an image in a supported format "
-                             f"({', '.join(IMAGE_FORMATS)}): {one_line(e)}") from None
-        w, h = image.size
-        if w * h > self.config.max_image_pixels:
-            raise TooLarge(f"image of {w}x{h} pixels exceeds the limit of {self.config.max_image_pixels} pixels")
-        with warnings.catch_warnings(), _hostile(src.label):
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            return self.processor.process_image(image, min_pixels=opts.min_pixels, max_pixels=opts.max_pixels)
-
-    def _video(self, src: Source, opts: MediaOptions) -> list[MediaItem]:
-        with _as_file(src, "video") as path:
-            return self._video_file(path, src.label, opts)
-
-    def _video_file(self, path: Path, label: str, opts: MediaOptions) -> list[MediaItem]:
-        with _labelled(path, label):
-            self._check_video_header(path, opts)
-            item = self.processor.process_video(path, fps=opts.fps, nframes=opts.nframes,
-                                                min_pixels=opts.min_pixels, max_pixels=opts.max_pixels)
-        frames = len(item.timestamps)
-        if frames > self.config.max_video_frames:  # the header announced fewer
-            raise TooLarge(f"video samples {frames} frames, over the limit of {self.config.max_video_frames}")
-        if not opts.use_audio_in_video:
-            return [item]
-        hearing = self._hearing()
-        return hearing.interleave(item, self._audio_file(path, label), uuid.uuid4().hex)
-
-    def _audio(self, src: Source) -> list[MediaItem]:
-        with _as_file(src, "audio") as path:
-            return self._audio_file(path, src.label)
-
-    def _audio_file(self, path: Path, label: str) -> list[MediaItem]:
-        """The file's first audio stream -> its items: the duration from the header first (a
-        413 before decoding), then the decoded samples against the same limit (headers lie)."""
-        limit = self.config.max_audio_seconds
-        config = self._hearing().config
-        config = dataclasses.replace(config, max_seconds=min(config.max_seconds, limit))
-        with _labelled(path, label):
-            seconds = _audio_seconds(path)
-            if seconds is not None and seconds > limit:
-                raise TooLarge(f"audio of {seconds:.1f} s exceeds the limit of {limit:g} s")
-            return load_audio_source(path, config, model_key=self.processor.model_key)
-
-    def _check_video_header(self, path: Path, opts: MediaOptions) -> None:
-        """Duration, frame size and sampled frame count from the container header (no decoding)."""
-        cfg, mcfg = self.config, self.processor.config
-        fps, frames, seconds, w, h = _probe(path)
-        if seconds > cfg.max_video_seconds:
-            raise TooLarge(f"video of {seconds:.1f} s exceeds the limit of {cfg.max_video_seconds:g} s")
-        if w * h > cfg.max_image_pixels:
-            raise TooLarge(f"video frames of {w}x{h} pixels exceed the limit of {cfg.max_image_pixels} pixels")
-        sampled = smart_nframes(max(frames, 1), fps, fps=opts.fps or mcfg.fps, nframes=opts.nframes,
-                                min_frames=mcfg.min_frames, max_frames=max(mcfg.max_frames, cfg.max_video_frames + 2))
-        if sampled > cfg.max_video_frames:
-            raise TooLarge(f"video would sample {sampled} frames, over the limit of {cfg.max_video_frames} "
-                           "(ask for a lower fps or fewer nframes)")
-
-
-@contextlib.contextmanager
-def _hostile(label: str):
-    """Decoding untrusted bytes: whatever a decoder raises on them (PIL and FFmpeg raise
-    SyntaxError, struct.error, zlib.error, ... on crafted files) is the media's fault, a 400.
-    Logged with its traceback in case it is ours after all."""
-    try:
-        yield
-    except (UserInputError, APIError):
-        raise
-    except Exception as e:  # noqa: BLE001
-        log.warning("decoding %s failed", label, exc_info=True)
-        raise MediaError(f"cannot decode {label}: {type(e).__name__}: {one_line(e)}") from None
-
-
-@contextlib.contextmanager
-def _as_file(src: Source, kind: str):
-    """The source as a file PyAV can open: its verified path, or its bytes in a temp file."""
-    if src.path is not None:
-        yield src.path
-        return
-    with tempfile.TemporaryDirectory(prefix=f"omnistream-{kind}-") as tmp:
-        path = Path(tmp) / kind
-        path.write_bytes(src.data)
-        yield path
-
-
-@contextlib.contextmanager
-def _labelled(path: Path, label: str):
-    """Decoding errors name the media as the client knows it, never a server-side temp path."""
-    try:
-        with _hostile(label):
-            yield
-    except (MediaError, UserInputError) as e:
-        if isinstance(e, APIError):
-            raise
-        raise type(e)(str(e).replace(str(path), label)) from None
-
-
-def _audio_seconds(path: Path) -> float | None:
-    """The first audio stream's duration from the container header; None when it has none
-    (the decoded samples are checked then). No audio stream: the decoder's error says so."""
-    try:
-        with av.open(str(path), "r") as c:
-            if not c.streams.audio:
-                return None
-            s = c.streams.audio[0]
-            if s.duration and s.time_base:
-                return float(s.duration * s.time_base)
-            return c.duration / av.time_base if c.duration else None
-    except (av.FFmpegError, OSError, ValueError):
-        return None  # the decoder reports what is wrong with it
 
 
 def _located(e: Exception, where: str) -> APIError:
     """The error of one content part, naming the part."""
     err = as_api_error(e)
     return err.placed(f"{where}: {err.message}", where)
-
-
-def _probe(path: Path) -> tuple[float, int, float, int, int]:
-    """(frame rate, frames, seconds, width, height) of the first video stream, from headers."""
-    try:
-        with av.open(str(path), "r") as c:
-            if not c.streams.video:
-                raise MediaError("no video stream in the file")
-            s = c.streams.video[0]
-            if s.codec_context is None:  # a stream whose codec FFmpeg does not know (crafted header)
-                raise MediaError("the video stream has no decodable codec")
-            rate = next((float(r) for r in (s.average_rate, s.guessed_rate, s.base_rate) if r and r > 0), 0.0)
-            if rate <= 0:
-                raise MediaError("cannot determine the video's frame rate")
-            if c.duration:
-                seconds = c.duration / av.time_base
-            elif s.duration and s.time_base:
-                seconds = float(s.duration * s.time_base)
-            else:
-                seconds = s.frames / rate
-            frames = s.frames or max(1, round(seconds * rate))
-            return rate, frames, seconds, s.codec_context.width, s.codec_context.height
-    except (av.FFmpegError, OSError, ValueError) as e:
-        raise MediaError(f"not a readable video: {one_line(e)}") from None
-
-

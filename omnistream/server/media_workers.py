@@ -40,6 +40,7 @@ from concurrent.futures.process import BrokenProcessPool
 from omnistream.errors import MediaError
 from omnistream.media.item import MediaItem
 from omnistream.media.processor import MediaProcessor
+from omnistream.server.media_decode import MediaDecoder
 
 log = logging.getLogger(__name__)
 
@@ -92,15 +93,13 @@ class MediaWorkers:
 
 
 # ------------------------------------------------------------------------- in the worker
-_RESOLVER = None
+_DECODER = None
 
 
 def _init_worker(media_config, model_key, server_config) -> None:
-    global _RESOLVER
-    from omnistream.server.media_parts import MediaResolver  # the same checks and decoding as threads
-
+    global _DECODER
     processor = MediaProcessor(media_config, model_key=model_key, pin_memory=False)
-    _RESOLVER = MediaResolver(processor, server_config, cache_bytes=0, threads=1, processes=0)
+    _DECODER = MediaDecoder(processor, server_config)  # the same checks and decoding as the threads'
 
 
 def _ready() -> bool:
@@ -109,5 +108,5 @@ def _ready() -> bool:
 
 def _decode(kind: str, src, opts) -> list[MediaItem]:
     if kind == "image":
-        return [_RESOLVER._image(src, opts)]
-    return _RESOLVER._video(src, opts)
+        return [_DECODER.image(src, opts)]
+    return _DECODER.video(src, opts)
