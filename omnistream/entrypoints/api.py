@@ -15,7 +15,6 @@ reaches the engine loop.
 
 from __future__ import annotations
 
-import dataclasses
 import gc
 import logging
 import threading
@@ -37,7 +36,8 @@ from omnistream.errors import ConfigError, UnknownSessionError, UserInputError
 from omnistream.media.audio_items import load_audio_source
 from omnistream.media.item import MediaItem
 from omnistream.media.processor import MediaProcessor
-from omnistream.models.demo import builtin_model_dir, is_random_weights
+from omnistream.models.builtin import builtin_model_dir
+from omnistream.models.demo import is_random_weights
 from omnistream.models.interface import MultimodalLM
 from omnistream.models.prompt import build_prompt
 from omnistream.models.tokenizer import Tokenizer

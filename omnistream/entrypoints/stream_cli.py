@@ -105,7 +105,7 @@ def _audio_track(args, clip):
 def _check_hears(model: str) -> None:
     """Before the clip's audio is decoded and the model loaded: its config names an audio
     encoder (a clip without sound said `no audio stream` first, the more useful error second)."""
-    from omnistream.models.demo import builtin_model_dir
+    from omnistream.models.builtin import builtin_model_dir
     from omnistream.models.registry import resolve
 
     model_dir = builtin_model_dir(model)
@@ -148,7 +148,7 @@ def cmd_stream(args) -> int:
     hf = None
     if args.compare:  # loaded first: the engine sizes its KV pool from the memory left free
         from omnistream.bench.native import load_native
-        from omnistream.models.demo import builtin_model_dir
+        from omnistream.models.builtin import builtin_model_dir
 
         model_dir = builtin_model_dir(args.model)
         if not (model_dir / "config.json").is_file():

@@ -34,9 +34,7 @@ from omnistream.models.tokenizer import QWEN2_5_VL_CHAT_TEMPLATE
 __all__ = [
     "write_model_dir",
     "ensure_demo_model",
-    "builtin_model_dir",
     "install_once",
-    "BUILTIN_MODELS",
     "is_random_weights",
     "weight_specs",
     "qwen_tokenizer_files_dir",
@@ -353,21 +351,6 @@ def ensure_demo_model(cache_dir: str | Path | None = None) -> Path:
     want = _fingerprint(config, 0, DEMO_INIT_STD, DEMO_DTYPE)
     return install_once(cache_dir, "demo-model", want, lambda tmp: write_model_dir(
         tmp, config, seed=0, init_std=DEMO_INIT_STD, dtype=DEMO_DTYPE, preset="demo"))
-
-
-BUILTIN_MODELS = ("demo", "omni-demo")  # names --model and Engine.from_pretrained take besides a directory
-
-
-def builtin_model_dir(model: str | Path, cache_dir: str | Path | None = None) -> Path:
-    """A built-in model's name -> its directory (written once to the cache); anything else is
-    taken as a checkpoint directory."""
-    if str(model) == "demo":
-        return ensure_demo_model(cache_dir)
-    if str(model) == "omni-demo":
-        from omnistream.models.omni_demo import ensure_omni_demo_model  # it builds on this module
-
-        return ensure_omni_demo_model(cache_dir)
-    return Path(model)
 
 
 def install_once(cache_dir: str | Path | None, name: str, want: str, write: Callable[[Path], Any]) -> Path:
