@@ -389,8 +389,11 @@ def test_bad_flag_value_is_one_line(argv, expected, capsys):
 ])
 def test_bad_option_is_one_line_before_loading(argv, expected, capsys, monkeypatch):
     import omnistream.entrypoints.cli as cli
+    import omnistream.entrypoints.engine_args as engine_args
 
-    monkeypatch.setattr(cli, "load_engine", lambda *a, **k: pytest.fail("a model was loaded before the flags were checked"))
+    never = lambda *a, **k: pytest.fail("a model was loaded before the flags were checked")  # noqa: E731
+    monkeypatch.setattr(cli, "load_engine", never)  # ask, demo
+    monkeypatch.setattr(engine_args, "load_engine", never)  # serve, stream
     assert main([*argv, "--device", "cpu"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and expected in err[0], err

@@ -422,7 +422,7 @@ def print_audio(r: dict, out=None) -> None:
 
 
 def cmd_audio(args) -> int:
-    from omnistream.entrypoints.cli import _default_device
+    from omnistream.entrypoints.options import default_device
 
     model = args.model_config or args.model
     if model == "demo":
@@ -430,7 +430,7 @@ def cmd_audio(args) -> int:
     seconds = [float(s) for s in args.clips.split(",") if s.strip()]
     if not seconds or any(s <= 0 for s in seconds):
         raise SystemExit(f"error: --clips must be positive seconds, comma separated (got {args.clips!r})")
-    report = run_audio(model, _default_device(args.device), args.dtype, seconds, args.new_tokens, args.seed,
+    report = run_audio(model, default_device(args.device), args.dtype, seconds, args.new_tokens, args.seed,
                        w1_seconds=args.w1_seconds, w1_size=args.w1_size, turns=args.turns, with_vad=not args.no_vad)
     print_audio(report)
     write_json(report, args.json)

@@ -488,7 +488,7 @@ def _progress(line: str) -> None:
 
 
 def cmd_concurrency(args) -> int:
-    from omnistream.entrypoints.cli import _default_device
+    from omnistream.entrypoints.options import default_device
     from omnistream.entrypoints.options import check_engine_options, engine_options
 
     if args.new_tokens < 2:
@@ -498,7 +498,7 @@ def cmd_concurrency(args) -> int:
     mixes = [] if args.interference_only else parse_mixes(args.mix)
     if not mixes and args.interference_clients < 1:
         raise SystemExit("error: nothing to run (--interference-only with --interference-clients 0)")
-    device, opts = _default_device(args.device), engine_options(args)
+    device, opts = default_device(args.device), engine_options(args)
     check_engine_options(device, args.dtype, opts)  # a bad flag before any model is built, named as the flag
     report = run_concurrency(model_arg(args), device, args.dtype, parse_clients(args.clients), mixes, args.size,
                              args.context_tokens, args.new_tokens, args.arrival, args.rate, args.baseline_requests,

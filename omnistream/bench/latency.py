@@ -435,10 +435,10 @@ def print_report(r: dict, out=None) -> None:
 
 
 def cmd_latency(args) -> int:
-    from omnistream.entrypoints.cli import _default_device
+    from omnistream.entrypoints.options import default_device
 
     model = args.model_config or ("demo" if args.model == "demo" else args.model)
-    report = run_latency(model, _default_device(args.device), args.dtype, args.frames, args.size, args.new_tokens, args.repeats, args.tuned, args.seed)
+    report = run_latency(model, default_device(args.device), args.dtype, args.frames, args.size, args.new_tokens, args.repeats, args.tuned, args.seed)
     print_report(report)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")

@@ -389,9 +389,9 @@ def model_arg(args) -> str:
 
 
 def cmd_multiturn(args) -> int:
-    from omnistream.entrypoints.cli import _default_device
+    from omnistream.entrypoints.options import default_device
 
-    report = run_multiturn(model_arg(args), _default_device(args.device), args.dtype, args.frames, args.size, args.turns,
+    report = run_multiturn(model_arg(args), default_device(args.device), args.dtype, args.frames, args.size, args.turns,
                            args.new_tokens, args.seed, args.memory_budget_gib, args.offload_vision, args.repeats,
                            getattr(args, "weight_quant", None))
     print_multiturn(report)

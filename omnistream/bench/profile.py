@@ -157,9 +157,9 @@ def print_profile(r: dict, out=None) -> None:
 
 
 def cmd_profile(args) -> int:
-    from omnistream.entrypoints.cli import _default_device
+    from omnistream.entrypoints.options import default_device
 
-    device = _default_device(args.device)
+    device = default_device(args.device)
     model = args.model_config or ("demo" if args.model == "demo" else args.model)
     kv_tokens = video_tokens(args.frames, args.size) + args.new_tokens + 1024
     engine = make_engine(model, device, args.dtype, args.seed, kv_cache_tokens=kv_tokens)

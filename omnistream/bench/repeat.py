@@ -89,9 +89,9 @@ def print_repeat(r: dict, out=None) -> None:
 
 
 def cmd_repeat(args) -> int:
-    from omnistream.entrypoints.cli import _default_device
+    from omnistream.entrypoints.options import default_device
 
-    report = run_repeat(model_arg(args), _default_device(args.device), args.dtype, args.frames, args.size, args.new_tokens, args.seed)
+    report = run_repeat(model_arg(args), default_device(args.device), args.dtype, args.frames, args.size, args.new_tokens, args.seed)
     print_repeat(report)
     write_json(report, args.json)
     return 0

@@ -308,14 +308,14 @@ def print_report(r: dict, out=None) -> None:
 
 def cmd_bench_serve(args) -> int:
     from omnistream.bench.multiturn import model_arg, write_json
-    from omnistream.entrypoints.cli import _default_device
+    from omnistream.entrypoints.options import default_device
     from omnistream.entrypoints.options import engine_options
 
     if args.rate is not None and not args.rate > 0:
         raise SystemExit("error: --rate must be > 0 (items/s)")
     if not args.live_fps > 0:
         raise SystemExit("error: --live-fps must be > 0")
-    device = _default_device(args.device)
+    device = default_device(args.device)
     engine_opts = {"max_num_seqs": max(64, args.clients)} | engine_options(args)
     cfg = BenchServeConfig(model=model_arg(args), device=device, dtype=args.dtype, clients=args.clients,
                            requests=args.requests or args.clients * 4, rate=args.rate, mix=tuple(parse_mix(args.mix).items()),

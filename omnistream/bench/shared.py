@@ -96,9 +96,9 @@ def print_shared(r: dict, out=None) -> None:
 
 
 def cmd_shared(args) -> int:
-    from omnistream.entrypoints.cli import _default_device
+    from omnistream.entrypoints.options import default_device
 
-    report = run_shared(model_arg(args), _default_device(args.device), args.dtype, args.frames, args.size, args.sessions, args.new_tokens, args.seed)
+    report = run_shared(model_arg(args), default_device(args.device), args.dtype, args.frames, args.size, args.sessions, args.new_tokens, args.seed)
     print_shared(report)
     write_json(report, args.json)
     return 0

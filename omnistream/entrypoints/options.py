@@ -55,6 +55,15 @@ class Option:
         return "--" + self.name.replace("_", "-")
 
 
+def default_device(arg: str | None) -> str:
+    """--device as given, else cuda where a GPU is visible, else cpu."""
+    if arg:
+        return arg
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 # ---------------------------------------------------------------------------------- values
 def parse_bytes(text: str) -> int:
     """'1073741824', '1GiB', '512MiB', '64M', '2g' -> bytes (binary units)."""

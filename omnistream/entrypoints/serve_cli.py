@@ -22,7 +22,6 @@ import dataclasses
 import logging
 import signal
 import socket
-import sys
 import time
 
 from omnistream.entrypoints import options
@@ -87,14 +86,14 @@ def url_of(sock: socket.socket) -> str:
 
 def build_engine(args, device: str, dtype: str, engine_options: dict):
     """The engine of --model or --model-config."""
-    from omnistream.entrypoints.cli import load_engine
+    from omnistream.entrypoints.engine_args import load_engine
 
     if args.model_config:
         from omnistream.bench.models import make_engine
-        from omnistream.entrypoints.cli import _without_random_weights_warning
+        from omnistream.entrypoints.engine_args import without_random_weights_warning
         from omnistream.entrypoints.progress import Progress
 
-        with _without_random_weights_warning(), Progress(f"building a random {args.model_config} model"):
+        with without_random_weights_warning(), Progress(f"building a random {args.model_config} model"):
             return make_engine(args.model_config, device, dtype, args.weights_seed, **engine_options)
     return load_engine(args.model, device, dtype, notice=False, **engine_options)  # the startup line announces it
 
@@ -238,7 +237,7 @@ def cmd_serve(args) -> int:
         return serve_replicas(args)
     from omnistream.server.app import build_app
 
-    from omnistream.entrypoints.cli import engine_args
+    from omnistream.entrypoints.engine_args import engine_args
 
     # every flag is checked before the port is taken and a model is loaded
     if args.model is None and args.model_config is None:
@@ -289,9 +288,3 @@ def add_serve_command(sub, add_run_args) -> None:
                  sampling_shown={**{k: str(v) for k, v in SERVER_SAMPLING.items()}, **SERVER_SAMPLING_SHOWN},
                  engine_shown={"engine_process": "on for serve"})
     p.set_defaults(func=cmd_serve)
-
-
-if __name__ == "__main__":  # python -m omnistream.entrypoints.serve_cli ... == omnistream serve ...
-    from omnistream.entrypoints.cli import main
-
-    sys.exit(main(["serve", *sys.argv[1:]]))

@@ -141,7 +141,7 @@ def cmd_stream(args) -> int:
     track = _audio_track(args, clip) if args.audio else None
 
     from omnistream.bench.models import resolve_dtype
-    from omnistream.entrypoints.cli import engine_args, load_engine
+    from omnistream.entrypoints.engine_args import engine_args, load_engine
 
     device, _, engine_options = engine_args(args)
     dtype = resolve_dtype(args.dtype, device)
