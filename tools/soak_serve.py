@@ -351,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     from omnistream.entrypoints.api import Engine
-    from omnistream.entrypoints.serve_cli import BackgroundServer
+    from omnistream.entrypoints.serving import BackgroundServer
     from omnistream.server.app import build_app
     from omnistream.server.config import ServerConfig
 

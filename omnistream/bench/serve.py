@@ -69,7 +69,7 @@ from omnistream.bench.serve_http import http_phase
 from omnistream.bench.serve_local import engine_phase
 from omnistream.bench.serve_stats import check_targets, equal_answers, kind_order, overhead, summarize
 from omnistream.bench.serve_workload import Sample, make_workload, parse_mix
-from omnistream.entrypoints.serve_cli import SERVER_ENGINE_DEFAULTS
+from omnistream.entrypoints.serving import SERVER_ENGINE_DEFAULTS
 
 
 SERVER_START_TIMEOUT_S = 900.0  # a 7B random model on a GPU, CUDA graphs captured
@@ -80,7 +80,7 @@ class ServerProcess:
     """`python -m omnistream serve ... --port 0` in a subprocess; its URL from the startup line."""
 
     def __init__(self, argv: list[str], timeout_s: float = SERVER_START_TIMEOUT_S) -> None:
-        from omnistream.entrypoints.serve_cli import parse_startup_line
+        from omnistream.entrypoints.serving import parse_startup_line
 
         t0 = time.perf_counter()
         env = dict(os.environ, PYTHONUNBUFFERED="1")

@@ -44,7 +44,7 @@ def add_cluster_args(p: argparse.ArgumentParser) -> None:
 def specs_from_args(args):
     """The flags -> (ReplicaSpec, ClusterSpec), validated before Ray starts or a model loads."""
     from omnistream.cluster.spec import ClusterSpec, ReplicaSpec
-    from omnistream.entrypoints.serve_cli import bind_socket, server_sampling
+    from omnistream.entrypoints.serving import bind_socket, server_sampling
 
     if args.model is None and args.model_config is None:
         raise ConfigError("give --model DIR (a checkpoint directory) or --model demo (or --model-config)")
@@ -107,7 +107,7 @@ def _run(replica, cluster) -> int:
 
 
 def startup_line(replica, cluster, info: dict) -> str:
-    from omnistream.entrypoints.serve_cli import STARTUP_PREFIX
+    from omnistream.entrypoints.serving import STARTUP_PREFIX
 
     host = f"[{cluster.host}]" if ":" in cluster.host else cluster.host
     where = f"built as a random {replica.model_config} architecture" if replica.model_config else f"from {replica.model}"

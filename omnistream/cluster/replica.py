@@ -111,12 +111,12 @@ class EngineReplica:
 
 
 def build_replica_engine(spec: ReplicaSpec, cluster: ClusterSpec):
-    """The replica's engine, built as `omnistream serve` builds its own (serve_cli.build_engine):
+    """The replica's engine, built as `omnistream serve` builds its own (entrypoints/serving.build_engine):
     on the GPU Ray gave the replica (CUDA_VISIBLE_DEVICES), with a memory budget of its share
     when it shares one; on CPU with as many threads as the cores it reserved."""
     import torch
 
-    from omnistream.entrypoints.serve_cli import build_engine
+    from omnistream.entrypoints.serving import build_engine
 
     device = spec.device or ("cuda" if cluster.replica_gpus > 0 and torch.cuda.is_available() else "cpu")
     options = dict(spec.engine_options)
