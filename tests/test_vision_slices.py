@@ -196,8 +196,11 @@ def test_a_failing_sliced_encode_leaves_it_to_the_steps(tiny_model_dir, monkeypa
 
     def failing_once(items, sliced=True):
         calls.append(len(items))
-        if len(calls) == 1:
-            raise RuntimeError("injected encoder fault")
+        if len(calls) == 1:  # the generator fails at its first step, as a fault in the tower would
+            def fault():
+                raise RuntimeError("injected encoder fault")
+                yield
+            return fault()
         return real(items, sliced)
 
     monkeypatch.setattr(runner, "vision_steps", failing_once)

@@ -135,13 +135,14 @@ class EncodeAhead:
         the order they will be served; start_of(req): the token its next chunk starts at (for a
         waiting request, past the prefix the cache already holds). decoding: some answer is
         being decoded (sliced: otherwise nothing is held back, the steps encode what they reach)."""
-        # each start once: a waiting request's is a prefix-cache lookup
-        self.in_step = {i: r for i, r in self.in_step.items() if not r.finished}
-        served = [(r, start_of(r)) for r in requests if r.media and not r.finished]
-        for r, _ in served:
+        served = []
+        for r in requests:
+            if not r.media or r.finished:
+                continue
             if id(r) in self.in_step:
-                r.media_ready_until = None
-        served = [(r, start) for r, start in served if id(r) not in self.in_step]
+                r.media_ready_until = None  # its steps encode its media
+            else:
+                served.append((r, start_of(r)))  # each start once: a waiting request's is a prefix-cache lookup
         self.poll()
         if self.slice_rows is not None and not decoding:
             self.advance(None)  # nobody waits for tokens: the encode in flight ends now, whole
@@ -296,12 +297,8 @@ class EncodeAhead:
                 runner._hold(req, req.media[j][1])
         subs = [temporal_slice(req.media[j][1], k0, k1) for req, j, k0, k1 in runs]
         if self.slice_rows is not None:  # its blocks run in the next steps (advance)
-            group = _Group(runs, None, None, rows=sum(x.pixel_values.shape[0] for x in subs), requests=len({id(req) for req, *_ in runs}))
-            try:
-                group.job = runner.vision_steps(subs)
-            except Exception as e:  # noqa: BLE001 - as in advance
-                self._abandon(group, e)
-                return
+            group = _Group(runs, None, None, job=runner.vision_steps(subs), rows=sum(x.pixel_values.shape[0] for x in subs),
+                           requests=len({id(req) for req, *_ in runs}))  # a generator: it fails in advance(), if at all
             group.keys = {(id(req), j, k) for req, j, k0, k1 in runs for k in range(k0, k1)}
             self.pending |= group.keys
             self.inflight.append(group)

@@ -258,17 +258,15 @@ class LLMEngine:
         waiting = [r for r in self.scheduler.waiting if r.media]
         running = [r for r in self.scheduler.running if r.media and r.num_computed_tokens < r.prompt_len]
         if waiting or running or self.ahead.inflight:
-            decoding = any(r.num_computed_tokens >= r.prompt_len for r in self.scheduler.running)
-            self.ahead.step(running + waiting, self._next_start, decoding)
+            self.ahead.step(running + waiting, self._next_start, self.scheduler.num_decoding() > 0)
 
     def _advance_sliced(self, out: SchedulerOutput) -> None:
         """Sliced encode-ahead: the next encoder blocks run before this step (all of them when
         the step decodes nothing)."""
         if self.ahead is None or self.ahead.slice_rows is None:
             return
-        decodes = any(c.start >= c.request.prompt_len or c.pending for c in out.chunks)
-        prefill = sum(c.num_tokens for c in out.chunks if c.start < c.request.prompt_len and not c.pending)
-        self.ahead.advance(prefill if decodes else None)
+        prefill = [c for c in out.chunks if c.start < c.request.prompt_len]  # a pending decode starts past it
+        self.ahead.advance(sum(c.num_tokens for c in prefill) if len(prefill) < len(out.chunks) else None)
 
     def _next_start(self, req: Request) -> int:
         """The token the request's next chunk starts at (a waiting one: past its cached prefix)."""

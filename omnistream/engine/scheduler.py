@@ -113,7 +113,7 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         budget = self.cfg.max_num_batched_tokens
         # prefill tokens of this step: capped while someone decodes (see SchedulerConfig)
-        decoding = sum(1 for r in self.running if r.num_computed_tokens >= r.prompt_len)
+        decoding = self.num_decoding()
         self._decoding = bool(decoding) and self.cfg.enable_chunked_prefill
         if self._decoding:
             cap = self.cfg.max_step_tokens_while_decoding * self._prefill_shares(len(self.running) - decoding)
@@ -147,6 +147,10 @@ class Scheduler:
             self._charge(req, n)
         rejected = self._admit(chunks, budget, preempted)
         return SchedulerOutput(chunks, sum(c.num_tokens for c in chunks), preempted, rejected)
+
+    def num_decoding(self) -> int:
+        """Running requests past their prompt: each decodes one token per step."""
+        return sum(1 for r in self.running if r.num_computed_tokens >= r.prompt_len)
 
     def _prefill_shares(self, prefilling: int) -> int:
         """How many max_step_tokens_while_decoding caps this step's prefill gets (>= 1):
